@@ -1,0 +1,124 @@
+"""White-box L-inf attacks as functions ``(model, x, y, eps, ...) -> x_adv``.
+
+Conventions (those of torchattacks): inputs and outputs in [0, 1]; gradients are taken with
+``torch.autograd.grad`` with respect to the input only, so parameters' ``.grad`` is never
+touched; the model's train/eval mode is left as the caller set it (evaluation calls ``eval()``,
+adversarial training attacks in whatever mode it trains in). Every output lies in the
+eps-ball around ``x`` and in [0, 1] (``threat.project``).
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .losses import cross_entropy, cw_margin
+from .threat import project, uniform_start
+
+Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+LOSSES = {"ce": cross_entropy, "cw": cw_margin}
+
+
+def input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the summed per-example loss with respect to the input, and the logits."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    logits = model(x_adv)
+    (grad,) = torch.autograd.grad(LOSSES[loss](logits, y).sum(), x_adv)
+    return grad, logits.detach()
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """FGSM (Goodfellow et al. 2015): one signed-gradient step of size eps from x."""
+    grad, _ = input_grad(model, x, y)
+    return x + project(eps * grad.sign(), x, eps)
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    restarts: int = 1,
+    random_start: bool = True,
+    loss: str = "ce",
+) -> torch.Tensor:
+    """PGD-k (Madry et al. 2018): ``steps`` signed-gradient ascent steps of size ``alpha`` on
+    ``loss`` ("ce", or "cw" for the CW-inf margin attack), each followed by projection.
+
+    With several restarts each example keeps the result of the first restart that
+    misclassifies it, else the one with the highest loss.
+    """
+    best = x.clone()
+    best_score = torch.full((x.shape[0],), float("-inf"), device=x.device)
+    for _ in range(restarts):
+        delta = uniform_start(x, eps) if random_start else torch.zeros_like(x)
+        for _ in range(steps):
+            grad, _ = input_grad(model, x + delta, y, loss)
+            delta = project(delta + alpha * grad.sign(), x, eps)
+        x_adv = x + delta
+        with torch.no_grad():
+            logits = model(x_adv)
+            # Misclassified examples outrank every correctly classified one.
+            score = LOSSES[loss](logits, y).float() + 1e9 * (logits.argmax(1) != y).float()
+        better = score > best_score
+        best[better] = x_adv[better]
+        best_score = torch.maximum(best_score, score)
+    return best
+
+
+def cw_inf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int) -> torch.Tensor:
+    """CW-inf: PGD on the Carlini-Wagner margin loss (the "CW" column of the paper's tables)."""
+    return pgd(model, x, y, eps, alpha, steps, loss="cw")
+
+
+def mifgsm(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int, decay: float = 1.0
+) -> torch.Tensor:
+    """MI-FGSM (Dong et al. 2018): the signed step follows g <- decay * g + grad / |grad|_1."""
+    delta = torch.zeros_like(x)
+    momentum = torch.zeros_like(x)
+    dims = tuple(range(1, x.ndim))
+    for _ in range(steps):
+        grad, _ = input_grad(model, x + delta, y)
+        momentum = decay * momentum + grad / grad.abs().mean(dim=dims, keepdim=True).clamp_min(1e-12)
+        delta = project(delta + alpha * momentum.sign(), x, eps)
+    return x + delta
+
+
+def torchattacks_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int) -> torch.Tensor:
+    """torchattacks' PGD: an implementation independent of this project, to cross-check ours."""
+    import torchattacks  # optional: installed with --no-deps (see README)
+
+    was_training = model.training
+    attack = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    x_adv = attack(x, y)
+    model.train(was_training)  # torchattacks switches the model to eval; leave the mode as found
+    return x_adv
+
+
+_ITERATIVE = {"pgd": pgd, "mifgsm": mifgsm, "cw": cw_inf, "tapgd": torchattacks_pgd}
+_NAME = re.compile(r"^(pgd|mifgsm|cw|tapgd)(\d+)(?:x(\d+))?$")
+ATTACK_NAMES = "fgsm, pgdN, pgdNxR (R restarts), mifgsmN, cwN, tapgdN (torchattacks' PGD)"
+
+
+def build_attack(name: str, eps: float, alpha: float | None = None) -> Attack:
+    """Attack from its table name: ``pgd20`` is PGD with 20 steps, ``pgd50x5`` with 5 restarts.
+
+    The default step is eps/4 (the paper's 2/255 at eps = 8/255).
+    """
+    if name == "fgsm":
+        return lambda model, x, y: fgsm(model, x, y, eps)
+    match = _NAME.match(name)
+    if not match or int(match[2]) < 1:
+        raise ValueError(f"unknown attack {name!r}; allowed: {ATTACK_NAMES}")
+    kind, steps, restarts = match[1], int(match[2]), int(match[3] or 1)
+    step = eps / 4 if alpha is None else alpha
+    if restarts > 1 and kind != "pgd":
+        raise ValueError(f"restarts are supported for pgd only, got {name!r}")
+    if kind == "pgd":
+        return lambda model, x, y: pgd(model, x, y, eps, step, steps, restarts=restarts)
+    return lambda model, x, y: _ITERATIVE[kind](model, x, y, eps, step, steps)

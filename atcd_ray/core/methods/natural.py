@@ -1,0 +1,14 @@
+"""Natural (standard) training: cross-entropy on clean inputs."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .base import Method, accuracy
+
+
+class Natural(Method):
+    def step(self, x, y):
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        self.update(loss)
+        return {"loss": loss.item(), "train_acc": accuracy(logits, y)}

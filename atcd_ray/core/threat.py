@@ -1,0 +1,29 @@
+"""The L-inf threat model: inputs live in [0, 1], perturbations in an eps-ball around them.
+
+Every attack and every training method goes through these three functions, so the
+eps-ball and the image box are enforced in exactly one place.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def project(delta: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Project a perturbation onto {d : |d|_inf <= eps, 0 <= x + d <= 1}.
+
+    The two constraints are boxes, so clamping to their intersection is the exact
+    Euclidean projection; the image box is applied last so that x + delta is a valid image.
+    """
+    delta = delta.clamp(-eps, eps)
+    return (x + delta).clamp(0.0, 1.0) - x
+
+
+def uniform_start(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """A random start delta ~ Uniform(-eps, eps), projected so that x + delta lies in [0, 1]."""
+    return project(torch.empty_like(x).uniform_(-eps, eps), x, eps)
+
+
+def check_eps(eps: float) -> float:
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return float(eps)

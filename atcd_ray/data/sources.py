@@ -1,0 +1,116 @@
+"""Where each dataset's images come from: one reader per source, all returning uint8 NCHW tensors.
+
+Fashion-MNIST is read from its IDX files (Debian's ``dataset-fashion-mnist`` puts them in
+/usr/share/datasets/fashion-mnist); MNIST and CIFAR-10 go through torchvision (downloaded where
+the network allows); the scikit-learn digits ship with scikit-learn; ImageNet is an ImageFolder tree.
+"""
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(RuntimeError):
+    """The data is missing or unreadable; the message says how to get it."""
+
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
+        if zero != 0 or dtype_code != 0x08:
+            raise DataError(f"{path} is not an IDX file of unsigned bytes")
+        shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+        data = np.frombuffer(f.read(), dtype=np.uint8)
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {data.size}")
+    return data.reshape(shape)
+
+
+def _find(directory: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.gz", stem):
+        if (directory / name).exists():
+            return directory / name
+    return None
+
+
+def fashion_mnist(data_dir: str | None, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    directory = Path(data_dir or FASHION_MNIST_DIR)
+    prefix = "train" if train else "t10k"
+    images = _find(directory, f"{prefix}-images-idx3-ubyte")
+    labels = _find(directory, f"{prefix}-labels-idx1-ubyte")
+    if images is None or labels is None:
+        raise DataError(
+            f"Fashion-MNIST IDX files ({prefix}-images-idx3-ubyte[.gz], {prefix}-labels-idx1-ubyte[.gz]) "
+            f"not found in {directory}. Get them with: apt-get install -y dataset-fashion-mnist "
+            f"(or pass --data-dir DIR holding the IDX files)"
+        )
+    x, y = read_idx(images), read_idx(labels)
+    if len(x) != len(y):
+        raise DataError(f"{images} has {len(x)} images but {labels} has {len(y)} labels")
+    return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
+
+
+def _torchvision(cls_name: str, data_dir: str | None, train: bool):
+    import torchvision
+
+    root = Path(data_dir or "data")
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        return cls(str(root), train=train, download=True)
+    except Exception as err:  # torchvision raises URLError/RuntimeError variants when offline
+        raise DataError(
+            f"{cls_name} is not in {root} and could not be downloaded ({type(err).__name__}: {err}). "
+            f"On a machine with internet run: python -c \"import torchvision; "
+            f"torchvision.datasets.{cls_name}('{root}', download=True)\" and pass --data-dir {root}"
+        ) from err
+
+
+def mnist(data_dir: str | None, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = _torchvision("MNIST", data_dir, train)
+    return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
+
+
+def cifar10(data_dir: str | None, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = _torchvision("CIFAR10", data_dir, train)
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets, dtype=torch.long)
+
+
+def digits(data_dir: str | None, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits, upsampled to 28x28 so the MNIST networks apply.
+
+    There is no official split: the first 1297 images train, the last 500 test.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise DataError("the digits dataset needs scikit-learn: pip install scikit-learn") from err
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = torch.nn.functional.interpolate(x, size=28, mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    return (x[:1297], y[:1297]) if train else (x[1297:], y[1297:])
+
+
+IN_MEMORY = {"fashion-mnist": fashion_mnist, "mnist": mnist, "cifar10": cifar10, "digits": digits}
+
+
+def imagenet_folder(data_dir: str | None, train: bool):
+    """An ImageNet-style tree: DIR/train/CLASS/*.JPEG and DIR/val/CLASS/*.JPEG."""
+    import torchvision
+
+    if data_dir is None:
+        raise DataError("imagenet needs --data-dir DIR with DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG")
+    split = Path(data_dir) / ("train" if train else "val")
+    if not split.is_dir():
+        raise DataError(f"{split} does not exist; ImageNet needs DIR/train/<class>/ and DIR/val/<class>/ (ImageFolder layout)")
+    return torchvision.datasets.ImageFolder(str(split))

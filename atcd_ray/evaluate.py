@@ -1,0 +1,77 @@
+"""``python -m atcd_ray.evaluate CHECKPOINT``: clean and robust accuracy of a trained model.
+
+    python -m atcd_ray.evaluate runs/atcd/last.safetensors --attacks pgd20,mifgsm20,cw20,tapgd20
+
+Attacks: fgsm, pgdN, pgdNxR (R restarts), mifgsmN, cwN (PGD on the CW margin), tapgdN
+(torchattacks' PGD, an implementation independent of this project). Step size eps/4.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import load_model
+from .cli import markdown_table, run_main
+from .config import ConfigError, config_from_dict
+from .core.attacks import build_attack
+from .core.checkpoint import Checkpoint
+from .core.engine import evaluate
+from .data import DATASETS, build_splits
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m atcd_ray.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("--dataset", help="default: the checkpoint's")
+    p.add_argument("--data-dir", help="default: the checkpoint's")
+    p.add_argument("--attacks", default="pgd20,mifgsm20,cw20", help="comma-separated attack names")
+    p.add_argument("--eps", type=float, help="default: the checkpoint's training eps")
+    p.add_argument("--alpha", type=float, help="attack step size (default eps/4)")
+    p.add_argument("--eval-n", type=int, help="first N test examples (default: all)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    ckpt = Checkpoint(args.checkpoint)
+    cfg = config_from_dict(ckpt.config)
+    dataset = args.dataset or cfg.dataset
+    if dataset not in DATASETS:
+        raise ConfigError(f"--dataset: unknown dataset {dataset!r}; allowed: {', '.join(DATASETS)}")
+    eps = cfg.eps if args.eps is None else args.eps
+    if eps < 0 or (args.eval_n is not None and args.eval_n <= 0):
+        raise ConfigError("--eps must be >= 0 and --eval-n > 0")
+    try:
+        attacks = {name: build_attack(name, eps, args.alpha) for name in args.attacks.split(",") if name}
+    except ValueError as err:
+        raise ConfigError(f"--attacks: {err}") from None
+
+    import torch
+
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.checkpoint).to(device)
+    test = build_splits(dataset, args.data_dir or cfg.data.dir, args.batch_size, 0, None, args.eval_n, None,
+                        args.seed, cfg.data.loader_workers).test
+    start = time.perf_counter()
+    accuracy = evaluate(model, test, attacks, device, progress=True)
+    result = {"checkpoint": str(args.checkpoint), "dataset": dataset, "eps": eps, "method": cfg.train.method,
+              "n": len(test.labels) if hasattr(test, "labels") else len(test.dataset),
+              "clean_acc": accuracy["clean"], "robust_acc": {name: accuracy[name] for name in attacks},
+              "seconds": time.perf_counter() - start}
+    print(markdown_table([{"model": Path(args.checkpoint).parent.name, "clean": accuracy["clean"],
+                           **result["robust_acc"]}], ["model", "clean", *attacks]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

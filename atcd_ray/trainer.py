@@ -78,6 +78,8 @@ def _resume(path: Path, cfg: Config, model, optimizer, method) -> dict:
     model.load_state_dict(ckpt.model_state())
     optimizer.load_state_dict(ckpt.optimizer_state())
     method.load_state_dict(ckpt.method_state())
+    if "rng.cpu" in ckpt.tensors:
+        torch.set_rng_state(ckpt.tensors["rng.cpu"])
     log.info("resuming from %s after epoch %d", path, ckpt.meta["epoch"])
     return ckpt.meta
 
@@ -123,7 +125,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
             best_val = val["robust"]
             save_checkpoint(best_path, model, cfg.to_dict(), {"epoch": epoch + 1, "val": val})
         meta = {"epoch": epoch + 1, "train_seconds": train_seconds, "best_val": best_val, "stopped_early": stopped_early}
-        save_checkpoint(last_path, model, cfg.to_dict(), meta, optimizer, method.state_dict())
+        save_checkpoint(last_path, model, cfg.to_dict(), meta, optimizer, method.state_dict(), torch.get_rng_state())
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         history.append(record)

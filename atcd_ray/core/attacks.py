@@ -118,7 +118,7 @@ def build_attack(name: str, eps: float, alpha: float | None = None) -> Attack:
     kind, steps, restarts = match[1], int(match[2]), int(match[3] or 1)
     step = eps / 4 if alpha is None else alpha
     if restarts > 1 and kind != "pgd":
-        raise ValueError(f"restarts are supported for pgd only, got {name!r}")
+        raise ValueError(f"attack {name!r}: restarts are supported for pgd only")
     if kind == "pgd":
         return lambda model, x, y: pgd(model, x, y, eps, step, steps, restarts=restarts)
     return lambda model, x, y: _ITERATIVE[kind](model, x, y, eps, step, steps)

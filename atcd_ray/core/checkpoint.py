@@ -31,13 +31,16 @@ def _flatten(prefix: str, tree: Any, tensors: dict, plain: dict) -> None:
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, meta: dict | None = None,
-                    optimizer: torch.optim.Optimizer | None = None, method_state: dict | None = None) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None, method_state: dict | None = None,
+                    rng_state: torch.Tensor | None = None) -> Path:
     path = Path(path)
     tensors, plain = {}, {}
     _flatten("model", model.state_dict(), tensors, plain)
     if optimizer is not None:
         _flatten("optim", optimizer.state_dict(), tensors, plain)
     _flatten("method", method_state or {}, tensors, plain)
+    if rng_state is not None:  # so that a resumed run draws the same random numbers
+        tensors["rng.cpu"] = rng_state.clone()
     metadata = {"format": FORMAT, "config": json.dumps(config), "meta": json.dumps(meta or {}), "plain": json.dumps(plain)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -59,3 +59,12 @@ class FastFGSM(Method):
         self.previous_robust_acc = robust_acc
         self.best_state = copy.deepcopy(self.model.state_dict())
         return False
+
+    def state_dict(self):
+        return {"previous_robust_acc": torch.tensor(self.previous_robust_acc)}
+
+    def load_state_dict(self, state):
+        # Called after the model weights are restored: they are the last good weights.
+        if "previous_robust_acc" in state:
+            self.previous_robust_acc = state["previous_robust_acc"].item()
+            self.best_state = copy.deepcopy(self.model.state_dict())

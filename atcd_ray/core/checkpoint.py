@@ -90,7 +90,7 @@ class Checkpoint:
             for part in parts[:-1]:
                 node = node.setdefault(part, {})
             node[parts[-1]] = value
-        state = {int(k): v for k, v in tree.get("state", {}).items()}
+        state = {int(k): v for k, v in sorted(tree.get("state", {}).items(), key=lambda kv: int(kv[0]))}
         return {"state": state, "param_groups": tree.get("param_groups", [])}
 
     def method_state(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,81 @@
+"""Configuration: every recipe loads; bad keys and values are one clear error before any work."""
+import subprocess
+import sys
+import time
+
+import pytest
+
+from atcd_ray.config import RECIPES_DIR, ConfigError, load_config, parse_override
+from atcd_ray.core.methods.atcd import ATCDOptions
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES_DIR.glob("*.yaml")))
+def test_every_recipe_loads_for_every_method(recipe):
+    for method in ["natural", "pgd", "free", "fast", "atcd"]:
+        cfg = load_config(recipe=RECIPES_DIR / recipe, overrides=[("train.method", method)])
+        assert cfg.train.method == method and cfg.eps > 0
+
+
+def test_default_recipe_and_per_method_overrides():
+    cfg = load_config("fashion-mnist")
+    assert (cfg.dataset, cfg.model, cfg.eps, cfg.train.method) == ("fashion-mnist", "smallcnn", 0.1, "atcd")
+    assert isinstance(cfg.method_options, ATCDOptions) and (cfg.method_options.T, cfg.method_options.K) == (2, 1)
+    assert cfg.train.epochs == 5  # per_method.atcd: N / (T K)
+    free = load_config("fashion-mnist", overrides=[("train.method", "free")])
+    assert free.train.epochs == 5 and free.method_options.replays == 2
+    # The command line wins over the recipe's per-method block.
+    cfg = load_config("fashion-mnist", overrides=[("train.epochs", 7), ("methods.atcd.T", 3), ("eps", 0.2)])
+    assert (cfg.train.epochs, cfg.method_options.T, cfg.eps) == (7, 3, 0.2)
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("optim.milestones=[10, 20]") == ("optim.milestones", [10, 20])
+    assert parse_override("methods.atcd.mh=false") == ("methods.atcd.mh", False)
+    assert parse_override("data.subset=null") == ("data.subset", None)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("novalue")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("eps", -0.1, "eps must be >= 0"),
+    ("methods.atcd.K", 0, r"methods\.atcd: K must be >= 1"),
+    ("methods.atcd.T", 0, r"methods\.atcd: T must be >= 1"),
+    ("methods.atcd.init", "random", "init must be one of: carry, uniform"),
+    ("methods.pgd.steps", 0, "steps must be >= 1"),
+    ("train.method", "magic", "method must be one of: natural, pgd, free, fast, atcd"),
+    ("train.epochs", 0, "epochs must be > 0"),
+    ("optim.schedule", "exp", "schedule must be one of"),
+    ("train.nonsense", 1, r"train\.nonsense: unknown key; allowed: method, epochs"),
+    ("methods.atcd.lambda", 2, r"methods\.atcd\.lambda: unknown key; allowed: T, K, lam"),
+    ("methods.yopo.m", 2, r"methods\.yopo: unknown method"),
+    ("train.epochs", "ten", r"train\.epochs: expected int"),
+    ("eval.attacks", ["pgd20", "bogus"], "unknown attack 'bogus'"),
+    ("model", "vgg", "model must be one of: smallcnn"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("fashion-mnist", overrides=[(key, value)])
+
+
+def test_unknown_dataset():
+    with pytest.raises(ConfigError, match="unknown dataset 'svhn'; allowed: fashion-mnist"):
+        load_config("svhn")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["fashion-mnist", "--eps", "-1"], "eps must be >= 0"),
+    (["fashion-mnist", "--set", "methods.atcd.K=0"], "K must be >= 1"),
+    (["fashion-mnist", "--method", "magic"], "method must be one of"),
+    (["svhn"], "unknown dataset 'svhn'"),
+    (["fashion-mnist", "--set", "bogus.key=1"], "bogus: unknown key"),
+    (["fashion-mnist", "--data-dir", "/nonexistent"], "apt-get install -y dataset-fashion-mnist"),
+])
+def test_cli_rejects_bad_input_with_one_line_and_no_work(args, message, tmp_path):
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "atcd_ray.train", *args, "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert time.perf_counter() - start < 60

@@ -6,12 +6,13 @@ import time
 import pytest
 
 from atcd_ray.config import RECIPES_DIR, ConfigError, load_config, parse_override
+from atcd_ray.core.methods import METHODS
 from atcd_ray.core.methods.atcd import ATCDOptions
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES_DIR.glob("*.yaml")))
 def test_every_recipe_loads_for_every_method(recipe):
-    for method in ["natural", "pgd", "free", "fast", "atcd"]:
+    for method in METHODS:
         cfg = load_config(recipe=RECIPES_DIR / recipe, overrides=[("train.method", method)])
         assert cfg.train.method == method and cfg.eps > 0
 
@@ -42,12 +43,13 @@ def test_parse_override_reads_yaml_values():
     ("methods.atcd.T", 0, r"methods\.atcd: T must be >= 1"),
     ("methods.atcd.init", "random", "init must be one of: carry, uniform"),
     ("methods.pgd.steps", 0, "steps must be >= 1"),
-    ("train.method", "magic", "method must be one of: natural, pgd, free, fast, atcd"),
+    ("train.method", "magic", "method must be one of: natural, pgd, free, fast, atcd, trades, yopo"),
     ("train.epochs", 0, "epochs must be > 0"),
     ("optim.schedule", "exp", "schedule must be one of"),
     ("train.nonsense", 1, r"train\.nonsense: unknown key; allowed: method, epochs"),
     ("methods.atcd.lambda", 2, r"methods\.atcd\.lambda: unknown key; allowed: T, K, lam"),
-    ("methods.yopo.m", 2, r"methods\.yopo: unknown method"),
+    ("methods.yopo2.m", 2, r"methods\.yopo2: unknown method"),
+    ("methods.yopo.m", 0, "need m >= 1"),
     ("train.epochs", "ten", r"train\.epochs: expected int"),
     ("eval.attacks", ["pgd20", "bogus"], "unknown attack 'bogus'"),
     ("model", "vgg", "model must be one of: smallcnn"),

@@ -15,8 +15,8 @@ def test_forward_shapes_and_first_layer(name):
     with torch.no_grad():
         out = model(torch.rand(2, channels, size, size))
     assert out.shape == (2, 7) and torch.isfinite(out).all()
-    assert isinstance(first_layer(model, name), torch.nn.Conv2d)
-    assert first_layer(model, name).in_channels == channels
+    assert isinstance(first_layer(model), torch.nn.Conv2d) and first_layer(model).in_channels == channels
+    assert len(model.state_dict()) == len(dict(model.named_parameters())) + len(dict(model.named_buffers()))
 
 
 def test_normalisation_is_a_buffer_inside_the_model():

@@ -13,6 +13,11 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
+def kl_to(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(logits)) per example: TRADES' robust term (its official KLDivLoss, summed)."""
+    return F.kl_div(F.log_softmax(logits, dim=1), target_probs, reduction="none").sum(dim=1)
+
+
 def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Carlini-Wagner margin max_{j != y} z_j - z_y; positive means misclassified."""
     true_logit = logits.gather(1, y[:, None]).squeeze(1)

@@ -35,7 +35,7 @@ class SmallCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, dropout: float = 0.5):
         super().__init__()
-        relu = nn.ReLU(inplace=True)
+        relu = nn.ReLU()  # not in place: YOPO reads the gradient at conv1's output
         self.features = nn.Sequential(OrderedDict([
             ("conv1", nn.Conv2d(in_channels, 32, 3)), ("relu1", relu),
             ("conv2", nn.Conv2d(32, 32, 3)), ("relu2", relu), ("pool1", nn.MaxPool2d(2)),
@@ -163,9 +163,20 @@ def build_model(
 ) -> Normalized:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
-    return Normalized(MODELS[name][0](num_classes, in_channels), mean, std)
+    model = Normalized(MODELS[name][0](num_classes, in_channels), mean, std)
+    model.first_layer_path = "net." + MODELS[name][1]  # a plain attribute: no duplicate parameters
+    return model
 
 
-def first_layer(model: Normalized, name: str) -> nn.Module:
-    """The first layer of a registry model (YOPO's layer one), found from the registry."""
-    return model.net.get_submodule(MODELS[name][1])
+def first_layer(model: nn.Module) -> nn.Module:
+    """The first layer of a registry model (YOPO's layer one), found from the registry. It is
+    applied directly to the normalised input in every registry model."""
+    path = getattr(model, "first_layer_path", None)
+    if path is None:
+        raise ValueError("YOPO needs a model from the registry (atcd_ray.core.models.build_model)")
+    return model.get_submodule(path)
+
+
+def first_layer_output(model: Normalized, x: torch.Tensor) -> torch.Tensor:
+    """The first layer's output for inputs x in [0, 1]: YOPO's cheap partial forward."""
+    return first_layer(model)((x - model.mean) / model.std)

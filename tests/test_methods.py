@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from atcd_ray.core.methods import ATCD, METHODS, Free
-from atcd_ray.core.methods import atcd as atcd_module
+from atcd_ray.core import hmc as hmc_module
 from atcd_ray.core.methods.atcd import ATCDOptions
 from atcd_ray.core.methods.free import FreeOptions
 
@@ -117,13 +117,13 @@ def test_free_passes_per_minibatch():
 
 def _record_mh(monkeypatch):
     diffs = []
-    real = atcd_module.mh_log_accept
+    real = hmc_module.mh_log_accept
 
     def spy(h_old, h_new, tau):
         diffs.append(h_old - h_new)
         return real(h_old, h_new, tau)
 
-    monkeypatch.setattr(atcd_module, "mh_log_accept", spy)
+    monkeypatch.setattr(hmc_module, "mh_log_accept", spy)
     return diffs
 
 
@@ -152,7 +152,7 @@ def test_mh_zero_temperature_keeps_only_proposals_that_lower_h(monkeypatch):
 
 def test_mh_rejected_examples_revert(monkeypatch):
     """With tau = 0 and every proposal raising H, the replay trains on its starting state."""
-    monkeypatch.setattr(atcd_module, "mh_log_accept", lambda h_old, h_new, tau: torch.full_like(h_old, -math.inf))
+    monkeypatch.setattr(hmc_module, "mh_log_accept", lambda h_old, h_new, tau: torch.full_like(h_old, -math.inf))
     method = make("atcd", ATCDOptions(T=2, K=1, tau=0.0, init="uniform"))
     x, y = batches(1)[0]
     method.step(x, y)

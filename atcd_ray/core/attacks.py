@@ -14,7 +14,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .hmc import hmc_attack
 from .losses import cross_entropy, cw_margin
+from .rays import rays
 from .threat import project, uniform_start
 
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -89,20 +91,56 @@ def mifgsm(
     return x + delta
 
 
+class _LeaveAsFound:
+    """Library attacks may switch the model to eval or leave parameter gradients behind:
+    restore both, so every attack here has the same contract."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.training = self.model.training
+        self.grads = [None if p.grad is None else p.grad.clone() for p in self.model.parameters()]
+
+    def __exit__(self, *exc):
+        self.model.train(self.training)
+        for p, g in zip(self.model.parameters(), self.grads):
+            p.grad = g
+
+
 def torchattacks_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int) -> torch.Tensor:
     """torchattacks' PGD: an implementation independent of this project, to cross-check ours."""
-    import torchattacks  # optional: installed with --no-deps (see README)
+    import torchattacks  # installed with --no-deps (see scripts/setup.sh)
 
-    was_training = model.training
-    attack = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
-    x_adv = attack(x, y)
-    model.train(was_training)  # torchattacks switches the model to eval; leave the mode as found
+    with _LeaveAsFound(model):
+        return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)(x, y)
+
+
+def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int = 5000) -> torch.Tensor:
+    """Square Attack (Andriushchenko et al. 2020), score-based and gradient-free, from torchattacks."""
+    import torchattacks
+
+    with _LeaveAsFound(model):
+        return torchattacks.Square(model, eps=eps, n_queries=queries, seed=0)(x, y)
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) from pyautoattack, the authors' code."""
+    from pyautoattack import AutoAttack
+
+    with _LeaveAsFound(model):
+        model.eval()
+        x_adv, _ = AutoAttack(model, eps=eps, version="standard", device=x.device, seed=0).run_standard_evaluation(
+            x, y, batch_size=len(x))
     return x_adv
 
 
-_ITERATIVE = {"pgd": pgd, "mifgsm": mifgsm, "cw": cw_inf, "tapgd": torchattacks_pgd}
-_NAME = re.compile(r"^(pgd|mifgsm|cw|tapgd)(\d+)(?:x(\d+))?$")
-ATTACK_NAMES = "fgsm, pgdN, pgdNxR (R restarts), mifgsmN, cwN, tapgdN (torchattacks' PGD)"
+_ITERATIVE = {"pgd": pgd, "mifgsm": mifgsm, "cw": cw_inf, "tapgd": torchattacks_pgd,
+              "hmc": lambda model, x, y, eps, step, proposals: hmc_attack(model, x, y, eps, proposals, step, step)}
+_NAME = re.compile(r"^(pgd|mifgsm|cw|tapgd|hmc)(\d+)(?:x(\d+))?$")
+_QUERY_NAME = re.compile(r"^(square|rays)(\d*)$")
+ATTACK_NAMES = ("fgsm, pgdN, pgdNxR (R restarts), mifgsmN, cwN, tapgdN (torchattacks' PGD), hmcN (N proposals), "
+                "autoattack, square[Q], rays[Q] (Q queries; default 5000 and 10000)")
 
 
 def build_attack(name: str, eps: float, alpha: float | None = None) -> Attack:
@@ -112,6 +150,16 @@ def build_attack(name: str, eps: float, alpha: float | None = None) -> Attack:
     """
     if name == "fgsm":
         return lambda model, x, y: fgsm(model, x, y, eps)
+    if name == "autoattack":
+        return lambda model, x, y: autoattack(model, x, y, eps)
+    query_match = _QUERY_NAME.match(name)
+    if query_match:
+        kind, queries = query_match[1], int(query_match[2] or (5000 if query_match[1] == "square" else 10000))
+        if queries < 1:
+            raise ValueError(f"attack {name!r}: the query budget must be >= 1")
+        if kind == "square":
+            return lambda model, x, y: square(model, x, y, eps, queries)
+        return lambda model, x, y: rays(model, x, y, eps, queries)
     match = _NAME.match(name)
     if not match or int(match[2]) < 1:
         raise ValueError(f"unknown attack {name!r}; allowed: {ATTACK_NAMES}")

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..losses import cd_potential, mh_log_accept
+from ..hmc import kinetic, leapfrog, mh_accept
+from ..losses import cd_potential
 from ..threat import project, uniform_start
 from .base import Method, accuracy
 
@@ -79,17 +80,14 @@ class ATCD(Method):
                 else:
                     g, u = self._potential_grad(x, delta, y, p_prev)
                     u0 = u if k == 0 else u0
-                v = (v + alpha * g.sign()) if o.momentum else alpha * g.sign()
-                v = v.clamp(-self.eps, self.eps)
-                delta = project(delta + eta * v.sign(), x, self.eps)
+                delta, v = leapfrog(x, delta, v, g, self.eps, alpha, eta, o.momentum)
 
             # Stage 2: the update's forward at the proposal also gives H_new for the M-H test.
             x_adv = (x + delta).requires_grad_(o.reuse_grad)
             logits = self.model(x_adv)
             if o.mh and u0 is not None:
                 u1 = -cd_potential(logits.detach(), y, self._p_prev(x + delta, p_prev), o.lam, o.rho)
-                log_accept = mh_log_accept(u0 + self._kinetic(v0), u1 + self._kinetic(v), o.tau)
-                accept = torch.rand_like(log_accept).log() < log_accept
+                accept = mh_accept(u0 + kinetic(v0, self.eps, o.kappa), u1 + kinetic(v, self.eps, o.kappa), o.tau)
                 accepted, decided = accepted + accept.sum().item(), decided + accept.numel()
                 if not accept.all():  # rejected examples revert to the chain state before this replay
                     keep = accept.view(-1, *[1] * (x.ndim - 1))
@@ -137,9 +135,6 @@ class ATCD(Method):
         j = cd_potential(logits, y, self._p_prev(x_adv.detach(), p_prev), self.options.lam, self.options.rho)
         (grad,) = torch.autograd.grad(j.sum(), x_adv)
         return grad, -j.detach()
-
-    def _kinetic(self, v):
-        return self.options.kappa * v.abs().flatten(1).mean(1) / max(self.eps, 1e-12)
 
     def state_dict(self):
         state = {"delta": self.delta, "v": self.v, "pending_grad": self.pending_grad}

@@ -1,0 +1,73 @@
+"""The Hamiltonian dynamics shared by ATCD's trajectory and the HMC attack (paper, Eq. 3-11 and A.6).
+
+State per example: position offset ``delta`` (theta = x + delta) and momentum ``v``. The updates
+are FGSM-normalised (sign), as the paper's Eq. 10-11 read the FGSM family as HMC:
+    v     <- clip(v + alpha * sign(g), -eps, eps)    (v - alpha * grad U with U = -J)
+    delta <- P(delta + eta * sign(v))                (theta + eta * grad K(v), K(v) = |v|)
+"""
+from __future__ import annotations
+
+import torch
+
+from .losses import cross_entropy, mh_log_accept
+from .threat import project, uniform_start
+
+
+def leapfrog(x, delta, v, grad, eps, alpha, eta, momentum=True):
+    """One step of the chain; ``momentum=False`` replaces v by the current signed gradient."""
+    v = (v + alpha * grad.sign()) if momentum else alpha * grad.sign()
+    v = v.clamp(-eps, eps)
+    return project(delta + eta * v.sign(), x, eps), v
+
+
+def kinetic(v, eps, kappa):
+    """K(v) = kappa * mean|v| / eps per example: |v| of Algorithm 1, scaled into [0, kappa]."""
+    return kappa * v.abs().flatten(1).mean(1) / max(eps, 1e-12)
+
+
+def mh_accept(h_old, h_new, tau):
+    """Per-example Metropolis-Hastings decision with probability min(1, exp((H_old - H_new) / tau))."""
+    log_accept = mh_log_accept(h_old, h_new, tau)
+    return torch.rand_like(log_accept).log() < log_accept
+
+
+def _select(mask, new, old):
+    return torch.where(mask.view(-1, *[1] * (new.ndim - 1)), new, old)
+
+
+def hmc_attack(model, x, y, eps, proposals, alpha=None, eta=None, tau=1.0, kappa=1.0, return_sequence=False):
+    """The HMC attack of the paper's appendix A.6: a chain on U = -CE with M-H correction.
+
+    Each proposal is one leapfrog step from the current state (one forward and backward pass: the
+    pass at the proposal gives both its energy and its gradient). A rejected example stays, and its
+    momentum is redrawn uniformly in [-eps, eps], since the deterministic dynamics would otherwise
+    propose the same point again. Returns the strongest state visited per example (misclassified
+    first, then highest loss), and with ``return_sequence`` also the sequence of chain states.
+    """
+    alpha, eta = alpha or eps / 4, eta or eps / 4
+
+    def energy_and_grad(delta):
+        x_adv = (x + delta).detach().requires_grad_(True)
+        logits = model(x_adv)
+        ce = cross_entropy(logits, y)
+        (grad,) = torch.autograd.grad(ce.sum(), x_adv)
+        score = ce.detach() + 1e9 * (logits.argmax(1) != y).float()
+        return -ce.detach(), grad, score
+
+    delta = uniform_start(x, eps)
+    v = delta.clone()
+    u, grad, score = energy_and_grad(delta)
+    best, best_score, sequence = x + delta, score, []
+    for _ in range(proposals):
+        new_delta, new_v = leapfrog(x, delta, v, grad, eps, alpha, eta)
+        new_u, new_grad, new_score = energy_and_grad(new_delta)
+        accept = mh_accept(u + kinetic(v, eps, kappa), new_u + kinetic(new_v, eps, kappa), tau)
+        delta, u, grad = _select(accept, new_delta, delta), torch.where(accept, new_u, u), _select(accept, new_grad, grad)
+        v = _select(accept, new_v, torch.empty_like(v).uniform_(-eps, eps))
+        improved = new_score > best_score
+        best = _select(improved, x + new_delta, best)
+        best_score = torch.maximum(best_score, new_score)
+        if return_sequence:
+            sequence.append((x + delta).detach())
+    best = best.detach()
+    return (best, sequence) if return_sequence else best

@@ -3,7 +3,10 @@
     python -m atcd_ray.evaluate runs/atcd/last.safetensors --attacks pgd20,mifgsm20,cw20,tapgd20
 
 Attacks: fgsm, pgdN, pgdNxR (R restarts), mifgsmN, cwN (PGD on the CW margin), tapgdN
-(torchattacks' PGD, an implementation independent of this project). Step size eps/4.
+(torchattacks' PGD, independent of this project), hmcN (the paper's HMC attack, N proposals),
+autoattack (standard, the authors' code), squareQ and raysQ (gradient-free, Q queries). Step eps/4.
+If a gradient-free attack beats every gradient attack by more than 3 points, the output says
+that the model likely masks gradients.
 """
 from __future__ import annotations
 
@@ -20,6 +23,17 @@ from .core.attacks import build_attack
 from .core.checkpoint import Checkpoint
 from .core.engine import evaluate
 from .data import DATASETS, build_splits
+
+
+MASKING_MARGIN = 0.03
+GRADIENT_FREE = ("square", "rays")
+
+
+def masking_suspected(robust_acc: dict[str, float]) -> bool:
+    """True when a gradient-free attack finds markedly lower accuracy than every gradient attack."""
+    free = [acc for name, acc in robust_acc.items() if name.startswith(GRADIENT_FREE)]
+    gradient = [acc for name, acc in robust_acc.items() if not name.startswith(GRADIENT_FREE)]
+    return bool(free and gradient) and min(free) < min(gradient) - MASKING_MARGIN
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
               "n": len(test.labels) if hasattr(test, "labels") else len(test.dataset),
               "clean_acc": accuracy["clean"], "robust_acc": {name: accuracy[name] for name in attacks},
               "seconds": time.perf_counter() - start}
+    result["gradient_masking_suspected"] = masking_suspected(result["robust_acc"])
     print(markdown_table([{"model": Path(args.checkpoint).parent.name, "clean": accuracy["clean"],
                            **result["robust_acc"]}], ["model", "clean", *attacks]))
+    if result["gradient_masking_suspected"]:
+        print(f"WARNING: a gradient-free attack beats the gradient attacks by more than {MASKING_MARGIN:.0%}: "
+              "the model likely masks gradients, and its gradient-based robust accuracy overstates robustness")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -3,13 +3,18 @@ import json
 import sys
 from pathlib import Path
 
-ORDER = ["natural", "pgd", "free", "fast", "atcd"]
+ORDER = ["natural", "pgd", "trades", "robust-overfitting", "free", "yopo", "trades-yopo", "fast", "atcd"]
+ATTACK_ORDER = ["pgd20", "mifgsm20", "cw20", "tapgd20", "hmc20", "autoattack", "square", "rays"]
+
+
+def attack_rank(name):
+    return next((i for i, prefix in enumerate(ATTACK_ORDER) if name.startswith(prefix)), 99)
 
 
 def main(paths):
     rows = [json.loads(Path(p).read_text()) for p in paths]
     rows.sort(key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else 99, r["method"]))
-    attacks = list(rows[0]["robust_acc"])
+    attacks = sorted(rows[0]["robust_acc"], key=attack_rank)
     natural = next((r["train_seconds"] for r in rows if r["method"] == "natural"), None)
     print("| method | epochs | clean | " + " | ".join(attacks) + " | train s | x natural |")
     print("|---|---|---|" + "---|" * len(attacks) + "---|---|")

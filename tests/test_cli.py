@@ -56,3 +56,11 @@ def test_evaluate_rejects_bad_attack(trained_run):
     proc = subprocess.run([sys.executable, "-m", "atcd_ray.evaluate", str(out / "last.safetensors"), "--attacks", "pgd"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown attack 'pgd'" in proc.stderr
+
+
+def test_masking_flag():
+    from atcd_ray.evaluate import masking_suspected
+
+    assert masking_suspected({"pgd20": 0.6, "square1000": 0.5}) is True
+    assert masking_suspected({"pgd20": 0.6, "rays": 0.59, "autoattack": 0.55}) is False
+    assert masking_suspected({"pgd20": 0.6}) is False

@@ -40,3 +40,23 @@ def test_gradient_free_attack_does_not_beat_pgd(runs):
     with torch.no_grad():
         square_acc = (model(x_adv).argmax(1) == y).float().mean().item()
     assert square_acc >= summary["robust_acc"]["pgd20"] - 0.05, (square_acc, summary["robust_acc"])
+
+
+def test_autoattack_and_rays_on_the_atcd_model(runs):
+    """AutoAttack (standard) is at most PGD-20: it is the stronger evaluation. RayS (hard-label) does
+    not beat PGD-20 by more than a few points, so the evaluator's masking flag stays off. On 48 test
+    images, since AutoAttack's FAB-T and 5000-query Square dominate a CPU test budget."""
+    from atcd_ray.core.attacks import build_attack
+    from atcd_ray.core.engine import evaluate
+    from atcd_ray.evaluate import masking_suspected
+
+    summary, out = runs["atcd"]
+    model = atcd_ray.load_model(out / summary["checkpoint"])
+    test = build_splits("fashion-mnist", None, 48, 0, None, 48, None, 0).test
+    torch.manual_seed(0)
+    acc = evaluate(model, test, {n: build_attack(n, 0.1) for n in ["pgd20", "autoattack", "rays300", "hmc20"]},
+                   torch.device("cpu"))
+    assert acc["autoattack"] <= acc["pgd20"], acc
+    assert acc["rays300"] >= acc["pgd20"] - 0.05, acc
+    assert acc["hmc20"] <= acc["clean"] - 0.1, acc
+    assert not masking_suspected({k: v for k, v in acc.items() if k != "clean"})

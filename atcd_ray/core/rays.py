@@ -12,10 +12,15 @@ from __future__ import annotations
 import torch
 
 
-def _misclassified(model, x, direction, radius, y):
-    with torch.no_grad():
-        x_adv = (x + radius.view(-1, *[1] * (x.ndim - 1)) * direction).clamp(0, 1)
-        return model(x_adv).argmax(1) != y
+def _misclassified(model, x, direction, radius, y, mask=None):
+    """One query for each example in ``mask`` (all by default); False elsewhere."""
+    mask = torch.ones_like(y, dtype=torch.bool) if mask is None else mask
+    out = torch.zeros_like(mask)
+    if mask.any():
+        with torch.no_grad():
+            x_adv = (x[mask] + radius[mask].view(-1, *[1] * (x.ndim - 1)) * direction[mask]).clamp(0, 1)
+            out[mask] = model(x_adv).argmax(1) != y[mask]
+    return out
 
 
 def rays(model, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int = 10000,
@@ -40,7 +45,7 @@ def rays(model, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int = 100
         candidate[:, start:end] *= -1
         candidate = candidate.view_as(x)
         finite = torch.where(torch.isfinite(radius), radius, one)
-        better = active & _misclassified(model, x, candidate, finite, y)
+        better = _misclassified(model, x, candidate, finite, y, active)
         used += active.long()
         if better.any():
             direction[better] = candidate[better]
@@ -63,7 +68,7 @@ def _bisect(model, x, y, direction, low, high, mask, radius, used, steps):
     low, high = low.clone(), high.clone()
     for _ in range(steps):
         mid = (low + high) / 2
-        adv = _misclassified(model, x, direction, mid, y)
+        adv = _misclassified(model, x, direction, mid, y, mask)
         used += mask.long()
         high = torch.where(mask & adv, mid, high)
         low = torch.where(mask & ~adv, mid, low)

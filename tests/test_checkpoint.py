@@ -1,6 +1,5 @@
 """Checkpoints: safetensors, atomic, no pickle; load_model; bit-exact resume after a crash."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from atcd_ray.core.methods import ATCD, METHODS, Free
+from atcd_ray.core.methods import METHODS
 from atcd_ray.core import hmc as hmc_module
 from atcd_ray.core.methods.atcd import ATCDOptions
 from atcd_ray.core.methods.free import FreeOptions

@@ -69,7 +69,7 @@ class ATCD(Method):
         delta, v = self._start(x)
         p_prev = None  # the first replay of a minibatch uses p_prev = y
         accepted, decided, logs = 0, 0, []
-        for t in range(o.T):
+        for _ in range(o.T):
             delta0, v0, u0 = delta, v, None
             for k in range(o.K):  # Stage 1: K trajectory steps
                 if k == 0 and o.reuse_grad:
@@ -96,7 +96,7 @@ class ATCD(Method):
                     logits = self.model(x_adv)
             loss = F.cross_entropy(logits, y)
             if o.cd_target == "exact":
-                self.previous_weights = {k: t.detach().clone() for k, t in self.model.state_dict().items()}
+                self.previous_weights = {name: w.detach().clone() for name, w in self.model.state_dict().items()}
             self.update(loss)
             p_prev = F.softmax(logits.detach().float(), dim=1)  # w~ <- w
             logs.append((loss.item(), accuracy(logits, y)))

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     accuracy = evaluate(model, test, attacks, device, progress=True)
     result = {"checkpoint": str(args.checkpoint), "dataset": dataset, "eps": eps, "method": cfg.train.method,
-              "n": len(test.labels) if hasattr(test, "labels") else len(test.dataset),
+              "n": test.num_examples,
               "clean_acc": accuracy["clean"], "robust_acc": {name: accuracy[name] for name in attacks},
               "seconds": time.perf_counter() - start}
     result["gradient_masking_suspected"] = masking_suspected(result["robust_acc"])

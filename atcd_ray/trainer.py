@@ -157,7 +157,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         "robust_acc": {name: test[name] for name in attacks},
         "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
         "epochs": len(history), "stopped_early": stopped_early, "checkpoint": chosen.name,
-        "eval_n": len(splits.test.labels) if hasattr(splits.test, "labels") else len(splits.test.dataset),
+        "eval_n": splits.test.num_examples,
         "final_epoch": history[-1] if history else {}, "hardware": hardware(),
     }
     write_json_atomic(out / "summary.json", summary)

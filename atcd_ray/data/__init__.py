@@ -52,6 +52,10 @@ class TensorBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
     def __len__(self) -> int:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
@@ -94,6 +98,10 @@ class FolderBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.dataset)
 
     def __len__(self) -> int:
         n = len(self.dataset)

@@ -13,6 +13,7 @@ its own stream, forked from the same seed. Writes DIR/trajectory_shift.json, .md
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def measure(cfg, k: int, k_prime: int, replays: int, epochs: int, device=torch.d
         seed_everything(cfg.seed, device)  # the same initial weights and random stream
         model = model_for(cfg, splits.spec).to(device)
         optimizer = build_optimizer(cfg, model)
-        options = type(cfg.methods["atcd"])(**{**vars(cfg.methods["atcd"]), "T": t, "K": trajectory})
+        options = dataclasses.replace(cfg.methods["atcd"], T=t, K=trajectory)
         copies.append({"method": ATCD(model, optimizer, cfg.eps, options), "grads": GradientAverager(model, optimizer),
                        "rng": torch.get_rng_state(), "T": t, "K": trajectory})
     layers = [name for name, _ in copies[0]["grads"].named]

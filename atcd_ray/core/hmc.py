@@ -31,7 +31,8 @@ def mh_accept(h_old, h_new, tau):
     return torch.rand_like(log_accept).log() < log_accept
 
 
-def _select(mask, new, old):
+def select_examples(mask, new, old):
+    """Per example (first dimension), ``new`` where ``mask`` holds, else ``old``."""
     return torch.where(mask.view(-1, *[1] * (new.ndim - 1)), new, old)
 
 
@@ -62,10 +63,10 @@ def hmc_attack(model, x, y, eps, proposals, alpha=None, eta=None, tau=1.0, kappa
         new_delta, new_v = leapfrog(x, delta, v, grad, eps, alpha, eta)
         new_u, new_grad, new_score = energy_and_grad(new_delta)
         accept = mh_accept(u + kinetic(v, eps, kappa), new_u + kinetic(new_v, eps, kappa), tau)
-        delta, u, grad = _select(accept, new_delta, delta), torch.where(accept, new_u, u), _select(accept, new_grad, grad)
-        v = _select(accept, new_v, torch.empty_like(v).uniform_(-eps, eps))
+        delta, u, grad = select_examples(accept, new_delta, delta), torch.where(accept, new_u, u), select_examples(accept, new_grad, grad)
+        v = select_examples(accept, new_v, torch.empty_like(v).uniform_(-eps, eps))
         improved = new_score > best_score
-        best = _select(improved, x + new_delta, best)
+        best = select_examples(improved, x + new_delta, best)
         best_score = torch.maximum(best_score, new_score)
         if return_sequence:
             sequence.append((x + delta).detach())

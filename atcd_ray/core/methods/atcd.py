@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..hmc import kinetic, leapfrog, mh_accept
+from ..hmc import kinetic, leapfrog, mh_accept, select_examples
 from ..losses import cd_potential
 from ..threat import project, uniform_start
 from .base import Method, accuracy
@@ -90,8 +90,7 @@ class ATCD(Method):
                 accept = mh_accept(u0 + kinetic(v0, self.eps, o.kappa), u1 + kinetic(v, self.eps, o.kappa), o.tau)
                 accepted, decided = accepted + accept.sum().item(), decided + accept.numel()
                 if not accept.all():  # rejected examples revert to the chain state before this replay
-                    keep = accept.view(-1, *[1] * (x.ndim - 1))
-                    delta, v = torch.where(keep, delta, delta0), torch.where(keep, v, v0)
+                    delta, v = select_examples(accept, delta, delta0), select_examples(accept, v, v0)
                     x_adv = (x + delta).requires_grad_(o.reuse_grad)
                     logits = self.model(x_adv)
             loss = F.cross_entropy(logits, y)

@@ -34,7 +34,8 @@ class DataConfig:
     batch_size: int = 128
     val_size: int = 5000  # held out from the training set, for best-checkpoint selection
     subset: int | None = None  # train on the first N training examples
-    loader_workers: int = 4  # worker processes for decoding JPEGs (ImageNet)
+    loader_workers: int = 4  # worker processes (threads for FFCV) decoding JPEGs
+    ffcv_dir: str | None = None  # DIR with train.beton and val.beton (atcd_ray.pipelines.write); None: torchvision
 
     def validate(self):
         _positive(self, "batch_size", "subset")

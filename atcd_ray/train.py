@@ -3,12 +3,17 @@
     python -m atcd_ray.train fashion-mnist --method atcd --epochs 5 --out runs/atcd
     python -m atcd_ray.train cifar10 --recipe pipelines/cifar10_wrn34-10.yaml --set methods.atcd.T=4
 
-Writes DIR/summary.json (clean and robust accuracy, training seconds, the checkpoint) and
-DIR/metrics.jsonl (one line per epoch). ``--workers 0`` trains in this process.
+Writes DIR/summary.json (clean and robust accuracy, training seconds, the checkpoint),
+DIR/metrics.jsonl (one line per epoch) and TensorBoard events in DIR/tb/.
+
+``--workers N`` (default 1) trains through Ray Train with N workers (DDP from 2), joining the
+cluster of RAY_ADDRESS or starting a local Ray; ``--workers 0`` trains in this process.
+Rerunning a command with the same --out resumes its run.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -28,7 +33,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="passes over the training data")
     p.add_argument("--subset", type=int, help="train on the first N training examples")
     p.add_argument("--eval-n", type=int, help="evaluate on the first N test examples")
-    p.add_argument("--workers", type=int, default=0, help="0: train in this process")
+    p.add_argument("--workers", type=int, default=1,
+                   help="Ray Train workers (DDP from 2); 0: train in this process without Ray (default 1)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per Ray Train worker")
+    p.add_argument("--max-failures", type=int, default=3, help="restarts of the worker group after a failure")
     p.add_argument("--data-dir", help="where the dataset lives")
     p.add_argument("--out", help="run directory (default: runs/<dataset>-<method>)")
     p.add_argument("--seed", type=int)
@@ -48,14 +57,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.dataset not in DATASETS:
         raise ConfigError(f"dataset: unknown dataset {args.dataset!r}; allowed: {', '.join(DATASETS)}")
-    if args.workers != 0:
-        raise ConfigError("--workers: only 0 (train in this process) is available in this version")
+    if args.workers < 0 or args.cpus_per_worker <= 0 or args.max_failures < 0:
+        raise ConfigError("--workers and --max-failures must be >= 0, --cpus-per-worker > 0")
+    if args.gpu and args.workers == 0:
+        raise ConfigError("--gpu reserves GPUs for Ray Train workers: give --workers N >= 1 "
+                          "(with --workers 0 a visible GPU is used anyway)")
     cfg = load_config(args.dataset, args.recipe, overrides_from(args))
+    if args.workers and cfg.data.batch_size % args.workers:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by --workers {args.workers} "
+                          "(each worker takes batch_size / workers of every global minibatch)")
     out = Path(args.out or f"runs/{cfg.dataset}-{cfg.train.method}")
     setup_logging()
-    from .trainer import fit  # torch-heavy imports only once the config is known to be good
+    if args.workers:
+        from .data.sources import check_available
+        from .distributed import fit_distributed
 
-    summary = fit(cfg, out, progress=not args.quiet)
+        check_available(cfg.dataset, cfg.data.dir)
+
+        fit_distributed(cfg, out, args.workers, args.gpu, args.cpus_per_worker, args.max_failures)
+        summary = json.loads((out / "summary.json").read_text())
+    else:
+        from .trainer import fit  # torch-heavy imports only once the config is known to be good
+
+        summary = fit(cfg, out, progress=not args.quiet)
     row = {"method": summary["method"], "clean": summary["clean_acc"], **summary["robust_acc"],
            "train s": f"{summary['train_seconds']:.0f}"}
     print(markdown_table([row], list(row)))

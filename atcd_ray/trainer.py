@@ -78,87 +78,191 @@ def hardware() -> dict:
     return info
 
 
-def _resume(path: Path, cfg: Config, model, optimizer, method) -> dict:
-    """Load ``last.safetensors`` if it belongs to this very config; returns its meta (or {})."""
-    if not path.exists():
+class Group:
+    """This process's place in a data-parallel group, and what the training loop asks of it.
+
+    The default is a single process that keeps its checkpoints in the run directory. The Ray
+    Train worker (``atcd_ray.distributed``) overrides ``wrap`` (DDP), ``restore_dir`` (the
+    latest checkpoint Ray hands a restarted group) and ``report`` (the checkpoint to Ray)."""
+
+    rank, world_size = 0, 1
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def restore_dir(self, out: Path) -> Path | None:
+        """Where the checkpoint to resume from lies, or None for a fresh start."""
+        return out if (out / "last.safetensors").exists() else None
+
+    def report(self, record: dict, checkpoint_file: Path) -> None:
+        """Called on every rank after each epoch, once its checkpoint file is written."""
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def _rank_file(rank: int) -> str:
+    return "last.safetensors" if rank == 0 else f"rank{rank}.safetensors"
+
+
+def _resume(directory: Path | None, cfg: Config, model, optimizer, method, rank: int) -> dict:
+    """Load the checkpoint in ``directory`` if it belongs to this very config; returns its meta."""
+    if directory is None:
         return {}
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(directory / "last.safetensors")
     if ckpt.config != json.loads(cfg.to_json()):
-        raise RuntimeError(f"{path} was written by another config; use a fresh --out directory")
+        raise RuntimeError(f"{ckpt.path} was written by another config; use a fresh --out directory")
     model.load_state_dict(ckpt.model_state())
     optimizer.load_state_dict(ckpt.optimizer_state())
-    method.load_state_dict(ckpt.method_state())
-    if "rng.cpu" in ckpt.tensors:
-        torch.set_rng_state(ckpt.tensors["rng.cpu"])
-    log.info("resuming from %s after epoch %d", path, ckpt.meta["epoch"])
+    own = ckpt if rank == 0 else Checkpoint(directory / _rank_file(rank)) if (directory / _rank_file(rank)).exists() else None
+    if own is not None:  # per-rank state: a persistent perturbation, an ATCD chain, the RNG
+        method.load_state_dict(own.method_state())
+        if "rng.cpu" in own.tensors:
+            torch.set_rng_state(own.tensors["rng.cpu"])
+    else:
+        log.warning("rank %d: no method state in %s (another number of workers?); its chain starts afresh",
+                    rank, directory)
+    log.info("resuming from %s after epoch %d", ckpt.path, ckpt.meta["epoch"])
     return ckpt.meta
 
 
-def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.device | None = None) -> dict:
+def _mean_over_ranks(group: Group, accuracy: dict[str, float], n: int) -> dict[str, float]:
+    """Accuracies of the whole split from each rank's accuracy on its shard of n examples."""
+    names = list(accuracy)
+    totals = group.sum([accuracy[k] * n for k in names] + [float(n)])
+    return {k: totals[i] / max(totals[-1], 1.0) for i, k in enumerate(names)}
+
+
+def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.device | None = None,
+        group: Group | None = None) -> dict:
+    group = group or Group()
+    rank, lead = group.rank, group.rank == 0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = device or default_device()
-    seed_everything(cfg.seed, device)
+    seed_everything(cfg.seed, device)  # same initial weights on every rank
     d, t, o = cfg.data, cfg.train, cfg.optim
     splits = build_splits(cfg.dataset, d.dir, d.batch_size, d.val_size, d.subset, cfg.eval.n, t.val_n,
-                          cfg.seed, d.loader_workers)
+                          cfg.seed, d.loader_workers, d.ffcv_dir)
+    # Fast-FGSM's end-of-epoch check: the same first training batch on every rank.
+    splits.train.set_epoch(0)
+    first_batch = tuple(tensor.to(device) for tensor in next(iter(splits.train)))
+    splits.shard(rank, group.world_size)
     model = model_for(cfg, splits.spec).to(device)
     optimizer = build_optimizer(cfg, model)
-    method = METHODS[t.method](model, optimizer, cfg.eps, cfg.method_options)
+    method = METHODS[t.method](group.wrap(model), optimizer, cfg.eps, cfg.method_options)
+    if rank:
+        torch.manual_seed(cfg.seed + 7919 * rank)  # own random starts and chains per rank
 
-    last_path, best_path, metrics_path = out / "last.safetensors", out / "best.safetensors", out / "metrics.jsonl"
-    meta = _resume(last_path, cfg, model, optimizer, method)
+    best_path, metrics_path = out / "best.safetensors", out / "metrics.jsonl"
+    meta = _resume(group.restore_dir(out), cfg, model, optimizer, method, rank)
     start_epoch = meta.get("epoch", 0)
     train_seconds, best_val = meta.get("train_seconds", 0.0), meta.get("best_val", -1.0)
     history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     history = [h for h in history if h["epoch"] <= start_epoch]  # epochs after the checkpoint are redone
-    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    board = None
+    if lead:
+        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+        board = TensorBoard(out / "tb", cfg, start_epoch)
 
     def set_lr(epoch: float) -> float:
         lr = learning_rate(o.schedule, o.lr, epoch, t.epochs, o.milestones, o.gamma, o.warmup_fraction)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
         return lr
 
     val_attacks = {"robust": build_attack(t.val_attack, cfg.eps)}
-    splits.train.set_epoch(0)
-    first_batch = tuple(tensor.to(device) for tensor in next(iter(splits.train)))
     stopped_early = meta.get("stopped_early", False)
     for epoch in range(start_epoch, 0 if stopped_early else t.epochs):
-        stats = train_epoch(method, splits.train, epoch, t.epochs, set_lr, device, t.amp, progress)
+        stats = train_epoch(method, splits.train, epoch, t.epochs, set_lr, device, t.amp, progress and lead)
+        stats["images_per_second"] = group.sum([stats["images_per_second"]])[0]
         train_seconds += stats["epoch_seconds"]
-        stopped_early = method.end_epoch(first_batch)
-        val = evaluate(model, splits.val, val_attacks, device, t.amp)
+        with torch.random.fork_rng(devices=[]):  # same decision on every rank, same training stream
+            torch.manual_seed(cfg.seed + epoch)
+            stopped_early = method.end_epoch(first_batch)
+        val = _mean_over_ranks(group, evaluate(model, splits.val, val_attacks, device, t.amp),
+                               splits.val.num_examples)
         record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()},
                   "val_clean_acc": val["clean"], "val_robust_acc": val["robust"], "train_seconds": train_seconds}
-        if t.select_best == "robust_val" and val["robust"] > best_val:
-            best_val = val["robust"]
-            save_checkpoint(best_path, model, cfg.to_dict(), {"epoch": epoch + 1, "val": val})
+        improved = t.select_best == "robust_val" and val["robust"] > best_val
+        best_val = max(best_val, val["robust"]) if improved else best_val
         meta = {"epoch": epoch + 1, "train_seconds": train_seconds, "best_val": best_val, "stopped_early": stopped_early}
-        save_checkpoint(last_path, model, cfg.to_dict(), meta, optimizer, method.state_dict(), torch.get_rng_state())
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        own = out / _rank_file(rank)
+        if lead:
+            if improved:
+                save_checkpoint(best_path, model, cfg.to_dict(), {"epoch": epoch + 1, "val": val})
+            save_checkpoint(own, model, cfg.to_dict(), meta, optimizer, method.state_dict(), torch.get_rng_state())
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            board.epoch(record)
+        else:
+            save_checkpoint(own, None, {}, meta, None, method.state_dict(), torch.get_rng_state())
+        group.report(record, own)
         history.append(record)
-        log.info("epoch %d/%d  %s", epoch + 1, t.epochs, "  ".join(
-            f"{k}={v:.4g}" for k, v in record.items() if k in (
-                "train_loss", "train_mh_accept_rate", "val_clean_acc", "val_robust_acc", "train_images_per_second")))
+        if lead:
+            log.info("epoch %d/%d  %s", epoch + 1, t.epochs, "  ".join(
+                f"{k}={v:.4g}" for k, v in record.items() if k in (
+                    "train_loss", "train_mh_accept_rate", "val_clean_acc", "val_robust_acc",
+                    "train_images_per_second")))
         if stopped_early:
             log.info("early stop after epoch %d (PGD accuracy on a training batch collapsed)", epoch + 1)
             break
 
-    chosen = best_path if t.select_best == "robust_val" and best_path.exists() else last_path
+    chosen = best_path if t.select_best == "robust_val" and best_path.exists() else out / "last.safetensors"
     model.load_state_dict(Checkpoint(chosen).model_state())
     start = time.perf_counter()
     attacks = {name: build_attack(name, cfg.eps) for name in cfg.eval.attacks}
-    test = evaluate(model, splits.test, attacks, device, t.amp, progress)
+    test = _mean_over_ranks(group, evaluate(model, splits.test, attacks, device, t.amp, progress and lead),
+                            splits.test.num_examples)
     summary = {
         "dataset": cfg.dataset, "method": t.method, "model": cfg.model, "eps": cfg.eps, "seed": cfg.seed,
         "config": cfg.to_dict(), "clean_acc": test["clean"],
         "robust_acc": {name: test[name] for name in attacks},
         "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
         "epochs": len(history), "stopped_early": stopped_early, "checkpoint": chosen.name,
-        "eval_n": splits.test.num_examples,
+        "eval_n": int(group.sum([float(splits.test.num_examples)])[0]), "workers": group.world_size,
         "final_epoch": history[-1] if history else {}, "hardware": hardware(),
     }
-    write_json_atomic(out / "summary.json", summary)
+    if lead:
+        board.close(summary)
+        write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+class TensorBoard:
+    """Rank 0's TensorBoard events under DIR/tb/, one step per epoch. A resumed run purges the
+    steps after its checkpoint, so no step is written twice."""
+
+    SCALARS = {"train_loss": "train/loss", "train_lr": "train/lr", "train_mh_accept_rate": "train/mh_accept_rate",
+               "train_images_per_second": "train/images_per_second", "train_epoch_seconds": "train/epoch_seconds",
+               "train_data_wait_fraction": "train/data_wait_fraction", "train_train_acc": "train/acc",
+               "val_clean_acc": "val/clean_acc", "val_robust_acc": "val/robust_acc"}
+
+    def __init__(self, log_dir: Path, cfg: Config, start_epoch: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.cfg = cfg
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_epoch + 1 if start_epoch else None)
+        if not start_epoch:
+            self.writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```", 0)
+
+    def epoch(self, record: dict) -> None:
+        for key, tag in self.SCALARS.items():
+            if key in record:
+                self.writer.add_scalar(tag, record[key], record["epoch"])
+        self.writer.flush()
+
+    def close(self, summary: dict) -> None:
+        hparams = {"method": self.cfg.train.method, "eps": self.cfg.eps, "epochs": self.cfg.train.epochs,
+                   "lr": self.cfg.optim.lr, "batch_size": self.cfg.data.batch_size, "seed": self.cfg.seed}
+        options = self.cfg.method_options
+        hparams.update({f"{self.cfg.train.method}.{k}": v for k, v in vars(options).items()
+                        if isinstance(v, (int, float, str, bool))})
+        metrics = {"test/clean_acc": summary["clean_acc"],
+                   **{f"test/{name}": acc for name, acc in summary["robust_acc"].items()}}
+        self.writer.add_hparams(hparams, metrics, run_name=".")
+        self.writer.close()

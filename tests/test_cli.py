@@ -16,7 +16,7 @@ def run(*args):
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     proc = run("atcd_ray.train", "digits", "--method", "atcd", "--epochs", "2", "--subset", "512", "--eval-n", "200",
-               "--seed", "3", "--out", str(out), "--set", "eval.attacks=[pgd10,cw10]", "--set", "train.val_n=100")
+               "--seed", "3", "--workers", "0", "--out", str(out), "--set", "eval.attacks=[pgd10,cw10]", "--set", "train.val_n=100")
     return out, proc
 
 

@@ -116,7 +116,7 @@ def test_imagenet_folder(tmp_path):
     splits = build_splits("imagenet", str(tmp_path), 4, 3, None, None, None, seed=0, loader_workers=0)
     x, y = next(iter(splits.train))
     assert x.shape == (4, 3, 224, 224) and 0 <= x.min() and x.max() <= 1 and y.max() < 3
-    assert len(splits.train) == 15 // 4 and len(splits.val.dataset) == 3 and len(splits.test.dataset) == 18
+    assert len(splits.train) == 15 // 4 and splits.val.num_examples == 3 and splits.test.num_examples == 18
     xt, _ = next(iter(splits.test))
     assert xt.shape == (4, 3, 224, 224)
 

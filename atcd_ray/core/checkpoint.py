@@ -30,12 +30,13 @@ def _flatten(prefix: str, tree: Any, tensors: dict, plain: dict) -> None:
         plain[prefix] = tree
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, meta: dict | None = None,
+def save_checkpoint(path: str | Path, model: torch.nn.Module | None, config: dict, meta: dict | None = None,
                     optimizer: torch.optim.Optimizer | None = None, method_state: dict | None = None,
                     rng_state: torch.Tensor | None = None) -> Path:
     path = Path(path)
     tensors, plain = {}, {}
-    _flatten("model", model.state_dict(), tensors, plain)
+    if model is not None:
+        _flatten("model", model.state_dict(), tensors, plain)
     if optimizer is not None:
         _flatten("optim", optimizer.state_dict(), tensors, plain)
     _flatten("method", method_state or {}, tensors, plain)

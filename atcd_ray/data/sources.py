@@ -114,3 +114,12 @@ def imagenet_folder(data_dir: str | None, train: bool):
     if not split.is_dir():
         raise DataError(f"{split} does not exist; ImageNet needs DIR/train/<class>/ and DIR/val/<class>/ (ImageFolder layout)")
     return torchvision.datasets.ImageFolder(str(split))
+
+
+def check_available(dataset: str, data_dir: str | None) -> None:
+    """Raise DataError now if the dataset is missing, before workers are started to read it."""
+    if dataset == "imagenet":
+        imagenet_folder(data_dir, train=True)
+        imagenet_folder(data_dir, train=False)
+    else:
+        IN_MEMORY[dataset](data_dir, train=False)

@@ -84,7 +84,7 @@ class ATCD(Method):
 
             # Stage 2: the update's forward at the proposal also gives H_new for the M-H test.
             x_adv = (x + delta).requires_grad_(o.reuse_grad)
-            logits = self.model(x_adv)
+            logits = self.loss_model(x_adv)
             if o.mh and u0 is not None:
                 u1 = -cd_potential(logits.detach(), y, self._p_prev(x + delta, p_prev), o.lam, o.rho)
                 accept = mh_accept(u0 + kinetic(v0, self.eps, o.kappa), u1 + kinetic(v, self.eps, o.kappa), o.tau)
@@ -92,7 +92,7 @@ class ATCD(Method):
                 if not accept.all():  # rejected examples revert to the chain state before this replay
                     delta, v = select_examples(accept, delta, delta0), select_examples(accept, v, v0)
                     x_adv = (x + delta).requires_grad_(o.reuse_grad)
-                    logits = self.model(x_adv)
+                    logits = self.loss_model(x_adv)
             loss = F.cross_entropy(logits, y)
             if o.cd_target == "exact":
                 self.previous_weights = {name: w.detach().clone() for name, w in self.model.state_dict().items()}

@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass
@@ -15,18 +17,37 @@ class NoOptions:
 class Method:
     """One adversarial-training method. ``step(x, y)`` trains on one minibatch and returns
     python floats for logging; ``state_dict`` holds what must survive a restart (a persistent
-    perturbation, an HMC chain), per rank."""
+    perturbation, an HMC chain), per rank.
+
+    ``model`` may be a DistributedDataParallel wrapper. Only the forward whose output is the
+    training loss goes through it (``self.loss_model``), so that only that backward all-reduces
+    the weight gradients; attacks and trajectory steps use the bare module (``self.model``),
+    whose backwards stay local to the rank."""
 
     Options = NoOptions
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, eps: float, options):
-        self.model, self.optimizer, self.eps, self.options = model, optimizer, eps, options
+        self.loss_model = model
+        self.model = model.module if isinstance(model, DistributedDataParallel) else model
+        self.optimizer, self.eps, self.options = optimizer, eps, options
 
     def update(self, loss: torch.Tensor) -> None:
         """Stage 2 of every method: one optimiser step on ``loss``."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+
+    def average_gradients(self) -> None:
+        """All-reduce (mean) the gradients accumulated on ``self.model``, for a method whose weight
+        gradient is not the backward of one forward through ``loss_model`` (YOPO)."""
+        if self.loss_model is self.model or not dist.is_initialized():
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(averaged)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         raise NotImplementedError

@@ -41,7 +41,7 @@ class FastFGSM(Method):
         delta = uniform_start(x, self.eps)
         grad, _ = input_grad(self.model, x + delta, y)
         delta = project(delta + self.options.alpha_factor * self.eps * grad.sign(), x, self.eps)
-        logits = self.model(x + delta)
+        logits = self.loss_model(x + delta)
         loss = F.cross_entropy(logits, y)
         self.update(loss)
         return {"loss": loss.item(), "train_acc": accuracy(logits, y)}

@@ -46,7 +46,7 @@ class Free(Method):
             if self.pending_grad is not None:
                 delta = project(delta + self.eps * self.pending_grad.sign(), x, self.eps)
             x_adv = (x + delta).requires_grad_(True)
-            logits = self.model(x_adv)
+            logits = self.loss_model(x_adv)
             loss = F.cross_entropy(logits, y)
             self.update(loss)  # the same backward fills x_adv.grad
             self.pending_grad = x_adv.grad.detach()

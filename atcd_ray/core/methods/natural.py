@@ -8,7 +8,7 @@ from .base import Method, accuracy
 
 class Natural(Method):
     def step(self, x, y):
-        logits = self.model(x)
+        logits = self.loss_model(x)
         loss = F.cross_entropy(logits, y)
         self.update(loss)
         return {"loss": loss.item(), "train_acc": accuracy(logits, y)}

@@ -25,7 +25,7 @@ class PGDAT(Method):
     def step(self, x, y):
         alpha = self.options.alpha or self.eps / 4
         x_adv = pgd(self.model, x, y, self.eps, alpha, self.options.steps)
-        logits = self.model(x_adv)
+        logits = self.loss_model(x_adv)
         loss = F.cross_entropy(logits, y)
         self.update(loss)
         return {"loss": loss.item(), "train_acc": accuracy(logits, y)}

@@ -50,8 +50,8 @@ class TRADES(Method):
     def step(self, x, y):
         o = self.options
         x_adv = trades_adversary(self.model, x, self.eps, o.alpha or self.eps / 4, o.steps)
-        logits = self.model(x)
-        robust = kl_to(self.model(x_adv), F.softmax(logits, dim=1)).mean()
+        logits = self.loss_model(x)
+        robust = kl_to(self.loss_model(x_adv), F.softmax(logits, dim=1)).mean()
         loss = F.cross_entropy(logits, y) + o.beta * robust
         self.update(loss)
         return {"loss": loss.item(), "robust_kl": robust.item(), "train_acc": accuracy(logits, y)}

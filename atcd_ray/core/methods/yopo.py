@@ -77,6 +77,7 @@ class YOPO(Method):
             delta = layer_one_ascent(self.model, x, delta, p, self.eps, sigma, o.n)
             # The first layer's weight gradient at the new delta, through the co-state.
             (-(first_layer_output(self.model, x + delta) * p).sum()).backward()
+        self.average_gradients()  # the m + m backwards above ran on the bare module: rank-local
         self.optimizer.step()
         return {"loss": loss.item(), "train_acc": accuracy(logits, y)}
 
@@ -95,8 +96,8 @@ class TRADESYOPO(Method):
             (grad_z1,) = torch.autograd.grad(kl, z1)  # only the co-state: no weight gradients
             delta = layer_one_ascent(self.model, x, delta, -grad_z1, self.eps, sigma, o.n)
         self.model.train()
-        logits = self.model(x)
-        robust = kl_to(self.model(x + delta), F.softmax(logits, dim=1)).mean()
+        logits = self.loss_model(x)
+        robust = kl_to(self.loss_model(x + delta), F.softmax(logits, dim=1)).mean()
         loss = F.cross_entropy(logits, y) + o.beta * robust
         self.update(loss)
         return {"loss": loss.item(), "robust_kl": robust.item(), "train_acc": accuracy(logits, y)}

@@ -1,0 +1,98 @@
+"""Ray Train: the in-process training loop (``trainer.fit``) in N workers of a TorchTrainer.
+
+The only module that imports Ray. Each worker runs ``fit`` with a ``RayGroup``: DDP through
+``ray.train.torch.prepare_model`` (with 2+ workers), its own shard of every split, and a
+checkpoint reported to Ray after every epoch. Rank 0 writes the run directory's files
+(summary.json, metrics.jsonl, last/best.safetensors, tb/); every rank's checkpoint file (its
+persistent perturbation or ATCD chain, its RNG) is merged by Ray into one checkpoint directory.
+
+Ray's run directory is the run directory itself (``storage_path`` = its parent, ``name`` = its
+name), so rerunning the same command resumes from the latest checkpoint, and a worker that
+dies makes Ray restart the group from it (``FailureConfig``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+from .config import Config, config_from_dict
+from .trainer import Group, fit
+
+log = logging.getLogger("atcd_ray")
+
+
+class RayGroup(Group):
+    def __init__(self):
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    def wrap(self, model):
+        # No buffer broadcast at each forward: a method may forward a different number of times
+        # on different ranks (ATCD re-runs the forward after an M-H rejection), and a broadcast
+        # there would deadlock. BatchNorm running statistics are therefore per rank; rank 0's
+        # are the ones checkpointed and evaluated.
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+
+    def restore_dir(self, out: Path) -> Path | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        return Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="atcd-restore-")))
+
+    def report(self, record: dict, checkpoint_file: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="atcd-report-") as staging:
+            shutil.copy2(checkpoint_file, Path(staging) / checkpoint_file.name)
+            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(staging))
+
+
+def _worker(config: dict) -> None:
+    import torch
+
+    from .cli import setup_logging
+
+    setup_logging()
+    torch.set_num_threads(config["threads"])  # the CPUs reserved for this worker, no more
+    fit(config_from_dict(config["cfg"]), config["out"], progress=False,
+        device=ray.train.torch.get_device(), group=RayGroup())
+
+
+def init_ray() -> None:
+    """Join RAY_ADDRESS (``ray job submit`` sets it) or start a local Ray, dashboard on 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(dashboard_host="127.0.0.1", include_dashboard=False, log_to_driver=True)
+
+
+def fit_distributed(cfg: Config, out_dir: str | Path, workers: int, gpu: bool = False,
+                    cpus_per_worker: float = 1, max_failures: int = 3) -> Path:
+    """Train through Ray Train; returns the run directory (holding summary.json)."""
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray()
+    trainer = ray.train.torch.TorchTrainer(
+        _worker,
+        train_loop_config={"cfg": cfg.to_dict(), "out": str(out), "threads": max(1, int(cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+        run_config=RunConfig(
+            name=out.name, storage_path=str(out.parent),
+            failure_config=FailureConfig(max_failures=max_failures),
+            # The best by validation robust accuracy and the latest (Ray always keeps the latest).
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_robust_acc",
+                                               checkpoint_score_order="max")),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return out

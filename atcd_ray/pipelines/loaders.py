@@ -1,0 +1,86 @@
+"""FFCV loaders with the augmentations of the paper's setup, behind the ``Sharded`` interface.
+
+CIFAR-10 training: random crop (4 pixels of padding) and horizontal flip; ImageNet training:
+random-resized-crop decode and flip; ImageNet evaluation: centre crop (224/256). The 28x28
+datasets: none. ``distributed=True`` inside Ray Train workers (each rank its own shard); the
+order is seeded by (seed, epoch), so a resumed run continues the same sequence.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, NDArrayDecoder, RandomResizedCropRGBImageDecoder, \
+    SimpleRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToTensor, ToTorchImage
+
+from ..data import DataError, DatasetSpec, Sharded
+
+
+def image_pipeline(dataset: str, spec: DatasetSpec, train: bool) -> list:
+    size = spec.image_size
+    if dataset == "imagenet":
+        if train:
+            return [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip(), ToTensor(), ToTorchImage()]
+        return [CenterCropRGBImageDecoder((size, size), ratio=224 / 256), ToTensor(), ToTorchImage()]
+    if spec.in_channels == 3:
+        augment = [RandomHorizontalFlip(), RandomTranslate(padding=4, fill=(0, 0, 0))] if train else []
+        return [SimpleRGBImageDecoder(), *augment, ToTensor(), ToTorchImage()]
+    return [NDArrayDecoder(), ToTensor(), ToTorchImage()]
+
+
+class FFCVBatches(Sharded):
+    """Batches of one .beton file (optionally a subset of its indices), float [0, 1] NCHW."""
+
+    def __init__(self, path: str, dataset: str, spec: DatasetSpec, batch_size: int, train: bool, seed: int,
+                 indices=None, workers: int = 4):
+        super().__init__(batch_size, shuffle=train, drop_last=train, seed=seed)
+        self.path, self.dataset, self.spec, self.workers = path, dataset, spec, workers
+        self.indices = np.arange(num_samples(path)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self._loader: Loader | None = None
+
+    def _size(self) -> int:
+        return len(self.indices)
+
+    def shard(self, rank: int, world_size: int) -> None:
+        super().shard(rank, world_size)
+        self._loader = None
+
+    def _make(self) -> Loader:
+        if self._loader is None:
+            # Training shards through FFCV's distributed sampler (seeded, reshuffled per epoch);
+            # evaluation takes every world_size-th example, so that no example counts twice.
+            distributed = self.shuffle and self.world_size > 1
+            indices = self.indices if self.shuffle else self.indices[self.rank::self.world_size]
+            self._loader = Loader(
+                self.path, batch_size=self.local_batch_size, num_workers=self.workers,
+                order=OrderOption.RANDOM if self.shuffle else OrderOption.SEQUENTIAL, drop_last=self.drop_last,
+                distributed=distributed, seed=self.seed, indices=indices,
+                pipelines={"image": image_pipeline(self.dataset, self.spec, self.shuffle),
+                           "label": [IntDecoder(), ToTensor(), Squeeze()]})
+        return self._loader
+
+    def __len__(self) -> int:
+        return len(self._make())
+
+    def __iter__(self):
+        loader = self._make()
+        loader.next_epoch = self.epoch  # the order of (seed, epoch), also after a resume
+        for images, labels in loader:
+            yield images.float().div_(255), labels.long().view(-1)
+
+
+def num_samples(path: str) -> int:
+    from ffcv.reader import Reader
+
+    return int(Reader(path).num_samples)
+
+
+def beton_files(directory: str, dataset: str) -> tuple[Path, Path]:
+    files = Path(directory) / "train.beton", Path(directory) / "val.beton"
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"{f} does not exist: python -m atcd_ray.pipelines.write {dataset} --split {f.stem} --out {f}")
+    return files

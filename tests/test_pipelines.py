@@ -1,0 +1,68 @@
+"""FFCV pipelines: .beton writers and loaders, and the ImageNet path end to end on a generated
+ImageFolder of JPEGs, with and without FFCV. Loader tests have timeouts: an exception inside an
+FFCV loader thread hangs the main loop instead of raising."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from atcd_ray.data import DATASETS, build_splits
+from tests.test_data import make_image_folder
+
+ffcv = pytest.importorskip("ffcv", reason="FFCV is an optional extra (scripts/setup.sh installs it)")
+from atcd_ray.pipelines.loaders import FFCVBatches  # noqa: E402
+from atcd_ray.pipelines.write import main as write_main  # noqa: E402
+
+
+@pytest.mark.timeout(300)
+def test_fashion_mnist_beton_gives_the_same_images_as_the_in_memory_loader(tmp_path):
+    assert write_main(["fashion-mnist", "--split", "val", "--out", str(tmp_path / "val.beton")]) == 0
+    spec = DATASETS["fashion-mnist"]
+    ffcv_test = FFCVBatches(str(tmp_path / "val.beton"), "fashion-mnist", spec, 256, False, 0, list(range(512)), 1)
+    memory_test = build_splits("fashion-mnist", None, 256, 5000, None, 512, 10, 0).test
+    assert len(ffcv_test) == len(memory_test) == 2 and ffcv_test.num_examples == 512
+    for (x, y), (x_ref, y_ref) in zip(ffcv_test, memory_test):
+        assert x.dtype == torch.float32 and x.shape == x_ref.shape == (256, 1, 28, 28)
+        torch.testing.assert_close(x, x_ref, rtol=0, atol=0)
+        assert torch.equal(y, y_ref)
+
+
+@pytest.mark.timeout(600)
+def test_imagenet_folder_written_loaded_and_trained_with_and_without_ffcv(tmp_path):
+    tree, betons = tmp_path / "tree", tmp_path / "betons"
+    make_image_folder(tree, classes=3, per_class=6, size=72)
+    for split in ["train", "val"]:
+        assert write_main(["imagenet", "--data-dir", str(tree), "--split", split, "--out",
+                           str(betons / f"{split}.beton"), "--max-resolution", "64", "--jpeg-quality", "90"]) == 0
+    spec = DATASETS["imagenet"]
+    train = FFCVBatches(str(betons / "train.beton"), "imagenet", spec, 4, True, 0, None, 1)
+    train.set_epoch(2)
+    first = [y.tolist() for _, y in train]
+    train.set_epoch(2)
+    assert [y.tolist() for _, y in train] == first  # the order is a function of (seed, epoch)
+    x, y = next(iter(train))
+    assert x.shape == (4, 3, 224, 224) and 0 <= x.min() and x.max() <= 1 and y.max() < 3
+    val = FFCVBatches(str(betons / "val.beton"), "imagenet", spec, 4, False, 0, None, 1)
+    assert val.num_examples == 18 and sum(len(y) for _, y in val) == 18
+
+    for extra in ([], ["--set", f"data.ffcv_dir={betons}"]):
+        out = tmp_path / ("ffcv" if extra else "torchvision")
+        proc = subprocess.run(
+            [sys.executable, "-m", "atcd_ray.train", "imagenet", "--data-dir", str(tree), "--workers", "0",
+             "--method", "atcd", "--epochs", "1", "--subset", "4", "--eval-n", "3", "--out", str(out), "--quiet",
+             "--set", "data.batch_size=4", "--set", "data.val_size=3", "--set", "train.val_n=2",
+             "--set", "data.loader_workers=1", "--set", "eval.attacks=[fgsm]", "--set", "train.val_attack=fgsm",
+             *extra], capture_output=True, text=True, timeout=500)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["epochs"] == 1 and summary["eval_n"] == 3 and summary["model"] == "resnet50"
+        assert json.loads((out / "metrics.jsonl").read_text())["train_loss"] > 0
+
+
+def test_writer_rejects_a_dataset_without_a_writer(capsys):
+    from atcd_ray.cli import run_main
+
+    assert run_main(write_main, ["digits", "--split", "train", "--out", "x.beton"]) == 2
+    assert "no FFCV writer" in capsys.readouterr().err

@@ -85,14 +85,15 @@ class ATCD(Method):
             # Stage 2: the update's forward at the proposal also gives H_new for the M-H test.
             x_adv = (x + delta).requires_grad_(o.reuse_grad)
             logits = self.loss_model(x_adv)
+            leaves = [x_adv]  # the inputs the update's backward differentiates (see _reforward)
             if o.mh and u0 is not None:
                 u1 = -cd_potential(logits.detach(), y, self._p_prev(x + delta, p_prev), o.lam, o.rho)
                 accept = mh_accept(u0 + kinetic(v0, self.eps, o.kappa), u1 + kinetic(v, self.eps, o.kappa), o.tau)
                 accepted, decided = accepted + accept.sum().item(), decided + accept.numel()
                 if not accept.all():  # rejected examples revert to the chain state before this replay
                     delta, v = select_examples(accept, delta, delta0), select_examples(accept, v, v0)
-                    x_adv = (x + delta).requires_grad_(o.reuse_grad)
-                    logits = self.loss_model(x_adv)
+                    x_adv, logits = self._reforward(x + delta, accept, logits)
+                    leaves.append(x_adv)
             loss = F.cross_entropy(logits, y)
             if o.cd_target == "exact":
                 self.previous_weights = {name: w.detach().clone() for name, w in self.model.state_dict().items()}
@@ -101,13 +102,32 @@ class ATCD(Method):
             logs.append((loss.item(), accuracy(logits, y)))
             if o.reuse_grad:
                 # At the old weights and this theta, p = p_prev, so grad J_cd = (lam - rho) * grad CE.
-                self.pending_grad = (o.lam - o.rho) * x_adv.grad.detach()
+                # Rows re-run apart get their gradient on the second leaf and zero on the first.
+                self.pending_grad = (o.lam - o.rho) * sum(t.grad for t in leaves if t.grad is not None)
                 self.pending_potential = -cd_potential(logits.detach(), y, p_prev, o.lam, o.rho)
         self._keep(delta, v)
         stats = {"loss": sum(l for l, _ in logs) / len(logs), "train_acc": logs[-1][1]}
         if decided:
             stats["mh_accept_rate"] = accepted / decided
         return stats
+
+    def _reforward(self, theta, accept, logits):
+        """A new input leaf at the positions after the M-H test, and the logits there. Without
+        BatchNorm the rows of a forward are independent, so only the rejected rows are run again
+        and spliced in (re-running the whole minibatch cost ATCD a sixth of its step,
+        docs/PERFORMANCE.md); BatchNorm couples the rows, so then the whole minibatch is re-run."""
+        x_adv = theta.detach().requires_grad_(self.options.reuse_grad)
+        if self._has_batchnorm():
+            return x_adv, self.loss_model(x_adv)
+        rejected = ~accept
+        logits = logits.clone()
+        logits[rejected] = self.loss_model(x_adv[rejected])
+        return x_adv, logits
+
+    def _has_batchnorm(self) -> bool:
+        if not hasattr(self, "_batchnorm"):
+            self._batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        return self._batchnorm
 
     def _start(self, x):
         """The chain state for this minibatch: carried over (projected onto x's ball), or fresh."""

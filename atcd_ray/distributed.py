@@ -71,7 +71,7 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(dashboard_host="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def fit_distributed(cfg: Config, out_dir: str | Path, workers: int, gpu: bool = False,

@@ -79,11 +79,11 @@ def test_mnist_offline_error_names_the_fix(tmp_path, monkeypatch):
         build_splits("mnist", str(tmp_path), 64, 10, None, None, None, 0)
 
 
-def test_cifar10_through_torchvision(tmp_path, monkeypatch):
-    """Generated batches in CIFAR-10's python layout, read by torchvision (its md5 check bypassed)."""
+def make_cifar10(directory: Path, monkeypatch) -> None:
+    """Generated batches in CIFAR-10's python layout (20 images each), torchvision's md5 check bypassed."""
     import torchvision
 
-    root = tmp_path / "cifar-10-batches-py"
+    root = directory / "cifar-10-batches-py"
     root.mkdir()
     rng = np.random.default_rng(0)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -92,6 +92,11 @@ def test_cifar10_through_torchvision(tmp_path, monkeypatch):
         (root / name).write_bytes(pickle.dumps(batch))
     (root / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in range(10)]}))
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+
+
+def test_cifar10_through_torchvision(tmp_path, monkeypatch):
+    """Generated batches in CIFAR-10's python layout, read by torchvision (its md5 check bypassed)."""
+    make_cifar10(tmp_path, monkeypatch)
     splits = build_splits("cifar10", str(tmp_path), 16, 10, None, None, None, seed=0)
     assert len(splits.train.labels) == 90 and len(splits.test.labels) == 20
     x, _ = next(iter(splits.train))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from atcd_ray.data import DATASETS, build_splits
-from tests.test_data import make_image_folder
+from tests.test_data import make_cifar10, make_image_folder
 
 ffcv = pytest.importorskip("ffcv", reason="FFCV is an optional extra (scripts/setup.sh installs it)")
 from atcd_ray.pipelines.loaders import FFCVBatches  # noqa: E402
@@ -27,6 +27,27 @@ def test_fashion_mnist_beton_gives_the_same_images_as_the_in_memory_loader(tmp_p
         assert x.dtype == torch.float32 and x.shape == x_ref.shape == (256, 1, 28, 28)
         torch.testing.assert_close(x, x_ref, rtol=0, atol=0)
         assert torch.equal(y, y_ref)
+
+
+@pytest.mark.timeout(300)
+def test_cifar10_beton_test_split_is_exact_and_training_is_augmented(tmp_path, monkeypatch):
+    make_cifar10(tmp_path, monkeypatch)
+    for split in ["train", "val"]:
+        assert write_main(["cifar10", "--data-dir", str(tmp_path), "--split", split, "--out",
+                           str(tmp_path / f"{split}.beton")]) == 0
+    memory = build_splits("cifar10", str(tmp_path), 10, 10, None, None, None, 0)
+    ffcv_splits = build_splits("cifar10", str(tmp_path), 10, 10, None, None, None, 0, 1, str(tmp_path))
+    for (x, y), (x_ref, y_ref) in zip(ffcv_splits.test, memory.test):  # no augmentation: the same pixels
+        torch.testing.assert_close(x, x_ref, rtol=0, atol=0)
+        assert torch.equal(y, y_ref)
+    assert ffcv_splits.train.num_examples == memory.train.num_examples == 90
+    seen = torch.cat([y for _, y in ffcv_splits.train])
+    assert sorted(seen.tolist()) == sorted(memory.train.labels.tolist())  # every training example once
+    x, _ = next(iter(ffcv_splits.train))
+    assert x.shape == (10, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    # Random crop (padding 4, zero fill) and flip: some training image differs from every stored one.
+    stored = memory.train.images.float() / 255
+    assert any(not any(torch.equal(image, s) for s in stored) for image in x)
 
 
 @pytest.mark.timeout(600)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.decoders import CenterCropRGBImageDecoder, NDArrayDecoder, RandomResizedCropRGBImageDecoder, \
     SimpleRGBImageDecoder
@@ -69,7 +70,8 @@ class FFCVBatches(Sharded):
         loader = self._make()
         loader.next_epoch = self.epoch  # the order of (seed, epoch), also after a resume
         for images, labels in loader:
-            yield images.float().div_(255), labels.long().view(-1)
+            # FFCV reuses its output buffers for later batches: hand out copies, never views.
+            yield images.float().div_(255), labels.view(-1).to(torch.long, copy=True)
 
 
 def num_samples(path: str) -> int:

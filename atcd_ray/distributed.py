@@ -33,6 +33,7 @@ class RayGroup(Group):
     def __init__(self):
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.restored: Path | None = None  # a local copy of Ray's checkpoint, removed after the run
 
     def wrap(self, model):
         # No buffer broadcast at each forward: a method may forward a different number of times
@@ -45,7 +46,8 @@ class RayGroup(Group):
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        return Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="atcd-restore-")))
+        self.restored = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="atcd-restore-")))
+        return self.restored
 
     def report(self, record: dict, checkpoint_file: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="atcd-report-") as staging:
@@ -60,8 +62,13 @@ def _worker(config: dict) -> None:
 
     setup_logging()
     torch.set_num_threads(config["threads"])  # the CPUs reserved for this worker, no more
-    fit(config_from_dict(config["cfg"]), config["out"], progress=False,
-        device=ray.train.torch.get_device(), group=RayGroup())
+    group = RayGroup()
+    try:
+        fit(config_from_dict(config["cfg"]), config["out"], progress=False,
+            device=ray.train.torch.get_device(), group=group)
+    finally:
+        if group.restored is not None:
+            shutil.rmtree(group.restored, ignore_errors=True)
 
 
 def init_ray() -> None:

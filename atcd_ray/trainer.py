@@ -118,7 +118,8 @@ def _resume(directory: Path | None, cfg: Config, model, optimizer, method, rank:
         raise RuntimeError(f"{ckpt.path} was written by another config; use a fresh --out directory")
     model.load_state_dict(ckpt.model_state())
     optimizer.load_state_dict(ckpt.optimizer_state())
-    own = ckpt if rank == 0 else Checkpoint(directory / _rank_file(rank)) if (directory / _rank_file(rank)).exists() else None
+    own_path = directory / _rank_file(rank)
+    own = ckpt if rank == 0 else Checkpoint(own_path) if own_path.exists() else None
     if own is not None:  # per-rank state: a persistent perturbation, an ATCD chain, the RNG
         method.load_state_dict(own.method_state())
         if "rng.cpu" in own.tensors:

@@ -12,7 +12,6 @@ dies makes Ray restart the group from it (``FailureConfig``).
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -25,8 +24,6 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from .config import Config, config_from_dict
 from .trainer import Group, fit
-
-log = logging.getLogger("atcd_ray")
 
 
 class RayGroup(Group):

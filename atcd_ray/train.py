@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         from .data.sources import check_available
         from .distributed import fit_distributed
 
-        check_available(cfg.dataset, cfg.data.dir)
+        check_available(cfg.dataset, cfg.data.dir, cfg.data.ffcv_dir)
 
         fit_distributed(cfg, out, args.workers, args.gpu, args.cpus_per_worker, args.max_failures)
         summary = json.loads((out / "summary.json").read_text())

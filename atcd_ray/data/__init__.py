@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from .sources import IN_MEMORY, DataError, imagenet_folder
+from .sources import IN_MEMORY, DataError, beton_files, imagenet_folder
 
 __all__ = ["DATASETS", "DatasetSpec", "DataError", "Sharded", "Splits", "TensorBatches", "build_splits"]
 
@@ -168,7 +168,7 @@ def build_splits(dataset: str, data_dir: str | None, batch_size: int, val_size: 
     spec = DATASETS[dataset]
     if ffcv_dir is not None:
         try:
-            from ..pipelines.loaders import FFCVBatches, beton_files, num_samples
+            from ..pipelines.loaders import FFCVBatches, num_samples
         except ImportError as err:
             logging.getLogger("atcd_ray").warning(
                 "data.ffcv_dir is set but FFCV is not importable (%s): using the torchvision loaders", err)

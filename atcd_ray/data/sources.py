@@ -116,8 +116,19 @@ def imagenet_folder(data_dir: str | None, train: bool):
     return torchvision.datasets.ImageFolder(str(split))
 
 
-def check_available(dataset: str, data_dir: str | None) -> None:
+def beton_files(directory: str, dataset: str) -> tuple[Path, Path]:
+    """DIR/train.beton and DIR/val.beton, or a DataError with the command that writes them."""
+    files = Path(directory) / "train.beton", Path(directory) / "val.beton"
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"{f} does not exist: python -m atcd_ray.pipelines.write {dataset} --split {f.stem} --out {f}")
+    return files
+
+
+def check_available(dataset: str, data_dir: str | None, ffcv_dir: str | None = None) -> None:
     """Raise DataError now if the dataset is missing, before workers are started to read it."""
+    if ffcv_dir is not None:
+        beton_files(ffcv_dir, dataset)
     if dataset == "imagenet":
         imagenet_folder(data_dir, train=True)
         imagenet_folder(data_dir, train=False)

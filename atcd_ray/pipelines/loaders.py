@@ -7,8 +7,6 @@ order is seeded by (seed, epoch), so a resumed run continues the same sequence.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
@@ -17,7 +15,7 @@ from ffcv.fields.decoders import CenterCropRGBImageDecoder, NDArrayDecoder, Rand
 from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToTensor, ToTorchImage
 
-from ..data import DataError, DatasetSpec, Sharded
+from ..data import DatasetSpec, Sharded
 
 
 def image_pipeline(dataset: str, spec: DatasetSpec, train: bool) -> list:
@@ -78,11 +76,3 @@ def num_samples(path: str) -> int:
     from ffcv.reader import Reader
 
     return int(Reader(path).num_samples)
-
-
-def beton_files(directory: str, dataset: str) -> tuple[Path, Path]:
-    files = Path(directory) / "train.beton", Path(directory) / "val.beton"
-    for f in files:
-        if not f.is_file():
-            raise DataError(f"{f} does not exist: python -m atcd_ray.pipelines.write {dataset} --split {f.stem} --out {f}")
-    return files

@@ -25,6 +25,6 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [row.get(c, "") for c in columns]
+        cells = ["" if row.get(c) is None else row[c] for c in columns]
         lines.append("| " + " | ".join(f"{c:.2%}" if isinstance(c, float) and c <= 1 else str(c) for c in cells) + " |")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Ray Train: the in-process training loop (``trainer.fit``) in N workers of a TorchTrainer.
 
-The only module that imports Ray. Each worker runs ``fit`` with a ``RayGroup``: DDP through
+With ``tune.py`` (the sweep driver), the only module that imports Ray. Each worker runs ``fit`` with a ``RayGroup``: DDP through
 ``ray.train.torch.prepare_model`` (with 2+ workers), its own shard of every split, and a
 checkpoint reported to Ray after every epoch. Rank 0 writes the run directory's files
 (summary.json, metrics.jsonl, last/best.safetensors, tb/); every rank's checkpoint file (its
@@ -79,8 +79,9 @@ def init_ray() -> None:
 
 
 def fit_distributed(cfg: Config, out_dir: str | Path, workers: int, gpu: bool = False,
-                    cpus_per_worker: float = 1, max_failures: int = 3) -> Path:
-    """Train through Ray Train; returns the run directory (holding summary.json)."""
+                    cpus_per_worker: float = 1, max_failures: int = 3, callbacks: list | None = None) -> Path:
+    """Train through Ray Train; returns the run directory (holding summary.json). ``callbacks``:
+    Ray Train callbacks, e.g. the one that forwards reports to a Tune trial."""
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     init_ray()
@@ -90,7 +91,7 @@ def fit_distributed(cfg: Config, out_dir: str | Path, workers: int, gpu: bool = 
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}),
         run_config=RunConfig(
-            name=out.name, storage_path=str(out.parent),
+            name=out.name, storage_path=str(out.parent), callbacks=callbacks,
             failure_config=FailureConfig(max_failures=max_failures),
             # The best by validation robust accuracy and the latest (Ray always keeps the latest).
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_robust_acc",

@@ -1,0 +1,150 @@
+"""Sweeps: space files are validated before Ray starts; a real sweep writes its table and
+TensorBoard; a sweep interrupted with Ctrl-C resumes with --resume and reruns nothing finished."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from atcd_ray.config import ConfigError
+from atcd_ray.tune import Sizing, bundle_label, load_study, param_space
+
+from .test_distributed import _env
+
+ROOT = Path(__file__).resolve().parent.parent
+SPACES = sorted((ROOT / "tune_spaces").glob("*.yaml"))
+
+
+def _space(tmp_path, **tree):
+    tree = {"study": "s", "dataset": "digits", "params": {"methods.atcd.lam": {"grid": [1, 2]}}, **tree}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def test_every_shipped_space_loads_and_covers_the_papers_studies():
+    assert len(SPACES) >= 5
+    studies = {load_study(p).study: load_study(p) for p in SPACES}
+    lam = studies["lambda-rho"].params["methods.atcd.lam"]["grid"]
+    assert min(lam) == 1 / 32 and max(lam) == 32 and studies["lambda-rho"].fixed["methods.atcd.rho"] == 1
+    txk = studies["txk"]
+    for label, overrides in txk.bundles("T, K").items():
+        if "methods.atcd.T" in overrides:  # Table 5: a fixed budget T K = 8
+            assert overrides["methods.atcd.T"] * overrides["methods.atcd.K"] == 8
+    assert list(txk.bundles("T, K"))[-1] == "method=free, replays=8"
+    assert studies["trajectory-length"].params["methods.atcd.K"]["grid"] == list(range(1, 9))
+    assert studies["imagenet-resnet50"].dataset == "imagenet"
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({"budget": 3}, "budget: unknown key"),
+    ({"params": {"methods.atcd.lamda": {"grid": [1]}}}, "params.methods.atcd.lamda"),
+    ({"params": {"methods.atcd.lam": {"grid": []}}}, "params.methods.atcd.lam.grid: empty"),
+    ({"params": {"methods.atcd.lam": {"uniform": [2, 1]}}}, "low < high"),
+    ({"params": {"methods.atcd.lam": {"loguniform": [0, 1]}}}, "low must be > 0"),
+    ({"params": {"methods.atcd.T": {"grid": [0, 2]}}}, "T must be >= 1"),
+    ({"params": {"methods.atcd.T": {"randint": [1.5, 4]}}}, "integers"),
+    ({"params": {"methods.atcd.lam": {"grid": [1], "choice": [2]}}}, "exactly one of"),
+    ({"params": {}}, "at least one"),
+    ({"metric": "test_acc"}, "metric:"),
+    ({"search": "optuna"}, "cannot run a grid"),
+    ({"fixed": {"train.method": "pgdd"}}, "fixed: train: method must be one of"),
+])
+def test_a_bad_space_is_one_clear_error(tmp_path, tree, message):
+    with pytest.raises(ConfigError, match=message):
+        load_study(_space(tmp_path, **tree))
+
+
+def test_a_bad_space_fails_on_the_command_line_before_ray_starts(tmp_path):
+    space = _space(tmp_path, params={"methods.atcd.lam": {"grid": []}})
+    proc = subprocess.run([sys.executable, "-m", "atcd_ray.tune", str(space)], capture_output=True, text=True,
+                          env=_env(), timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: params.methods.atcd.lam.grid: empty; give a non-empty list"]
+
+
+def test_bundles_move_several_keys_together_and_override_fixed_ones(tmp_path):
+    study = load_study(_space(tmp_path, fixed={"train.method": "atcd"}, params={"T, K": {"grid": [
+        {"methods.atcd.T": 2, "methods.atcd.K": 4}, {"train.method": "free", "methods.free.replays": 8}]}}))
+    assert param_space(study) == {"T, K": {"grid_search": ["T=2, K=4", "method=free, replays=8"]}}
+    assert study.trial_overrides({"T, K": "method=free, replays=8"}) == [
+        ("train.method", "atcd"), ("train.method", "free"), ("methods.free.replays", 8)]
+    assert bundle_label({"methods.atcd.T": 2}) == "T=2"
+
+
+def test_concurrent_trials_fill_the_cluster_without_oversubscribing():
+    assert Sizing([], workers=1, cpus_per_worker=1).concurrent_trials(cpus=2, gpus=0) == 2
+    assert Sizing([], workers=2, cpus_per_worker=2).concurrent_trials(cpus=16, gpus=0) == 4
+    assert Sizing([], workers=2, gpu=True, cpus_per_worker=4).concurrent_trials(cpus=64, gpus=4) == 2
+    with pytest.raises(ConfigError, match="one trial needs 4 workers"):
+        Sizing([], workers=4, cpus_per_worker=1).concurrent_trials(cpus=2, gpus=0)
+
+
+def _sweep_cmd(space, out, *extra):
+    return [sys.executable, "-m", "atcd_ray.tune", str(space), "--epochs", "2", "--subset", "256", "--eval-n", "100",
+            "--out", str(out), "--set", "train.val_n=100", "--set", "eval.attacks=[pgd10]",
+            "--set", "data.batch_size=32", *extra]
+
+
+@pytest.mark.timeout(900)
+def test_a_sweep_writes_its_table_and_tensorboard(tmp_path):
+    space = _space(tmp_path, fixed={"train.method": "atcd"}, scheduler={"name": "fifo"},
+                   metric={"val_robust_acc": 1.0, "val_clean_acc": 0.5})
+    out = tmp_path / "sweep"
+    proc = subprocess.run(_sweep_cmd(space, out), capture_output=True, text=True, env=_env(), timeout=800)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert sorted(r["methods.atcd.lam"] for r in rows) == [1, 2] and {r["status"] for r in rows} == {"completed"}
+    for row in rows:
+        run = out / "runs" / row["trial_id"]
+        last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        summary = json.loads((run / "summary.json").read_text())
+        assert row["epochs"] == last["epoch"] == 2
+        assert row["objective"] == pytest.approx(last["val_robust_acc"] + 0.5 * last["val_clean_acc"])
+        assert row["test_pgd10_acc"] == summary["robust_acc"]["pgd10"] <= row["test_clean_acc"]
+        assert summary["config"]["methods"]["atcd"]["lam"] == row["methods.atcd.lam"]
+        assert list((run / "tb").glob("events.out.tfevents.*"))  # TensorBoard per trial
+    assert rows[0]["objective"] >= rows[1]["objective"]  # best first
+    assert (out / "results.csv").read_text().splitlines()[0].startswith('"trial_id","methods.atcd.lam"')
+    rerun = subprocess.run(_sweep_cmd(space, out), capture_output=True, text=True, env=_env(), timeout=120)
+    assert rerun.returncode == 2 and "pass --resume" in rerun.stderr
+
+
+@pytest.mark.timeout(900)
+def test_an_interrupted_sweep_resumes_and_reruns_nothing_finished(tmp_path):
+    space = _space(tmp_path, fixed={"train.method": "atcd"}, scheduler={"name": "fifo"},
+                   params={"methods.atcd.lam": {"grid": [0.5, 1, 2]}})
+    out = tmp_path / "sweep"
+    # Two CPUs per worker: one trial at a time on this 2-core machine, so the order is known.
+    proc = subprocess.Popen(_sweep_cmd(space, out, "--cpus-per-worker", "2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_env())
+    try:
+        deadline = time.time() + 600
+        while not list(out.glob("runs/*/summary.json")):
+            assert proc.poll() is None and time.time() < deadline, "the sweep ended before its first trial"
+            time.sleep(0.5)
+        time.sleep(3)  # let Tune record the finished trial and start the next
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = next(out.glob("runs/*/summary.json"))
+    first_mtime = first.stat().st_mtime
+    assert len(list(out.glob("runs/*/summary.json"))) < 3  # interrupted before the end
+
+    resumed = subprocess.run(_sweep_cmd(space, out, "--cpus-per-worker", "2", "--resume"), capture_output=True,
+                             text=True, env=_env(), timeout=800)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert sorted(r["methods.atcd.lam"] for r in rows) == [0.5, 1, 2] and {r["status"] for r in rows} == {"completed"}
+    assert first.stat().st_mtime == first_mtime  # the finished trial was not run again
+    for row in rows:
+        epochs = [json.loads(line)["epoch"] for line in (out / "runs" / row["trial_id"] / "metrics.jsonl")
+                  .read_text().splitlines()]
+        assert epochs == [1, 2]

@@ -213,22 +213,24 @@ def param_space(study: Study) -> dict:
 
 
 def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None = None, resume: bool = False,
-              trial_failures: int = 1):
-    """Run (or resume) the sweep into ``out``; returns Tune's ResultGrid."""
+              max_concurrent: int | None = None, trial_failures: int = 1):
+    """Run (or resume) the sweep into ``out``; returns Tune's ResultGrid. ``max_concurrent``:
+    default, as many trials as the cluster's resources hold now (give it for an autoscaler)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .distributed import init_ray
 
     out = out.resolve()
-    if resume != tune.Tuner.can_restore(str(out)):
-        raise ConfigError(f"{out}: no sweep to resume there" if resume else
-                          f"{out} holds a sweep already: pass --resume to continue it, or another --out")
+    existing = tune.Tuner.can_restore(str(out))
+    if existing and not resume:
+        raise ConfigError(f"{out} holds a sweep already: pass --resume to continue it, or another --out")
+    resume = resume and existing  # --resume on a fresh directory starts the sweep (a retried job)
     init_ray()
     import ray
 
     resources = ray.cluster_resources()
-    concurrent = sizing.concurrent_trials(resources.get("CPU", 0), resources.get("GPU", 0))
+    concurrent = max_concurrent or sizing.concurrent_trials(resources.get("CPU", 0), resources.get("GPU", 0))
     trainable = tune.with_parameters(_trial, study=study, sizing=sizing, sweep_dir=str(out))
     # The trial function only waits on its TorchTrainer, whose workers reserve the CPUs and GPUs.
     # Tune refuses an empty request, so the function reserves a token 1 MiB of memory, no CPU.
@@ -316,7 +318,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per Ray Train worker")
     p.add_argument("--max-failures", type=int, default=2, help="restarts of a trial's workers, from its checkpoint")
     p.add_argument("--out", help="sweep directory (default: runs/sweeps/<study>)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --out")
+    p.add_argument("--max-concurrent", type=int,
+                   help="trials at a time (default: as many as the cluster's CPUs/GPUs hold now)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted sweep in --out (start it if there is none)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key in every trial (repeatable)")
     return p
@@ -324,8 +329,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.workers < 1 or args.cpus_per_worker <= 0 or args.max_failures < 0 or (args.num_samples or 1) < 1:
-        raise ConfigError("--workers and --num-samples must be >= 1, --cpus-per-worker > 0, --max-failures >= 0")
+    if args.workers < 1 or args.cpus_per_worker <= 0 or args.max_failures < 0 or \
+            (args.num_samples or 1) < 1 or (args.max_concurrent or 1) < 1:
+        raise ConfigError("--workers, --num-samples and --max-concurrent must be >= 1, --cpus-per-worker > 0, "
+                          "--max-failures >= 0")
     flags = {"train.epochs": args.epochs, "data.subset": args.subset, "eval.n": args.eval_n}
     overrides = [(k, v) for k, v in flags.items() if v is not None] + [parse_override(s) for s in args.set]
     study = load_study(args.space, overrides)
@@ -336,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"runs/sweeps/{study.study}")
     setup_logging()
     sizing = Sizing(overrides, args.workers, args.gpu, args.cpus_per_worker, args.max_failures)
-    grid = run_sweep(study, sizing, out, args.num_samples, args.resume)
+    grid = run_sweep(study, sizing, out, args.num_samples, args.resume, args.max_concurrent)
     rows = results_table(grid, study, out.resolve())
     shown = ["trial_id", *study.params, "status", "epochs", OBJECTIVE, "val_clean_acc", "val_robust_acc",
              *[c for c in rows[0] if c.startswith("test_")]] if rows else []

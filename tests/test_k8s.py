@@ -1,0 +1,151 @@
+"""k8s/ manifests: RayCluster and RayJobs against the KubeRay v1.7.0 CRD schemas (unknown fields
+rejected wherever a schema lists its properties), pod templates and volumes against Kubernetes'
+own schemas (kubernetes-validate), and entrypoints that name modules, files and flags that exist.
+
+The CRDs are read from ../shared/kuberay-crds/v1.7.0, or from $KUBERAY_CRDS_DIR."""
+import copy
+import functools
+import importlib
+import importlib.util
+import os
+import shlex
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CRDS = Path(os.environ.get("KUBERAY_CRDS_DIR", ROOT.parent / "shared" / "kuberay-crds" / "v1.7.0"))
+IMAGE_ROOT = "/home/ray/atcd_ray/"  # where the Dockerfile puts the project
+K8S_VERSION = "1.32.0"
+DOCUMENTS = [(path.name, i, doc) for path in sorted((ROOT / "k8s").glob("*.yaml"))
+             for i, doc in enumerate(yaml.safe_load_all(path.read_text())) if doc]
+RAY_DOCUMENTS = [(name, doc) for name, _, doc in DOCUMENTS if doc["apiVersion"] == "ray.io/v1"]
+
+
+def _closed(schema):
+    """The OpenAPI schema as JSON Schema that rejects properties it does not list."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    if schema.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    return out
+
+
+@functools.lru_cache
+def _schema(kind):
+    assert CRDS.is_dir(), f"KubeRay CRDs not found at {CRDS}: set KUBERAY_CRDS_DIR"
+    for path in CRDS.glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        if crd["spec"]["names"]["kind"] == kind:
+            (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+            return _closed(version["schema"]["openAPIV3Schema"])
+    raise AssertionError(f"no CRD for {kind} in {CRDS}")
+
+
+def _validate(doc):
+    jsonschema.Draft7Validator(_schema(doc["kind"])).validate(doc)
+
+
+def _cluster_specs(doc):
+    return [doc["spec"]] if doc["kind"] == "RayCluster" else [doc["spec"]["rayClusterSpec"]]
+
+
+def _pod_templates(doc):
+    for spec in _cluster_specs(doc):
+        yield "head", spec["headGroupSpec"]["template"]
+        for group in spec["workerGroupSpecs"]:
+            yield group["groupName"], group["template"]
+
+
+def test_the_manifests_are_there():
+    kinds = sorted(doc["kind"] for _, doc in RAY_DOCUMENTS)
+    assert kinds == ["RayCluster", "RayJob", "RayJob"]
+    assert (ROOT / "Dockerfile").is_file()
+
+
+@pytest.mark.parametrize("name, doc", RAY_DOCUMENTS, ids=[n for n, _ in RAY_DOCUMENTS])
+def test_ray_manifests_match_the_kuberay_schema(name, doc):
+    _validate(doc)
+
+
+def test_the_schema_check_rejects_unknown_and_mistyped_fields():
+    cluster = next(doc for _, doc in RAY_DOCUMENTS if doc["kind"] == "RayCluster")
+    typo = copy.deepcopy(cluster)
+    typo["spec"]["headGroupSpec"]["rayStartParam"] = typo["spec"]["headGroupSpec"].pop("rayStartParams")
+    with pytest.raises(jsonschema.ValidationError, match="rayStartParam"):
+        _validate(typo)
+    deep = copy.deepcopy(cluster)
+    deep["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["volumeMount"] = []
+    with pytest.raises(jsonschema.ValidationError, match="volumeMount"):
+        _validate(deep)
+    mistyped = copy.deepcopy(cluster)
+    mistyped["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "eight"
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(mistyped)
+
+
+@pytest.mark.parametrize("name, doc", RAY_DOCUMENTS, ids=[n for n, _ in RAY_DOCUMENTS])
+def test_pods_are_valid_gpu_ready_and_non_root(name, doc):
+    groups = dict(_pod_templates(doc))
+    assert set(groups) == {"head", "gpu"}
+    for group, template in groups.items():
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{group}-pod"}, "spec": template["spec"]}
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        spec = template["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] != 0
+        (container,) = spec["containers"]
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert mounts["/runs"]["name"] in volumes and mounts["/data"]["readOnly"]
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in volumes.values() if "persistentVolumeClaim" in v}
+        assert claims == {"atcd-datasets", "atcd-runs"}
+        if group == "gpu":
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"]
+            shm = volumes[mounts["/dev/shm"]["name"]]
+            assert shm["emptyDir"]["medium"] == "Memory"
+
+
+def test_storage_claims_are_valid_and_shared():
+    claims = [doc for name, _, doc in DOCUMENTS if doc["kind"] == "PersistentVolumeClaim"]
+    assert {c["metadata"]["name"] for c in claims} == {"atcd-datasets", "atcd-runs"}
+    for claim in claims:
+        kubernetes_validate.validate(claim, K8S_VERSION, strict=True)
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every pod mounts them
+
+
+@pytest.mark.parametrize("name, doc", [(n, d) for n, d in RAY_DOCUMENTS if d["kind"] == "RayJob"],
+                         ids=[n for n, d in RAY_DOCUMENTS if d["kind"] == "RayJob"])
+def test_job_entrypoints_run_modules_and_flags_that_exist(name, doc):
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "-m"]
+    module = argv[2]
+    assert importlib.util.find_spec(module) is not None, module
+    args = [a.replace(IMAGE_ROOT, f"{ROOT}/") for a in argv[3:]]
+    cli = importlib.import_module(module)
+    parsed = cli.parser().parse_args(args)  # every flag exists (argparse exits otherwise)
+    overrides = [tuple(s.split("=", 1)) for s in parsed.set]
+    if module == "atcd_ray.train":
+        from atcd_ray.config import load_config
+
+        cfg = load_config(parsed.dataset, None, overrides)
+        assert cfg.data.batch_size % parsed.workers == 0 and parsed.gpu
+    else:
+        from atcd_ray.tune import load_study
+
+        study = load_study(parsed.space, overrides)  # the space file exists and is valid
+        assert study.dataset == "imagenet" and parsed.gpu and parsed.resume
+    groups = _cluster_specs(doc)[0]["workerGroupSpecs"]
+    gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["replicas"]
+               for g in groups)
+    assert gpus >= parsed.workers * (getattr(parsed, "max_concurrent", None) or 1)  # the job fits its cluster

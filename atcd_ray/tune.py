@@ -33,6 +33,7 @@ log = logging.getLogger("atcd_ray.tune")
 # What a trial reports each epoch that a study may score trials by (trainer.fit's record).
 REPORTED = ("val_robust_acc", "val_clean_acc", "train_images_per_second", "train_loss", "train_seconds")
 OBJECTIVE = "objective"
+REPEAT = "repeat"
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 STUDY_KEYS = ("study", "dataset", "recipe", "fixed", "params", "metric", "mode", "search", "scheduler",
               "num_samples")
@@ -64,6 +65,8 @@ class Study:
         """``fixed``, then each param's sampled value (a bundle's label expands to its overrides)."""
         overrides = list(self.fixed.items())
         for name, value in trial_config.items():
+            if name == REPEAT:
+                continue
             bundles = self.bundles(name)
             overrides += list(bundles[value].items()) if bundles else [(name, value)]
         return overrides
@@ -120,6 +123,8 @@ def _check(study: Study, extra: list[tuple[str, Any]]) -> None:
             raise ConfigError(f"{where}: {err}") from None
 
     try_config([], "fixed")
+    if REPEAT in study.params:
+        raise ConfigError(f"params.{REPEAT}: reserved for the repeats of a grid (num_samples)")
     for name, spec in study.params.items():
         where = f"params.{name}"
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
@@ -142,18 +147,21 @@ def _check(study: Study, extra: list[tuple[str, Any]]) -> None:
             raise ConfigError(f"{where}.randint: bounds must be integers, got {values}")
         for value in values:
             try_config([(name, value)], where)
-    if study.search == "optuna" and any(next(iter(s)) == "grid" for s in study.params.values()):
+    if study.search == "optuna" and _has_grid(study):
         raise ConfigError("search: optuna samples; it cannot run a grid (use choice, or search: basic)")
+
+
+def _has_grid(study: Study) -> bool:
+    return any(next(iter(s)) == "grid" for s in study.params.values())
 
 
 def uses_optuna(study: Study) -> bool:
     sampled = any(next(iter(s)) != "grid" for s in study.params.values())
-    has_grid = any(next(iter(s)) == "grid" for s in study.params.values())
     if study.search == "optuna":
         if importlib.util.find_spec("optuna") is None:
             raise ConfigError("search: optuna is not installed (pip install optuna), or use search: basic")
         return True
-    return study.search == "auto" and sampled and not has_grid and importlib.util.find_spec("optuna") is not None
+    return study.search == "auto" and sampled and not _has_grid(study) and importlib.util.find_spec("optuna") is not None
 
 
 @dataclass
@@ -193,15 +201,18 @@ def _trial(config: dict, study: Study, sizing: Sizing, sweep_dir: str) -> None:
             super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
     cfg = load_config(study.dataset, study.recipe, study.trial_overrides(config) + sizing.overrides)
+    cfg.seed += config.get(REPEAT, 0)
     run_dir = Path(sweep_dir) / "runs" / tune.get_context().get_trial_id()
     fit_distributed(cfg, run_dir, sizing.workers, sizing.gpu, sizing.cpus_per_worker, sizing.max_failures,
                     callbacks=[ReportObjective()])
 
 
-def param_space(study: Study) -> dict:
+def param_space(study: Study, repeats: int = 1) -> dict:
+    """Tune's space. Repeats of a grid become one more grid axis, ``repeat``, which the trial adds
+    to the config's seed: repeated configs are independent runs, not copies of one run."""
     from ray import tune
 
-    space = {}
+    space = {REPEAT: tune.grid_search(list(range(repeats)))} if repeats > 1 and _has_grid(study) else {}
     for name, spec in study.params.items():
         (kind, values), = spec.items()
         bundles = study.bundles(name)
@@ -250,10 +261,11 @@ def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None =
             from ray.tune.search.optuna import OptunaSearch
 
             search_alg = OptunaSearch()
+        repeats = num_samples or study.num_samples
         tuner = tune.Tuner(
-            trainable, param_space=param_space(study),
+            trainable, param_space=param_space(study, repeats),
             tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=study.mode, scheduler=scheduler, search_alg=search_alg,
-                                        num_samples=num_samples or study.num_samples,
+                                        num_samples=1 if _has_grid(study) else repeats,
                                         max_concurrent_trials=concurrent,
                                         trial_dirname_creator=lambda trial: trial.trial_id),
             run_config=tune.RunConfig(name=out.name, storage_path=str(out.parent),
@@ -280,8 +292,8 @@ def results_table(grid, study: Study, out: Path) -> list[dict]:
         history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
             if (run / "metrics.jsonl").exists() else []
         status = "error" if result.error else "completed" if summary else "stopped"
-        row = {"trial_id": trial_id, **{name: result.config.get(name) for name in study.params}, "status": status,
-               "epochs": len(history)}
+        row = {"trial_id": trial_id, **{name: result.config.get(name) for name in study.params},
+               REPEAT: result.config.get(REPEAT, 0), "status": status, "epochs": len(history)}
         last = history[-1] if history else {}
         row.update({OBJECTIVE: (result.metrics or {}).get(OBJECTIVE), "val_clean_acc": last.get("val_clean_acc"),
                     "val_robust_acc": last.get("val_robust_acc"),

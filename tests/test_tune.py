@@ -77,6 +77,17 @@ def test_bundles_move_several_keys_together_and_override_fixed_ones(tmp_path):
     assert bundle_label({"methods.atcd.T": 2}) == "T=2"
 
 
+def test_repeats_of_a_grid_are_a_grid_axis_and_sampled_spaces_are_not_repeated_by_it(tmp_path):
+    grid = load_study(_space(tmp_path))
+    assert param_space(grid, repeats=3) == {"repeat": {"grid_search": [0, 1, 2]},
+                                            "methods.atcd.lam": {"grid_search": [1, 2]}}
+    assert grid.trial_overrides({"repeat": 2, "methods.atcd.lam": 1}) == [("methods.atcd.lam", 1)]
+    sampled = load_study(_space(tmp_path, params={"methods.atcd.lam": {"uniform": [0.5, 4]}}))
+    assert "repeat" not in param_space(sampled, repeats=3)
+    with pytest.raises(ConfigError, match="params.repeat: reserved"):
+        load_study(_space(tmp_path, params={"repeat": {"grid": [1]}}))
+
+
 def test_concurrent_trials_fill_the_cluster_without_oversubscribing():
     assert Sizing([], workers=1, cpus_per_worker=1).concurrent_trials(cpus=2, gpus=0) == 2
     assert Sizing([], workers=2, cpus_per_worker=2).concurrent_trials(cpus=16, gpus=0) == 4
@@ -93,20 +104,23 @@ def _sweep_cmd(space, out, *extra):
 
 @pytest.mark.timeout(900)
 def test_a_sweep_writes_its_table_and_tensorboard(tmp_path):
-    space = _space(tmp_path, fixed={"train.method": "atcd"}, scheduler={"name": "fifo"},
-                   metric={"val_robust_acc": 1.0, "val_clean_acc": 0.5})
     out = tmp_path / "sweep"
-    proc = subprocess.run(_sweep_cmd(space, out), capture_output=True, text=True, env=_env(), timeout=800)
+    space = _space(tmp_path, fixed={"train.method": "atcd"}, scheduler={"name": "fifo"},
+                   metric={"val_robust_acc": 1.0, "val_clean_acc": 0.5}, params={"methods.atcd.lam": {"grid": [2]}})
+    proc = subprocess.run(_sweep_cmd(space, out, "--num-samples", "2"), capture_output=True, text=True, env=_env(),
+                          timeout=800)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     rows = pq.read_table(out / "results.parquet").to_pylist()
-    assert sorted(r["methods.atcd.lam"] for r in rows) == [1, 2] and {r["status"] for r in rows} == {"completed"}
+    assert sorted(r["repeat"] for r in rows) == [0, 1] and {r["status"] for r in rows} == {"completed"}
+    seeds = {json.loads((out / "runs" / r["trial_id"] / "summary.json").read_text())["seed"] for r in rows}
+    assert seeds == {0, 1}  # repeats are independent runs
     for row in rows:
         run = out / "runs" / row["trial_id"]
         last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
         summary = json.loads((run / "summary.json").read_text())
         assert row["epochs"] == last["epoch"] == 2
         assert row["objective"] == pytest.approx(last["val_robust_acc"] + 0.5 * last["val_clean_acc"])
-        assert row["test_pgd10_acc"] == summary["robust_acc"]["pgd10"] <= row["test_clean_acc"]
+        assert row["test_pgd10_acc"] == summary["robust_acc"]["pgd10"] and row["test_clean_acc"] == summary["clean_acc"]
         assert summary["config"]["methods"]["atcd"]["lam"] == row["methods.atcd.lam"]
         assert list((run / "tb").glob("events.out.tfevents.*"))  # TensorBoard per trial
     assert rows[0]["objective"] >= rows[1]["objective"]  # best first

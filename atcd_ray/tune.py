@@ -223,12 +223,23 @@ def param_space(study: Study, repeats: int = 1) -> dict:
     return space
 
 
+def make_scheduler(study: Study, epochs: int):
+    """ASHA on epochs (one report per epoch), or FIFO: every trial runs to its end."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    options = dict(study.scheduler or {})
+    if options.pop("name", "asha") != "asha":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=epochs,
+                         grace_period=min(options.get("grace_period", 1), epochs),
+                         reduction_factor=options.get("reduction_factor", 2))
+
+
 def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None = None, resume: bool = False,
               max_concurrent: int | None = None, trial_failures: int = 1):
     """Run (or resume) the sweep into ``out``; returns Tune's ResultGrid. ``max_concurrent``:
     default, as many trials as the cluster's resources hold now (give it for an autoscaler)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .distributed import init_ray
 
@@ -250,12 +261,7 @@ def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None =
         tuner = tune.Tuner.restore(str(out), trainable, resume_errored=True)
     else:
         epochs = load_config(study.dataset, study.recipe, [*study.fixed.items(), *sizing.overrides]).train.epochs
-        options = dict(study.scheduler or {})
-        if options.pop("name", "asha") == "asha":
-            scheduler = ASHAScheduler(max_t=epochs, grace_period=min(options.get("grace_period", 1), epochs),
-                                      reduction_factor=options.get("reduction_factor", 2))
-        else:
-            scheduler = FIFOScheduler()
+        scheduler = make_scheduler(study, epochs)
         search_alg = None
         if uses_optuna(study):
             from ray.tune.search.optuna import OptunaSearch

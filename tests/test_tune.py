@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from atcd_ray.config import ConfigError
-from atcd_ray.tune import Sizing, bundle_label, load_study, param_space
+from atcd_ray.tune import Sizing, bundle_label, load_study, make_scheduler, param_space, uses_optuna
 
 from .test_distributed import _env
 
@@ -86,6 +86,21 @@ def test_repeats_of_a_grid_are_a_grid_axis_and_sampled_spaces_are_not_repeated_b
     assert "repeat" not in param_space(sampled, repeats=3)
     with pytest.raises(ConfigError, match="params.repeat: reserved"):
         load_study(_space(tmp_path, params={"repeat": {"grid": [1]}}))
+
+
+def test_schedulers_and_search_follow_the_space(tmp_path, monkeypatch):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    asha = make_scheduler(load_study(_space(tmp_path, scheduler={"name": "asha", "grace_period": 1})), epochs=8)
+    assert isinstance(asha, ASHAScheduler) and [m for m, _ in asha._brackets[0]._rungs] == [8, 4, 2, 1]  # epochs
+    short = make_scheduler(load_study(_space(tmp_path, scheduler={"name": "asha", "grace_period": 4})), epochs=3)
+    assert [m for m, _ in short._brackets[0]._rungs] == [3]  # grace period cut to the epochs
+    assert isinstance(make_scheduler(load_study(_space(tmp_path, scheduler={"name": "fifo"})), 3), FIFOScheduler)
+    sampled = load_study(_space(tmp_path, params={"methods.atcd.lam": {"loguniform": [0.5, 4]}}))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # optuna not installed
+    assert not uses_optuna(sampled)  # auto falls back to random search
+    with pytest.raises(ConfigError, match="optuna is not installed"):
+        uses_optuna(load_study(_space(tmp_path, search="optuna", params={"methods.atcd.lam": {"choice": [1, 2]}})))
 
 
 def test_concurrent_trials_fill_the_cluster_without_oversubscribing():

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -46,7 +47,11 @@ class GradientAverager:
         return mean
 
 
-def measure(cfg, k: int, k_prime: int, replays: int, epochs: int, device=torch.device("cpu")) -> dict:
+def measure(cfg, k: int, k_prime: int, replays: int, epochs: int, device=torch.device("cpu"),
+            same_weights: bool = False) -> dict:
+    """``same_weights``: before every minibatch, copy B takes copy A's weights, optimiser state,
+    chain state and random stream, so the two gradients differ only by the trajectory length
+    (copy A trains, copy B is a probe). Otherwise each copy trains on its own, as Eq. 15 reads."""
     d = cfg.data
     splits = build_splits(cfg.dataset, d.dir, d.batch_size, d.val_size, d.subset, 1, 1, cfg.seed, d.loader_workers)
     copies = []
@@ -64,6 +69,14 @@ def measure(cfg, k: int, k_prime: int, replays: int, epochs: int, device=torch.d
         splits.train.set_epoch(epoch)
         for x, y in splits.train:
             x, y = x.to(device), y.to(device)
+            if same_weights:
+                probe, lead = copies[1]["method"], copies[0]["method"]
+                probe.model.load_state_dict(lead.model.state_dict())
+                # A deep copy: load_state_dict keeps the tensors it is given, and the two copies'
+                # momentum buffers would be one tensor, updated twice per step.
+                probe.optimizer.load_state_dict(deepcopy(lead.optimizer.state_dict()))
+                probe.load_state_dict({k: t.clone() for k, t in lead.state_dict().items()})
+                copies[1]["rng"] = copies[0]["rng"]
             means = []
             for copy in copies:
                 torch.set_rng_state(copy["rng"])
@@ -74,13 +87,15 @@ def measure(cfg, k: int, k_prime: int, replays: int, epochs: int, device=torch.d
                 a, b = means[0][name].flatten(), means[1][name].flatten()
                 l2[name].append((a - b).norm().item())
                 cosine[name].append(torch.nn.functional.cosine_similarity(a, b, dim=0).item())
-    return {"k": k, "k_prime": k_prime, "T": copies[0]["T"], "T_prime": copies[1]["T"], "layers": layers,
+    return {"k": k, "k_prime": k_prime, "same_weights": same_weights, "T": copies[0]["T"], "T_prime": copies[1]["T"], "layers": layers,
             "l2": l2, "cosine": cosine, "steps": len(l2[layers[0]]) if layers else 0}
 
 
 def markdown(result: dict) -> str:
     lines = [f"Trajectory shift, K = {result['k']} (T = {result['T']}) against K' = {result['k_prime']} "
-             f"(T' = {result['T_prime']}), over {result['steps']} minibatches.", "",
+             f"(T' = {result['T_prime']}), over {result['steps']} minibatches"
+             + (", both from copy A's weights at every minibatch." if result.get("same_weights") else
+                ", each copy training on its own."), "",
              "| layer | mean L2 difference | mean cosine similarity | cosine, last 10% |", "|---|---|---|---|"]
     for name in result["layers"]:
         l2, cos = result["l2"][name], result["cosine"][name]
@@ -118,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--subset", type=int)
     p.add_argument("--recipe")
+    p.add_argument("--same-weights", action="store_true",
+                   help="start copy B from copy A's weights and chain at every minibatch (length effect only)")
     p.add_argument("--out", default="runs/trajectory-shift")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
@@ -126,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [("train.method", "atcd")] + ([("data.subset", args.subset)] if args.subset else [])
     cfg = load_config(args.dataset, args.recipe, overrides + [parse_override(s) for s in args.set])
     setup_logging()
-    result = measure(cfg, args.k, args.k_prime, args.T, args.epochs)
+    result = measure(cfg, args.k, args.k_prime, args.T, args.epochs, same_weights=args.same_weights)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trajectory_shift.json").write_text(json.dumps(result) + "\n")

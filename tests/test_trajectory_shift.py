@@ -27,3 +27,14 @@ def test_command_writes_table_and_figure(tmp_path):
     assert all(-1 <= c <= 1 for c in cosines) and min(cosines) < 0.999  # different lengths do shift
     assert (tmp_path / "trajectory_shift.png").stat().st_size > 10_000
     assert "| layer | mean L2 difference |" in (tmp_path / "trajectory_shift.md").read_text()
+
+
+def test_same_weights_mode_restarts_the_probe_from_the_trained_copy():
+    cfg = load_config("digits", overrides=[("data.subset", 256)])
+    equal = measure(cfg, k=2, k_prime=2, replays=2, epochs=1, same_weights=True)
+    assert all(max(equal["l2"][name]) == 0.0 for name in equal["layers"])  # weights, chain and RNG all copied
+    probe = measure(cfg, k=1, k_prime=4, replays=4, epochs=1, same_weights=True)
+    free = measure(cfg, k=1, k_prime=4, replays=4, epochs=1)
+    for name in probe["layers"]:
+        assert probe["l2"][name][0] == free["l2"][name][0]  # the first minibatch starts identical either way
+        assert probe["l2"][name][1:] != free["l2"][name][1:]  # later, copy B restarts from copy A

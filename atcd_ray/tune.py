@@ -239,6 +239,7 @@ def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None =
               max_concurrent: int | None = None, trial_failures: int = 1):
     """Run (or resume) the sweep into ``out``; returns Tune's ResultGrid. ``max_concurrent``:
     default, as many trials as the cluster's resources hold now (give it for an autoscaler)."""
+    import ray
     from ray import tune
 
     from .distributed import init_ray
@@ -249,8 +250,6 @@ def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None =
         raise ConfigError(f"{out} holds a sweep already: pass --resume to continue it, or another --out")
     resume = resume and existing  # --resume on a fresh directory starts the sweep (a retried job)
     init_ray()
-    import ray
-
     resources = ray.cluster_resources()
     concurrent = max_concurrent or sizing.concurrent_trials(resources.get("CPU", 0), resources.get("GPU", 0))
     trainable = tune.with_parameters(_trial, study=study, sizing=sizing, sweep_dir=str(out))

@@ -67,3 +67,17 @@ def test_report_of_something_else_is_one_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "atcd_ray.report", str(tmp_path)], capture_output=True, text=True,
                           env=_env(), timeout=120)
     assert proc.returncode == 2 and "neither a run" in proc.stderr
+
+
+def test_sweep_report_of_bundles_plots_categories(tmp_path):
+    labels = ["T=1, K=8", "T=4, K=2", "method=free, replays=8"]
+    rows = [{"trial_id": f"t{i}", "T, K": label, "status": "completed", "epochs": 2, "objective": 0.5 + i / 10,
+             "val_clean_acc": 0.8, "val_robust_acc": 0.5 + i / 10} for i, label in enumerate(labels)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "results.parquet")
+    (tmp_path / "study.json").write_text(json.dumps({
+        "study": "txk", "dataset": "fashion-mnist", "params": {"T, K": {"grid": []}},
+        "metric": {"val_robust_acc": 1.0}, "mode": "max", "fixed": {}}))
+    assert report_main([str(tmp_path)]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| method=free, replays=8 | 80.00% | 70.00% |" in text
+    _png_ok(tmp_path / "report" / "T__K.png")

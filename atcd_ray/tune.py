@@ -224,15 +224,19 @@ def param_space(study: Study, repeats: int = 1) -> dict:
 
 
 def make_scheduler(study: Study, epochs: int):
-    """ASHA on epochs (one report per epoch), or FIFO: every trial runs to its end."""
+    """ASHA on epochs (one report per epoch), or FIFO: every trial runs to its end.
+
+    ASHA's decisions fall on epochs before the last (``max_t = epochs - 1``, and no stop at
+    ``max_t``): a trial that reaches its last epoch has passed every rung, and is not stopped on
+    that epoch's report before it has tested its model and written summary.json."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     options = dict(study.scheduler or {})
-    if options.pop("name", "asha") != "asha":
+    if options.pop("name", "asha") != "asha" or epochs < 2:
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="training_iteration", max_t=epochs,
-                         grace_period=min(options.get("grace_period", 1), epochs),
-                         reduction_factor=options.get("reduction_factor", 2))
+    return ASHAScheduler(time_attr="training_iteration", max_t=epochs - 1,
+                         grace_period=min(options.get("grace_period", 1), epochs - 1),
+                         reduction_factor=options.get("reduction_factor", 2), stop_last_trials=False)
 
 
 def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None = None, resume: bool = False,

@@ -92,9 +92,12 @@ def test_schedulers_and_search_follow_the_space(tmp_path, monkeypatch):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     asha = make_scheduler(load_study(_space(tmp_path, scheduler={"name": "asha", "grace_period": 1})), epochs=8)
-    assert isinstance(asha, ASHAScheduler) and [m for m, _ in asha._brackets[0]._rungs] == [8, 4, 2, 1]  # epochs
+    # Decisions at epochs 1, 2, 4, never at the last: a trial that gets there is tested.
+    assert isinstance(asha, ASHAScheduler) and [m for m, _ in asha._brackets[0]._rungs] == [4, 2, 1]
+    assert not asha._stop_last_trials
     short = make_scheduler(load_study(_space(tmp_path, scheduler={"name": "asha", "grace_period": 4})), epochs=3)
-    assert [m for m, _ in short._brackets[0]._rungs] == [3]  # grace period cut to the epochs
+    assert [m for m, _ in short._brackets[0]._rungs] == [2]  # grace period cut to the epochs before the last
+    assert isinstance(make_scheduler(load_study(_space(tmp_path)), epochs=1), FIFOScheduler)
     assert isinstance(make_scheduler(load_study(_space(tmp_path, scheduler={"name": "fifo"})), 3), FIFOScheduler)
     sampled = load_study(_space(tmp_path, params={"methods.atcd.lam": {"loguniform": [0.5, 4]}}))
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # optuna not installed

@@ -22,6 +22,16 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         return 2
 
 
+def check_launch(cfg, workers: int) -> None:
+    """Before Ray starts: every worker takes an equal share of each minibatch, and the data exist."""
+    from .data.sources import check_available
+
+    if cfg.data.batch_size % workers:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by --workers {workers} "
+                          "(each worker takes batch_size / workers of every global minibatch)")
+    check_available(cfg.dataset, cfg.data.dir, cfg.data.ffcv_dir)
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:

@@ -24,7 +24,7 @@ CURVES = {"train_train_acc": "train (adversarial batch)", "val_clean_acc": "vali
           "val_robust_acc": "validation robust"}
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -33,17 +33,18 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def run_report(run: Path, out: Path, eval_n: int, steps: list[int], eps_scales: list[float]) -> list[Path]:
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else None
-    plt = _pyplot()
+    from .trainer import read_history, read_summary
+
+    history, summary = read_history(run), read_summary(run)
+    plt = pyplot()
     files = []
     epochs = [h["epoch"] for h in history]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
@@ -54,7 +55,7 @@ def run_report(run: Path, out: Path, eval_n: int, steps: list[int], eps_scales: 
     acc_ax.legend()
     loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o")
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss")
-    files.append(_save(fig, out / "curves.png"))
+    files.append(save_figure(fig, out / "curves.png"))
 
     lines = [f"# Run {run.name}", ""]
     if summary:
@@ -83,7 +84,7 @@ def run_report(run: Path, out: Path, eval_n: int, steps: list[int], eps_scales: 
             ax.plot([p["x"] for p in points], [p["acc"] for p in points], marker="o")
             ax.set(xlabel=xlabel, ylabel="robust accuracy",
                    title=f"{run.name}: n={curves['n']}, eps={eps:.4g}")
-            files.append(_save(fig, out / f"{name}.png"))
+            files.append(save_figure(fig, out / f"{name}.png"))
             lines += [f"## Robust accuracy against {xlabel}", "",
                       markdown_table([{"x": str(p["x"]), "robust": p["acc"]} for p in points], ["x", "robust"]), "",
                       f"![{name}]({name}.png)", ""]
@@ -132,7 +133,7 @@ def sweep_report(sweep: Path, out: Path) -> list[Path]:
     study = json.loads((sweep / "study.json").read_text())
     params = list(study["params"])
     accuracy = ["val_clean_acc", "val_robust_acc", *[c for c in rows[0] if c.startswith("test_")]]
-    plt = _pyplot()
+    plt = pyplot()
     files = []
     lines = [f"# Sweep {study['study']} ({study['dataset']})", "",
              f"{len(rows)} trials; objective: " + " + ".join(f"{w:g} x {k}" for k, w in study["metric"].items())
@@ -146,14 +147,15 @@ def sweep_report(sweep: Path, out: Path) -> list[Path]:
         numeric = all(isinstance(v, (int, float)) for v in groups)
         values = sorted(groups) if numeric else list(groups)
         fig, ax = plt.subplots(figsize=(6, 4))
-        table = []
+        by_value = {v: {param: str(v)} for v in values}
         for column in accuracy:
             means = [_mean([r[column] for r in groups[v]]) for v in values]
             spreads = [_std([r[column] for r in groups[v]]) for v in values]
             x = values if numeric else range(len(values))
             ax.errorbar(x, means, yerr=spreads, marker="o", capsize=3, label=column)
             for v, m in zip(values, means):
-                table.append((v, column, m))
+                if m is not None:
+                    by_value[v][column] = m
         if numeric and min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_xscale("log", base=2)
         if not numeric:
@@ -161,10 +163,9 @@ def sweep_report(sweep: Path, out: Path) -> list[Path]:
         ax.set(xlabel=param, ylabel="accuracy", title=f"{study['study']}: accuracy against {param}")
         ax.legend(fontsize=8)
         name = "".join(c if c.isalnum() else "_" for c in param).strip("_") + ".png"
-        files.append(_save(fig, out / name))
-        by_value = [{param: str(v), **{c: m for (vv, c, m) in table if vv == v and m is not None}} for v in values]
+        files.append(save_figure(fig, out / name))
         lines += [f"## Accuracy against {param} (mean over repeats)", "",
-                  markdown_table(by_value, [param, *accuracy]), "", f"![{param}]({name})", ""]
+                  markdown_table(list(by_value.values()), [param, *accuracy]), "", f"![{param}]({name})", ""]
     files.append(out / "report.md")
     (out / "report.md").write_text("\n".join(lines))
     return files

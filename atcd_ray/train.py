@@ -13,11 +13,10 @@ Rerunning a command with the same --out resumes its run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from .cli import markdown_table, run_main, setup_logging
+from .cli import check_launch, markdown_table, run_main, setup_logging
 from .config import ConfigError, load_config, parse_override
 from .core.methods import METHODS
 from .data import DATASETS
@@ -63,19 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--gpu reserves GPUs for Ray Train workers: give --workers N >= 1 "
                           "(with --workers 0 a visible GPU is used anyway)")
     cfg = load_config(args.dataset, args.recipe, overrides_from(args))
-    if args.workers and cfg.data.batch_size % args.workers:
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by --workers {args.workers} "
-                          "(each worker takes batch_size / workers of every global minibatch)")
+    if args.workers:
+        check_launch(cfg, args.workers)
     out = Path(args.out or f"runs/{cfg.dataset}-{cfg.train.method}")
     setup_logging()
     if args.workers:
-        from .data.sources import check_available
         from .distributed import fit_distributed
-
-        check_available(cfg.dataset, cfg.data.dir, cfg.data.ffcv_dir)
+        from .trainer import read_summary
 
         fit_distributed(cfg, out, args.workers, args.gpu, args.cpus_per_worker, args.max_failures)
-        summary = json.loads((out / "summary.json").read_text())
+        summary = read_summary(out)
     else:
         from .trainer import fit  # torch-heavy imports only once the config is known to be good
 

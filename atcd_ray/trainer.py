@@ -60,6 +60,18 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_history(out: Path) -> list[dict]:
+    """A run directory's metrics.jsonl, one record per epoch ([] before the first epoch)."""
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def read_summary(out: Path) -> dict | None:
+    """A run directory's summary.json, or None while the run has not finished."""
+    path = out / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -163,8 +175,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     meta = _resume(group.restore_dir(out), cfg, model, optimizer, method, rank)
     start_epoch = meta.get("epoch", 0)
     train_seconds, best_val = meta.get("train_seconds", 0.0), meta.get("best_val", -1.0)
-    history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
-    history = [h for h in history if h["epoch"] <= start_epoch]  # epochs after the checkpoint are redone
+    history = [h for h in read_history(out) if h["epoch"] <= start_epoch]  # epochs after the checkpoint are redone
     board = None
     if lead:
         metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -190,7 +201,8 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()},
                   "val_clean_acc": val["clean"], "val_robust_acc": val["robust"], "train_seconds": train_seconds}
         improved = t.select_best == "robust_val" and val["robust"] > best_val
-        best_val = max(best_val, val["robust"]) if improved else best_val
+        if improved:
+            best_val = val["robust"]
         meta = {"epoch": epoch + 1, "train_seconds": train_seconds, "best_val": best_val, "stopped_early": stopped_early}
         own = out / _rank_file(rank)
         if lead:

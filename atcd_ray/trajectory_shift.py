@@ -105,12 +105,9 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from .report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_l2, ax_cos) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_l2, ax_cos) = pyplot().subplots(1, 2, figsize=(11, 4))
     for name in result["layers"]:
         ax_l2.plot(result["l2"][name], label=name, linewidth=0.8)
         ax_cos.plot(result["cosine"][name], label=name, linewidth=0.8)
@@ -118,9 +115,7 @@ def plot(result: dict, path: Path) -> None:
     ax_cos.set(title="cosine similarity", xlabel="minibatch", ylim=(-1.05, 1.05))
     ax_cos.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"Trajectory shift: K = {result['k']} vs K' = {result['k_prime']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

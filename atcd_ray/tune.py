@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import math
 import sys
@@ -24,9 +25,8 @@ from typing import Any
 
 import yaml
 
-from .cli import markdown_table, run_main, setup_logging
+from .cli import check_launch, markdown_table, run_main, setup_logging
 from .config import ConfigError, load_config, parse_override
-from .data.sources import check_available
 
 log = logging.getLogger("atcd_ray.tune")
 
@@ -60,6 +60,10 @@ class Study:
         if kind in ("grid", "choice") and isinstance(values[0], dict):
             return {bundle_label(v): v for v in values}
         return None
+
+    def config(self, overrides: list[tuple[str, Any]] = ()):
+        """The recipe, then ``fixed``, then ``overrides``."""
+        return load_config(self.dataset, self.recipe, [*self.fixed.items(), *overrides])
 
     def trial_overrides(self, trial_config: dict) -> list[tuple[str, Any]]:
         """``fixed``, then each param's sampled value (a bundle's label expands to its overrides)."""
@@ -118,7 +122,7 @@ def _check(study: Study, extra: list[tuple[str, Any]]) -> None:
 
     def try_config(overrides, where):
         try:
-            load_config(study.dataset, study.recipe, [*study.fixed.items(), *overrides, *extra])
+            study.config([*overrides, *extra])
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
 
@@ -263,8 +267,7 @@ def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None =
     if resume:
         tuner = tune.Tuner.restore(str(out), trainable, resume_errored=True)
     else:
-        epochs = load_config(study.dataset, study.recipe, [*study.fixed.items(), *sizing.overrides]).train.epochs
-        scheduler = make_scheduler(study, epochs)
+        scheduler = make_scheduler(study, study.config(sizing.overrides).train.epochs)
         search_alg = None
         if uses_optuna(study):
             from ray.tune.search.optuna import OptunaSearch
@@ -287,19 +290,17 @@ def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None =
 def results_table(grid, study: Study, out: Path) -> list[dict]:
     """One row per trial: its params, how it ended, last and best validation metrics, and the
     test accuracies of its summary.json (absent for trials ASHA stopped). CSV and Parquet."""
-    import json
-
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.parquet
+
+    from .trainer import read_history, read_summary
 
     rows = []
     for result in grid:
         trial_id = Path(result.path).name
         run = out / "runs" / trial_id
-        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else None
-        history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
-            if (run / "metrics.jsonl").exists() else []
+        summary, history = read_summary(run), read_history(run)
         status = "error" if result.error else "completed" if summary else "stopped"
         row = {"trial_id": trial_id, **{name: result.config.get(name) for name in study.params},
                REPEAT: result.config.get(REPEAT, 0), "status": status, "epochs": len(history)}
@@ -357,10 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = {"train.epochs": args.epochs, "data.subset": args.subset, "eval.n": args.eval_n}
     overrides = [(k, v) for k, v in flags.items() if v is not None] + [parse_override(s) for s in args.set]
     study = load_study(args.space, overrides)
-    base = load_config(study.dataset, study.recipe, [*study.fixed.items(), *overrides])
-    if base.data.batch_size % args.workers:
-        raise ConfigError(f"data.batch_size: {base.data.batch_size} is not divisible by --workers {args.workers}")
-    check_available(base.dataset, base.data.dir, base.data.ffcv_dir)  # before any trial starts
+    check_launch(study.config(overrides), args.workers)  # before any trial starts
     out = Path(args.out or f"runs/sweeps/{study.study}")
     setup_logging()
     sizing = Sizing(overrides, args.workers, args.gpu, args.cpus_per_worker, args.max_failures)

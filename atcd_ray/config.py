@@ -36,6 +36,7 @@ class DataConfig:
     subset: int | None = None  # train on the first N training examples
     loader_workers: int = 4  # worker processes (threads for FFCV) decoding JPEGs
     ffcv_dir: str | None = None  # DIR with train.beton and val.beton (atcd_ray.pipelines.write); None: torchvision
+    pin_memory: bool = True  # on CUDA: batches through page-locked memory, copied without blocking
 
     def validate(self):
         _positive(self, "batch_size", "subset")
@@ -66,7 +67,9 @@ class OptimConfig:
 class TrainConfig:
     method: str = "atcd"
     epochs: int = 10  # passes over the training data (Free-m and ATCD recipes divide the paper's N)
-    amp: bool = False  # torch.autocast with bfloat16
+    amp: bool = False  # training under torch.autocast with bfloat16 (the GPU recipes turn it on)
+    channels_last: bool = False  # model and images in channels-last memory format (GPU tensor cores)
+    compile: bool = False  # torch.compile the model (in place: checkpoints keep their keys)
     select_best: str = "last"  # last | robust_val: keep the checkpoint with the best validation robust accuracy
     val_n: int | None = 1000  # validation examples evaluated after each epoch
     val_attack: str = "pgd10"
@@ -82,6 +85,7 @@ class EvalConfig:
     n: int | None = None  # first N test examples; None: all
     attacks: list[str] = field(default_factory=lambda: ["pgd20", "mifgsm20", "cw20"])
     batch_size: int = 256
+    amp: bool = False  # attacks in bfloat16 too; off: evaluation stays in float32 whatever train.amp is
 
     def validate(self):
         _positive(self, "n", "batch_size")

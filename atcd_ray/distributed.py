@@ -61,7 +61,8 @@ def _worker(config: dict) -> None:
     torch.set_num_threads(config["threads"])  # the CPUs reserved for this worker, no more
     group = RayGroup()
     try:
-        fit(config_from_dict(config["cfg"]), config["out"], progress=False,
+        # Progress: rank 0 logs a line every few seconds, which Ray forwards to the driver.
+        fit(config_from_dict(config["cfg"]), config["out"], progress=config["progress"],
             device=ray.train.torch.get_device(), group=group)
     finally:
         if group.restored is not None:
@@ -78,16 +79,26 @@ def init_ray() -> None:
         ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
 
 
+def even_share_of_cpus(workers: int) -> int:
+    """The cluster's CPUs split evenly over the workers, at least one each: on one machine a
+    single worker gets every core (Ray would otherwise give it one, and torch one thread)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+
+
 def fit_distributed(cfg: Config, out_dir: str | Path, workers: int, gpu: bool = False,
-                    cpus_per_worker: float = 1, max_failures: int = 3, callbacks: list | None = None) -> Path:
+                    cpus_per_worker: float | None = None, max_failures: int = 3, callbacks: list | None = None,
+                    progress: bool = True) -> Path:
     """Train through Ray Train; returns the run directory (holding summary.json). ``callbacks``:
-    Ray Train callbacks, e.g. the one that forwards reports to a Tune trial."""
+    Ray Train callbacks, e.g. the one that forwards reports to a Tune trial. ``cpus_per_worker``
+    None: ``even_share_of_cpus``."""
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     init_ray()
+    cpus_per_worker = cpus_per_worker or even_share_of_cpus(workers)
     trainer = ray.train.torch.TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg.to_dict(), "out": str(out), "threads": max(1, int(cpus_per_worker))},
+        train_loop_config={"cfg": cfg.to_dict(), "out": str(out), "threads": max(1, int(cpus_per_worker)),
+                           "progress": progress},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}),
         run_config=RunConfig(

@@ -35,14 +35,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="Ray Train workers (DDP from 2); 0: train in this process without Ray (default 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per Ray Train worker")
+    p.add_argument("--cpus-per-worker", type=float,
+                   help="CPUs reserved per Ray Train worker (default: the cluster's CPUs split evenly over the workers)")
     p.add_argument("--max-failures", type=int, default=3, help="restarts of the worker group after a failure")
     p.add_argument("--data-dir", help="where the dataset lives")
     p.add_argument("--out", help="run directory (default: runs/<dataset>-<method>)")
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set methods.atcd.T=2 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines during an epoch")
     return p
 
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.dataset not in DATASETS:
         raise ConfigError(f"dataset: unknown dataset {args.dataset!r}; allowed: {', '.join(DATASETS)}")
-    if args.workers < 0 or args.cpus_per_worker <= 0 or args.max_failures < 0:
+    if args.workers < 0 or (args.cpus_per_worker or 1) <= 0 or args.max_failures < 0:
         raise ConfigError("--workers and --max-failures must be >= 0, --cpus-per-worker > 0")
     if args.gpu and args.workers == 0:
         raise ConfigError("--gpu reserves GPUs for Ray Train workers: give --workers N >= 1 "
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         from .distributed import fit_distributed
         from .trainer import read_summary
 
-        fit_distributed(cfg, out, args.workers, args.gpu, args.cpus_per_worker, args.max_failures)
+        fit_distributed(cfg, out, args.workers, args.gpu, args.cpus_per_worker, args.max_failures,
+                        progress=not args.quiet)
         summary = read_summary(out)
     else:
         from .trainer import fit  # torch-heavy imports only once the config is known to be good

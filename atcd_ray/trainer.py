@@ -47,6 +47,10 @@ def model_for(cfg: Config, spec: DatasetSpec) -> torch.nn.Module:
     return build_model(cfg.model, spec.num_classes, spec.in_channels, spec.mean, spec.std)
 
 
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.preserve_format
+
+
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "adam":
@@ -165,8 +169,10 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     splits.train.set_epoch(0)
     first_batch = tuple(tensor.to(device) for tensor in next(iter(splits.train)))
     splits.shard(rank, group.world_size)
-    model = model_for(cfg, splits.spec).to(device)
+    model = model_for(cfg, splits.spec).to(device, memory_format=_memory_format(t.channels_last))
     optimizer = build_optimizer(cfg, model)
+    if t.compile:
+        model.compile()  # in place: the module, its state_dict keys and the optimizer's parameters stay
     method = METHODS[t.method](group.wrap(model), optimizer, cfg.eps, cfg.method_options)
     if rank:
         torch.manual_seed(cfg.seed + 7919 * rank)  # own random starts and chains per rank
@@ -190,14 +196,15 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     val_attacks = {"robust": build_attack(t.val_attack, cfg.eps)}
     stopped_early = meta.get("stopped_early", False)
     for epoch in range(start_epoch, 0 if stopped_early else t.epochs):
-        stats = train_epoch(method, splits.train, epoch, t.epochs, set_lr, device, t.amp, progress and lead)
+        stats = train_epoch(method, splits.train, epoch, t.epochs, set_lr, device, amp=t.amp, progress=progress and lead,
+                            channels_last=t.channels_last, pin_memory=d.pin_memory, world_size=group.world_size)
         stats["images_per_second"] = group.sum([stats["images_per_second"]])[0]
         train_seconds += stats["epoch_seconds"]
         with torch.random.fork_rng(devices=[]):  # same decision on every rank, same training stream
             torch.manual_seed(cfg.seed + epoch)
             stopped_early = method.end_epoch(first_batch)
-        val = _mean_over_ranks(group, evaluate(model, splits.val, val_attacks, device, t.amp),
-                               splits.val.num_examples)
+        val = _mean_over_ranks(group, evaluate(model, splits.val, val_attacks, device, cfg.eval.amp,
+                                               channels_last=t.channels_last), splits.val.num_examples)
         record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()},
                   "val_clean_acc": val["clean"], "val_robust_acc": val["robust"], "train_seconds": train_seconds}
         improved = t.select_best == "robust_val" and val["robust"] > best_val
@@ -229,8 +236,8 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     model.load_state_dict(Checkpoint(chosen).model_state())
     start = time.perf_counter()
     attacks = {name: build_attack(name, cfg.eps) for name in cfg.eval.attacks}
-    test = _mean_over_ranks(group, evaluate(model, splits.test, attacks, device, t.amp, progress and lead),
-                            splits.test.num_examples)
+    test = _mean_over_ranks(group, evaluate(model, splits.test, attacks, device, cfg.eval.amp, progress and lead,
+                                            t.channels_last), splits.test.num_examples)
     summary = {
         "dataset": cfg.dataset, "method": t.method, "model": cfg.model, "eps": cfg.eps, "seed": cfg.seed,
         "config": cfg.to_dict(), "clean_acc": test["clean"],

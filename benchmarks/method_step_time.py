@@ -1,13 +1,19 @@
 """Time per minibatch of every method, measured side by side (interleaved rounds) in one process.
 
     python benchmarks/method_step_time.py [--rounds 5] [--steps 10] [--batch-size 128]
+    python benchmarks/method_step_time.py --model preactresnet18 [--atcd 2x1,4x2] [--batch-size 64]
 
-Each round runs ``--steps`` minibatches of every method in turn on the same Fashion-MNIST batches
-(SmallCNN, eps 0.1, the recipe's options); the median over rounds of each method's time is
-reported, with its ratio to natural training, so that machine noise hits every method alike.
-The row ``bare-atcd`` is a plain PyTorch loop doing ATCD's forward and backward passes (T replays
-of K - 1 input-gradient passes, when reusing the update's gradient, and one training pass) with
-none of its bookkeeping: ATCD / bare-atcd is the engine's overhead (target at most 1.05).
+``--model smallcnn`` (default): Fashion-MNIST minibatches, SmallCNN, eps 0.1, every method with the
+recipe's options. ``--model preactresnet18``: CIFAR-shaped generated minibatches (3x32x32, random
+labels), PreActResNet18 (BatchNorm), eps 8/255, the CIFAR-10 recipe; natural and the ATCD
+configurations only. Each round runs ``--steps`` minibatches of every method in turn on the same
+batches; the median over rounds of each method's time is reported, with its ratio to natural
+training, so that machine noise hits every method alike.
+
+For each ATCD configuration ``TxK`` of ``--atcd`` a row ``bare-atcd-TxK`` is a plain PyTorch loop
+doing that configuration's forward and backward passes (T replays of K input-gradient passes
+and one training pass) with none of its bookkeeping, in particular no M-H correction: ATCD /
+bare is what the method costs beyond its passes (target at most 1.05).
 """
 import argparse
 import statistics
@@ -19,67 +25,99 @@ import torch.nn.functional as F
 from atcd_ray.config import load_config
 from atcd_ray.core.methods import METHODS
 from atcd_ray.trainer import build_optimizer, hardware, model_for
-from atcd_ray.data import build_splits
+from atcd_ray.data import DATASETS, build_splits
 
 
-def bare_atcd(model, optimizer, eps, options):
+class BareATCD:
     """ATCD's passes without ATCD: a sign step on the input gradient between them."""
-    passes = options.K - 1 if options.reuse_grad else options.K
 
-    def step(x, y):
+    def __init__(self, model, optimizer, eps, options):
+        self.model, self.optimizer, self.eps, self.options = model, optimizer, eps, options
+
+    def step(self, x, y):
+        o, eps = self.options, self.eps
         delta = torch.empty_like(x).uniform_(-eps, eps)
-        for _ in range(options.T):
-            for _ in range(passes):
+        for _ in range(o.T):
+            for _ in range(o.K - 1 if o.reuse_grad else o.K):
                 x_adv = (x + delta).requires_grad_(True)
-                (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+                (grad,) = torch.autograd.grad(F.cross_entropy(self.model(x_adv), y), x_adv)
                 delta = (delta + eps * grad.sign()).clamp(-eps, eps)
             x_adv = (x + delta).requires_grad_(True)
-            loss = F.cross_entropy(model(x_adv), y)
-            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.model(x_adv), y)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            self.optimizer.step()
             delta = (delta + eps * x_adv.grad.sign()).clamp(-eps, eps)
+        return {}
 
-    return step
+
+def generated_batches(n: int, batch_size: int, shape: tuple[int, ...]) -> list:
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.rand(batch_size, *shape, generator=gen), torch.randint(0, 10, (batch_size,), generator=gen))
+            for _ in range(n)]
 
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--model", choices=["smallcnn", "preactresnet18"], default="smallcnn")
+    p.add_argument("--atcd", default=None, help="ATCD configurations TxK, comma-separated "
+                   "(default: the recipe's for smallcnn; 2x1,4x2 for preactresnet18)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=None, help="default 128 (smallcnn), 64 (preactresnet18)")
     args = p.parse_args()
     torch.manual_seed(0)
-    splits = build_splits("fashion-mnist", None, args.batch_size, 5000, args.batch_size * args.steps, None, None, 0)
-    batches = list(splits.train)
-    methods = {}
-    for name in METHODS:
-        cfg = load_config("fashion-mnist", overrides=[("train.method", name)])
-        model = model_for(cfg, splits.spec)
-        methods[name] = METHODS[name](model, build_optimizer(cfg, model), cfg.eps, cfg.method_options)
-        methods[name].step(*batches[0])  # warm-up
-    cfg = load_config("fashion-mnist", overrides=[("train.method", "atcd")])
-    model = model_for(cfg, splits.spec)
-    bare = type("Bare", (), {"step": staticmethod(bare_atcd(model, build_optimizer(cfg, model), cfg.eps,
-                                                              cfg.method_options))})
-    methods["bare-atcd"] = bare
+    if args.model == "smallcnn":
+        dataset, batch_size = "fashion-mnist", args.batch_size or 128
+        batches = list(build_splits(dataset, None, batch_size, 5000, batch_size * args.steps, None, None, 0).train)
+        names, atcd = [n for n in METHODS if n != "atcd"], args.atcd
+    else:
+        dataset, batch_size = "cifar10", args.batch_size or 64
+        batches = generated_batches(args.steps, batch_size, (3, 32, 32))
+        names, atcd = ["natural"], args.atcd or "2x1,4x2"
+
+    def config(method, overrides=()):
+        return load_config(dataset, overrides=[("train.method", method), ("model", args.model), *overrides])
+
+    methods, options = {}, {}
+    for label, method, cls, overrides in [(n, n, METHODS[n], ()) for n in names] + [
+            row for tk in (atcd.split(",") if atcd else [None]) for row in _atcd_rows(tk)]:
+        cfg = config(method, overrides)
+        torch.manual_seed(0)
+        model = model_for(cfg, DATASETS[dataset])
+        methods[label] = cls(model, build_optimizer(cfg, model), cfg.eps, cfg.method_options)
+        options[label] = cfg.method_options
+        methods[label].step(*batches[0])  # warm-up
     times = {name: [] for name in methods}
     for _ in range(args.rounds):
         for name, method in methods.items():
             start = time.perf_counter()
             for x, y in batches:
-                method.step(x, y)
+                stats = method.step(x, y)
             times[name].append((time.perf_counter() - start) / len(batches))
+            if "mh_accept_rate" in stats:
+                options[name].last_accept = float(stats["mh_accept_rate"])
     base = statistics.median(times["natural"])
-    print(f"atcd / bare-atcd: {statistics.median(times['atcd']) / statistics.median(times['bare-atcd']):.3f}")
-    print(f"hardware: {hardware()}; batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds")
+    print(f"model {args.model}, batch {batch_size}, {args.steps} steps x {args.rounds} rounds; hardware: {hardware()}")
+    for name in methods:
+        if name.startswith("bare-"):
+            ratio = statistics.median(times[name[5:]]) / statistics.median(times[name])
+            print(f"{name[5:]} / {name}: {ratio:.3f} (M-H acceptance in the last step "
+                  f"{getattr(options[name[5:]], 'last_accept', float('nan')):.3f})")
     print("| method | options | ms per minibatch | x natural | images/s |")
     print("|---|---|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)
-        opts = load_config("fashion-mnist", overrides=[("train.method", "atcd" if name == "bare-atcd" else name)]).method_options
-        desc = ", ".join(f"{k}={v}" for k, v in vars(opts).items()) if vars(opts) else "-"
-        print(f"| {name} | {desc} | {1000 * med:.1f} | {med / base:.2f} | {args.batch_size / med:.0f} |")
+        opts = {k: v for k, v in vars(options[name]).items() if k != "last_accept"}
+        desc = ", ".join(f"{k}={v}" for k, v in opts.items()) if opts else "-"
+        print(f"| {name} | {desc} | {1000 * med:.1f} | {med / base:.2f} | {batch_size / med:.0f} |")
+
+
+def _atcd_rows(tk):
+    """(label, method, class, overrides) of ATCD at TxK (None: the recipe's) and its bare loop."""
+    overrides = [] if tk is None else [("methods.atcd.T", int(tk.split("x")[0])), ("methods.atcd.K", int(tk.split("x")[1]))]
+    label = "atcd" if tk is None else f"atcd-{tk}"
+    return [(label, "atcd", METHODS["atcd"], overrides), (f"bare-{label}", "atcd", BareATCD, overrides)]
 
 
 if __name__ == "__main__":

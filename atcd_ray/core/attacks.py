@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .hmc import hmc_attack
+from .hmc import hmc_attack, select_examples
 from .losses import cross_entropy, cw_margin
 from .rays import rays
 from .threat import project, uniform_start
@@ -66,8 +66,7 @@ def pgd(
             logits = model(x_adv)
             # Misclassified examples outrank every correctly classified one.
             score = LOSSES[loss](logits, y).float() + 1e9 * (logits.argmax(1) != y).float()
-        better = score > best_score
-        best[better] = x_adv[better]
+        best = select_examples(score > best_score, x_adv, best)  # no boolean indexing: no host sync
         best_score = torch.maximum(best_score, score)
     return best
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 from typing import Callable, Iterable, Mapping
@@ -12,6 +13,8 @@ from torch import nn
 from .attacks import Attack
 from .methods import Method
 
+log = logging.getLogger("atcd_ray")
+
 
 def autocast(enabled: bool, device: torch.device):
     """bfloat16 autocast (no gradient scaler needed), or nothing."""
@@ -20,62 +23,118 @@ def autocast(enabled: bool, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not (enabled and sys.stderr.isatty()):
-        return iterable
-    from tqdm import tqdm
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool = False,
+              pin_memory: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A host batch on ``device``: on CUDA through page-locked memory with non-blocking copies,
+    so the copy overlaps the GPU's work; images channels-last when asked (tensor cores' layout)."""
+    if device.type == "cuda" and pin_memory and not x.is_cuda:
+        x, y = x.pin_memory(), y.pin_memory()
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+class Progress:
+    """What a user sees during an epoch: a tqdm bar on a terminal, otherwise (a Ray worker, a log
+    file) one log line every ``interval`` seconds, with images/s and the epoch's ETA. Reading the
+    device-side statistics for it is the only host synchronisation of the loop, once a line."""
+
+    def __init__(self, total: int, desc: str, enabled: bool, interval: float = 5.0, world_size: int = 1):
+        self.total, self.desc, self.interval, self.world_size = total, desc, interval, world_size
+        self.enabled = enabled
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, unit="batch")
+
+    def update(self, steps: int, images: int, totals: dict[str, torch.Tensor]) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(1)
+        if now - self.last < self.interval or steps == self.total:
+            return
+        self.last = now
+        rate = images * self.world_size / (now - self.start)
+        eta = (now - self.start) / steps * (self.total - steps)
+        loss = f"loss {totals['loss'].item() / steps:.4g}  " if "loss" in totals else ""
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{loss}{rate:.0f} images/s")
+        else:
+            log.info("%s  step %d/%d  %s%.0f images/s  ETA %s", self.desc, steps, self.total, loss, rate, _clock(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 
 def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: Callable[[float], float],
-                device: torch.device, amp: bool = False, progress: bool = True) -> dict[str, float]:
+                device: torch.device, amp: bool = False, progress: bool = True, channels_last: bool = False,
+                pin_memory: bool = True, world_size: int = 1, progress_interval: float = 5.0) -> dict[str, float]:
     """One pass over ``batches``; the learning rate follows fractional epochs. Returns means of
-    the method's per-step floats plus throughput."""
+    the method's per-step statistics plus throughput. The statistics stay on the device until
+    read (by the progress line, and at the end of the epoch)."""
     method.model.train()
     batches.set_epoch(epoch)
-    totals: dict[str, float] = {}
-    steps, images, start = 0, 0, time.perf_counter()
-    wait = 0.0
     n = len(batches)
-    t_fetch = time.perf_counter()
-    for i, (x, y) in enumerate(_progress(batches, n, f"epoch {epoch + 1}/{total_epochs}", progress)):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    report = Progress(n, f"epoch {epoch + 1}/{total_epochs}", progress, progress_interval, world_size)
+    totals: dict[str, torch.Tensor] = {}
+    steps, images, lr_sum, wait = 0, 0, 0.0, 0.0
+    start = t_fetch = time.perf_counter()
+    for i, (x, y) in enumerate(batches):
+        x, y = to_device(x, y, device, channels_last, pin_memory)
         wait += time.perf_counter() - t_fetch
-        lr = set_lr(epoch + i / n)
+        lr_sum += set_lr(epoch + i / n)
         with autocast(amp, device):
             stats = method.step(x, y)
-        for key, value in {**stats, "lr": lr}.items():
-            totals[key] = totals.get(key, 0.0) + value
+        for key, value in stats.items():
+            totals[key] = totals[key] + value if key in totals else value.detach().float()
         steps, images = steps + 1, images + len(y)
+        report.update(steps, images, totals)
         t_fetch = time.perf_counter()
+    report.close()
     seconds = time.perf_counter() - start
-    out = {key: value / max(steps, 1) for key, value in totals.items()}
+    names = list(totals)
+    means = (torch.stack([totals[k] for k in names]) / max(steps, 1)).tolist() if names else []
+    out = dict(zip(names, means), lr=lr_sum / max(steps, 1))
     out.update(epoch_seconds=seconds, images_per_second=images / seconds, data_wait_fraction=wait / seconds)
     return out
 
 
 def evaluate(model: nn.Module, batches: Iterable, attacks: Mapping[str, Attack], device: torch.device,
-             amp: bool = False, progress: bool = False) -> dict[str, float]:
+             amp: bool = False, progress: bool = False, channels_last: bool = False) -> dict[str, float]:
     """Clean accuracy and accuracy under each attack, in eval mode (restored afterwards).
 
     Every attack runs on every example (not only those still correct), so each column is a
-    plain accuracy that can be compared with the others."""
+    plain accuracy that can be compared with the others. ``amp``: the attacks too run in bfloat16
+    (the recipes keep evaluation in float32 unless asked)."""
     was_training = model.training
     model.eval()
-    correct = {"clean": 0, **{name: 0 for name in attacks}}
+    correct = {"clean": torch.zeros((), device=device), **{name: torch.zeros((), device=device) for name in attacks}}
     total = 0
+    report = Progress(len(batches), "evaluate", progress)
     try:
-        for x, y in _progress(batches, len(batches), "evaluate", progress):
-            x, y = x.to(device), y.to(device)
+        for step, (x, y) in enumerate(batches, 1):
+            x, y = to_device(x, y, device, channels_last)
             with autocast(amp, device):
                 with torch.no_grad():
-                    correct["clean"] += (model(x).argmax(1) == y).sum().item()
+                    correct["clean"] += (model(x).argmax(1) == y).sum()
                 for name, attack in attacks.items():
                     x_adv = attack(model, x, y)
                     with torch.no_grad():
-                        correct[name] += (model(x_adv).argmax(1) == y).sum().item()
+                        correct[name] += (model(x_adv).argmax(1) == y).sum()
             total += len(y)
+            report.update(step, total, {})
     finally:
         model.train(was_training)
-    return {name: count / max(total, 1) for name, count in correct.items()}
+        report.close()
+    return {name: count.item() / max(total, 1) for name, count in correct.items()}

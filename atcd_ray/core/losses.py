@@ -41,8 +41,9 @@ def cd_potential(
     """
     j = lam * cross_entropy(logits, y)
     if p_prev is not None and rho != 0:
-        onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
-        j = j - rho * ((p_prev - onehot).detach() * logits).sum(dim=1)
+        # <p_prev - onehot(y), z> without a one-hot (F.one_hot checks the labels on the host)
+        true_logit = logits.gather(1, y[:, None]).squeeze(1)
+        j = j - rho * ((p_prev.detach() * logits).sum(dim=1) - true_logit)
     return j
 
 

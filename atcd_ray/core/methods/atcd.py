@@ -1,23 +1,37 @@
 """ATCD: Adversarial Training using Contrastive Divergence (the paper's Algorithm 1).
 
-Read as ``../shared/ALGORITHM.md`` fixes it (docs/ALGORITHM_NOTES.md lists where this file
-departs and why). Per minibatch, T replays; each replay runs K leapfrog-like steps of an HMC
-chain on the potential U = -J_cd (Eq. 13-14), corrects the proposal per example with a
-Metropolis-Hastings test, and takes one optimiser step on the corrected adversarial batch.
+Read as ALGORITHM.md fixes it; docs/ALGORITHM_NOTES.md lists where this file departs and why.
+Algorithm 1, numbered as the comments below cite it (w the weights, w~ the previous weights):
 
-Chain state per example: position offset ``delta`` (theta = x + delta) and momentum ``v``.
-    v     <- clip(v + alpha * sign(grad_theta J_cd), -eps, eps)   # v - alpha * grad U, FGSM-normalised
-    delta <- P(delta + eta * sign(v))                              # theta + eta * grad K(v), K(v) = |v|
-M-H: H = U(x + delta) + kappa * mean|v| / eps; accept with probability min(1, exp((H_old - H_new) / tau)).
+     1  U(theta) = -J_cd(f_w(theta^(k-1)), f_w~(theta^K), y),  K(v) = |v|      Stage 0 (Eq. 13-14)
+     2  w~ = w = w_0,  theta^K = theta^0
+     3  for epoch = 1 .. N / (T K), for each minibatch (x, y):
+     4      theta^0 <- x + v_0,  v_0 ~ Uniform(-eps, eps)
+     5      for t = 1 .. T:
+     6          for k = 1 .. K:                                                 Stage 1
+     7              theta^k <- theta^(k-1) + eta * grad K(v)
+     8              v <- v - alpha * grad U(theta)
+     9              v <- clip(v, -eps, eps)
+    10          (theta^K, v) = (theta^k, v), accepted or rejected by an M-H step
+    11          g_w <- E[grad_w J_ce(f_w(theta^K), y)]                            Stage 2
+    12          w~ <- w
+    13          w <- w - lr * g_w
+
+Per example the chain holds a position offset ``delta`` (theta = x + delta) and a momentum ``v``;
+lines 7-9 are ``core/hmc.py: leapfrog`` (kick, then drift: ALGORITHM_NOTES.md, decision 1).
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..batchnorm import BatchStatistics
 from ..hmc import kinetic, leapfrog, mh_accept, select_examples
 from ..losses import cd_potential
 from ..threat import project, uniform_start
@@ -39,6 +53,14 @@ class ATCDOptions:
     reuse_grad: bool = False  # the update's backward also yields the next replay's first step
     init: str = "carry"  # "carry": the chain persists across minibatches; "uniform": fresh each minibatch
     cd_target: str = "cached"  # "cached": p_prev from the last update's forward; "exact": old weights at theta
+    # After an M-H rejection the update needs the logits at the reverted rows. "rows": run only
+    # those rows again (BatchNorm layers normalise them with the proposal forward's statistics);
+    # "batch": run the whole corrected minibatch again (exact with BatchNorm, one more forward).
+    mh_rerun: str = "rows"
+    # Rows re-run per replay, as a fraction of the minibatch. None: exactly the rejected rows on
+    # the CPU, 1/4 of the minibatch on CUDA, where reading how many were rejected would make the
+    # step wait for the GPU; rejected rows beyond it train at their proposal (mh_rerun_overflow).
+    rerun_capacity: float | None = None
 
     def validate(self):
         for name in ("T", "K"):
@@ -53,93 +75,135 @@ class ATCDOptions:
             raise ValueError("init must be one of: carry, uniform")
         if self.cd_target not in ("cached", "exact"):
             raise ValueError("cd_target must be one of: cached, exact")
+        if self.mh_rerun not in ("rows", "batch"):
+            raise ValueError("mh_rerun must be one of: rows, batch")
+        if self.rerun_capacity is not None and not 0 < self.rerun_capacity <= 1:
+            raise ValueError("rerun_capacity must be in (0, 1] (or null)")
+
+
+class Chain(NamedTuple):
+    """Per-example chain state; ``potential`` is U = -J_cd at ``delta``, where it is known."""
+
+    delta: torch.Tensor
+    v: torch.Tensor
+    potential: torch.Tensor | None = None
 
 
 class ATCD(Method):
     Options = ATCDOptions
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.delta = self.v = self.pending_grad = None  # the chain carried across minibatches
-        self.previous_weights = None  # w~, for cd_target = exact
+    def __init__(self, model, optimizer, eps, options):
+        super().__init__(model, optimizer, eps, options)
+        self.alpha, self.eta = options.alpha or eps, options.eta or eps
+        # The chain carried from one minibatch to the next (init = carry; the paper's Section 5).
+        self.delta: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        # reuse_grad: grad_theta J_cd, and U, at the chain's position, left by the last update.
+        self.pending_grad: torch.Tensor | None = None
+        self.pending_potential: torch.Tensor | None = None
+        self.previous_weights: dict | None = None  # w~, kept only for cd_target = exact
+        self.batch_stats = BatchStatistics(self.model)  # re-running rejected rows under BatchNorm
 
     def step(self, x, y):
-        o = self.options
-        alpha, eta = o.alpha or self.eps, o.eta or self.eps
-        delta, v = self._start(x)
-        p_prev = None  # the first replay of a minibatch uses p_prev = y
-        accepted, decided, logs = 0, 0, []
-        for _ in range(o.T):
-            delta0, v0, u0 = delta, v, None
-            for k in range(o.K):  # Stage 1: K trajectory steps
-                if k == 0 and o.reuse_grad:
-                    g = self.pending_grad
-                    u0 = self.pending_potential  # U at delta0, from the last update's forward
-                    if g is None:  # a fresh chain has no gradient yet: train on its start
-                        continue
-                else:
-                    g, u = self._potential_grad(x, delta, y, p_prev)
-                    u0 = u if k == 0 else u0
-                delta, v = leapfrog(x, delta, v, g, self.eps, alpha, eta, o.momentum)
-
-            # Stage 2: the update's forward at the proposal also gives H_new for the M-H test.
-            x_adv = (x + delta).requires_grad_(o.reuse_grad)
-            logits = self.loss_model(x_adv)
-            leaves = [x_adv]  # the inputs the update's backward differentiates (see _reforward)
-            if o.mh and u0 is not None:
-                u1 = -cd_potential(logits.detach(), y, self._p_prev(x + delta, p_prev), o.lam, o.rho)
-                accept = mh_accept(u0 + kinetic(v0, self.eps, o.kappa), u1 + kinetic(v, self.eps, o.kappa), o.tau)
-                accepted, decided = accepted + accept.sum().item(), decided + accept.numel()
-                if not accept.all():  # rejected examples revert to the chain state before this replay
-                    delta, v = select_examples(accept, delta, delta0), select_examples(accept, v, v0)
-                    x_adv, logits = self._reforward(x + delta, accept, logits)
-                    leaves.append(x_adv)
-            loss = F.cross_entropy(logits, y)
-            if o.cd_target == "exact":
-                self.previous_weights = {name: w.detach().clone() for name, w in self.model.state_dict().items()}
-            self.update(loss)
-            p_prev = F.softmax(logits.detach().float(), dim=1)  # w~ <- w
-            logs.append((loss.item(), accuracy(logits, y)))
-            if o.reuse_grad:
-                # At the old weights and this theta, p = p_prev, so grad J_cd = (lam - rho) * grad CE.
-                # Rows re-run apart get their gradient on the second leaf and zero on the first.
-                self.pending_grad = (o.lam - o.rho) * sum(t.grad for t in leaves if t.grad is not None)
-                self.pending_potential = -cd_potential(logits.detach(), y, p_prev, o.lam, o.rho)
-        self._keep(delta, v)
-        stats = {"loss": sum(l for l, _ in logs) / len(logs), "train_acc": logs[-1][1]}
-        if decided:
-            stats["mh_accept_rate"] = accepted / decided
+        """One minibatch: lines 4-13 of Algorithm 1. Returns device tensors (no host sync)."""
+        chain = self._start(x)  # line 4, or the chain carried from the last minibatch
+        p_prev = None  # f_w~(theta^K) of line 1; none before the first update: p_prev = y
+        losses, decisions = [], []
+        for _ in range(self.options.T):  # line 5
+            start, proposal = self._trajectory(x, y, chain, p_prev)  # lines 6-9
+            x_adv, logits = self._forward(x, proposal)  # Stage 2's forward, also H_new for line 10
+            chain, logits, decision = self._metropolis_hastings(x, y, start, proposal, x_adv, logits, p_prev)
+            loss, p_prev = self._update(x_adv, logits, y)  # lines 11-13
+            losses.append(loss)
+            decisions += [decision] if decision else []
+        self.delta, self.v = chain.delta.detach(), chain.v.detach()
+        stats = {"loss": torch.stack(losses).mean(), "train_acc": accuracy(logits, y)}
+        for key in decisions[0] if decisions else ():
+            stats[key] = torch.cat([d[key] for d in decisions]).float().mean()
         return stats
 
-    def _reforward(self, theta, accept, logits):
-        """A new input leaf at the positions after the M-H test, and the logits there. Without
-        BatchNorm the rows of a forward are independent, so only the rejected rows are run again
-        and spliced in (re-running the whole minibatch cost ATCD a sixth of its step,
-        docs/PERFORMANCE.md); BatchNorm couples the rows, so then the whole minibatch is re-run."""
-        x_adv = theta.detach().requires_grad_(self.options.reuse_grad)
-        if self._has_batchnorm():
-            return x_adv, self.loss_model(x_adv)
-        rejected = ~accept
-        logits = logits.clone()
-        logits[rejected] = self.loss_model(x_adv[rejected])
-        return x_adv, logits
-
-    def _has_batchnorm(self) -> bool:
-        if not hasattr(self, "_batchnorm"):
-            self._batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
-        return self._batchnorm
-
     def _start(self, x):
-        """The chain state for this minibatch: carried over (projected onto x's ball), or fresh."""
+        """Line 4: the chain for this minibatch, carried over (projected onto x's ball) or fresh."""
         self.pending_potential = None  # an energy at another x means nothing here
         if self.options.init == "carry" and self.delta is not None and self.delta.shape == x.shape:
-            return project(self.delta, x, self.eps), self.v
+            return Chain(project(self.delta, x, self.eps), self.v)
         self.pending_grad = None
         delta = uniform_start(x, self.eps)
-        return delta, delta.clone()  # theta^0 = x + v0
+        return Chain(delta, delta.clone())  # theta^0 = x + v_0
 
-    def _keep(self, delta, v):
-        self.delta, self.v = delta.detach(), v.detach()
+    def _trajectory(self, x, y, chain, p_prev):
+        """Stage 1, lines 6-9: K steps on U = -J_cd. Returns the start, with U there for the M-H
+        test, and the proposal. With reuse_grad the first step's gradient is the one the last
+        update's backward left (ALGORITHM_NOTES.md, decisions 2-3), so it costs no pass."""
+        o, start = self.options, chain
+        for k in range(o.K):
+            if k == 0 and o.reuse_grad:
+                grad, start = self.pending_grad, chain._replace(potential=self.pending_potential)
+                if grad is None:  # a fresh chain has no gradient yet: the replay trains on its start
+                    continue
+            else:
+                grad, potential = self._potential_grad(x, chain.delta, y, p_prev)
+                start = chain._replace(potential=potential) if k == 0 else start
+            chain = Chain(*leapfrog(x, chain.delta, chain.v, grad, self.eps, self.alpha, self.eta, o.momentum))
+        return start, chain
+
+    def _forward(self, x, proposal):
+        """The update's forward at the proposal (through DDP). Its logits give H_new; with
+        mh_rerun = rows, BatchNorm inputs are kept for re-running rejected rows."""
+        x_adv = (x + proposal.delta).detach().requires_grad_(self.options.reuse_grad)
+        recording = self.options.mh and self.options.mh_rerun == "rows"
+        with self.batch_stats.record() if recording else contextlib.nullcontext():
+            return x_adv, self.loss_model(x_adv)
+
+    def _metropolis_hastings(self, x, y, start, proposal, x_adv, logits, p_prev):
+        """Line 10: per example, keep the proposal with probability min(1, exp((H_old - H_new) /
+        tau)), H = U + kappa mean|v| / eps, else revert to the replay's start; then the update's
+        logits at the corrected chain. Returns (chain, logits, decision or None)."""
+        o = self.options
+        if not o.mh or start.potential is None:  # reuse_grad's first replay: U at the start unknown
+            return proposal, logits, None
+        potential = -cd_potential(logits.detach(), y, self._p_prev(x_adv.detach(), p_prev), o.lam, o.rho)
+        accept = mh_accept(start.potential + kinetic(start.v, self.eps, o.kappa),
+                           potential + kinetic(proposal.v, self.eps, o.kappa), o.tau)
+        chain = Chain(select_examples(accept, proposal.delta, start.delta), select_examples(accept, proposal.v, start.v))
+        logits, overflow = self._rerun(x_adv, chain.delta - proposal.delta, ~accept, logits)
+        return chain, logits, {"mh_accept_rate": accept, **({"mh_rerun_overflow": overflow} if overflow is not None else {})}
+
+    def _rerun(self, x_adv, shift, rejected, logits):
+        """The logits at the corrected chain, x_adv + shift (shift is zero on accepted rows), as a
+        function of x_adv, so the input gradient reaches it (reuse_grad). mh_rerun = batch: the
+        whole minibatch again, exact. rows: only rejected rows, spliced in; with BatchNorm they are
+        normalised by the proposal forward's batch statistics (core/batchnorm.py; the deviation
+        from the exact re-run is bounded in tests/test_methods.py). Returns (logits, overflow):
+        rejected rows left at their proposal for want of capacity, or None when there is none."""
+        if self.options.mh_rerun == "batch":
+            return self.loss_model(x_adv + shift), None
+        capacity = self.options.rerun_capacity or (0.25 if rejected.is_cuda else None)
+        rejected_first = torch.argsort(rejected.to(torch.uint8), descending=True, stable=True)
+        rows = rejected_first[:math.ceil(capacity * len(rejected)) if capacity else int(rejected.sum())]
+        overflow = rejected.index_fill(0, rows, False) if capacity else None
+        if not len(rows):
+            self.batch_stats.moments.clear()
+            return logits, overflow
+        with self.batch_stats.frozen():
+            rerun = self.loss_model(x_adv[rows] + shift[rows])
+        # Rows re-run only to fill the capacity were accepted: they keep the proposal's logits.
+        return logits.index_put((rows,), torch.where(rejected[rows, None], rerun, logits[rows])), overflow
+
+    def _update(self, x_adv, logits, y):
+        """Stage 2, lines 11-13: one optimiser step on CE at the corrected chain; w~ <- w.
+        Returns the loss and p_prev = f_w~(theta^K) for the next replay's J_cd."""
+        o = self.options
+        loss = F.cross_entropy(logits, y)
+        if o.cd_target == "exact":  # line 12, as weights; "cached" keeps only their output p_prev
+            self.previous_weights = {name: w.detach().clone() for name, w in self.model.state_dict().items()}
+        self.update(loss)  # lines 11 and 13
+        p_prev = F.softmax(logits.detach().float(), dim=1)
+        if o.reuse_grad:
+            # At w~ and this theta, p = p_prev, so grad J_cd = (lam - rho) * grad CE (decision 3).
+            self.pending_grad = (o.lam - o.rho) * x_adv.grad
+            self.pending_potential = -cd_potential(logits.detach(), y, p_prev, o.lam, o.rho)
+        return loss.detach(), p_prev
 
     def _p_prev(self, x_adv, p_prev):
         if p_prev is None or self.options.cd_target == "cached":

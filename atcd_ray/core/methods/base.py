@@ -16,7 +16,7 @@ class NoOptions:
 
 class Method:
     """One adversarial-training method. ``step(x, y)`` trains on one minibatch and returns
-    python floats for logging; ``state_dict`` holds what must survive a restart (a persistent
+    device tensors for logging; ``state_dict`` holds what must survive a restart (a persistent
     perturbation, an HMC chain), per rank.
 
     ``model`` may be a DistributedDataParallel wrapper. Only the forward whose output is the
@@ -49,7 +49,9 @@ class Method:
         for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             grad.copy_(averaged)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Train on one minibatch; returns 0-dim tensors on the device for logging, read by the
+        engine once per logging interval: a step never waits for the GPU."""
         raise NotImplementedError
 
     def end_epoch(self, first_batch: tuple[torch.Tensor, torch.Tensor]) -> bool:
@@ -63,5 +65,6 @@ class Method:
         pass
 
 
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return (logits.argmax(1) == y).float().mean().item()
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows classified correctly, as a 0-dim tensor on the logits' device."""
+    return (logits.detach().argmax(1) == y).float().mean()

@@ -44,7 +44,7 @@ class FastFGSM(Method):
         logits = self.loss_model(x + delta)
         loss = F.cross_entropy(logits, y)
         self.update(loss)
-        return {"loss": loss.item(), "train_acc": accuracy(logits, y)}
+        return {"loss": loss.detach(), "train_acc": accuracy(logits, y)}
 
     def end_epoch(self, first_batch):
         if not self.options.early_stop:
@@ -52,7 +52,7 @@ class FastFGSM(Method):
         x, y = first_batch
         x_adv = pgd(self.model, x, y, self.eps, self.eps / 4, steps=5)
         with torch.no_grad():
-            robust_acc = accuracy(self.model(x_adv), y)
+            robust_acc = accuracy(self.model(x_adv), y).item()
         if robust_acc - self.previous_robust_acc < -self.options.early_stop_drop:
             self.model.load_state_dict(self.best_state)  # the weights before the collapse
             return True

@@ -51,7 +51,7 @@ class Free(Method):
             self.update(loss)  # the same backward fills x_adv.grad
             self.pending_grad = x_adv.grad.detach()
         self.delta = delta.detach()
-        return {"loss": loss.item(), "train_acc": accuracy(logits, y)}
+        return {"loss": loss.detach(), "train_acc": accuracy(logits, y)}
 
     def _carry(self, x):
         if self.delta is None or self.delta.shape != x.shape:  # first batch, or a short last batch

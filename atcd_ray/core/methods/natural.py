@@ -11,4 +11,4 @@ class Natural(Method):
         logits = self.loss_model(x)
         loss = F.cross_entropy(logits, y)
         self.update(loss)
-        return {"loss": loss.item(), "train_acc": accuracy(logits, y)}
+        return {"loss": loss.detach(), "train_acc": accuracy(logits, y)}

@@ -28,4 +28,4 @@ class PGDAT(Method):
         logits = self.loss_model(x_adv)
         loss = F.cross_entropy(logits, y)
         self.update(loss)
-        return {"loss": loss.item(), "train_acc": accuracy(logits, y)}
+        return {"loss": loss.detach(), "train_acc": accuracy(logits, y)}

@@ -54,4 +54,4 @@ class TRADES(Method):
         robust = kl_to(self.loss_model(x_adv), F.softmax(logits, dim=1)).mean()
         loss = F.cross_entropy(logits, y) + o.beta * robust
         self.update(loss)
-        return {"loss": loss.item(), "robust_kl": robust.item(), "train_acc": accuracy(logits, y)}
+        return {"loss": loss.detach(), "robust_kl": robust.detach(), "train_acc": accuracy(logits, y)}

@@ -79,7 +79,7 @@ class YOPO(Method):
             (-(first_layer_output(self.model, x + delta) * p).sum()).backward()
         self.average_gradients()  # the m + m backwards above ran on the bare module: rank-local
         self.optimizer.step()
-        return {"loss": loss.item(), "train_acc": accuracy(logits, y)}
+        return {"loss": loss.detach(), "train_acc": accuracy(logits, y)}
 
 
 class TRADESYOPO(Method):
@@ -100,4 +100,4 @@ class TRADESYOPO(Method):
         robust = kl_to(self.loss_model(x + delta), F.softmax(logits, dim=1)).mean()
         loss = F.cross_entropy(logits, y) + o.beta * robust
         self.update(loss)
-        return {"loss": loss.item(), "robust_kl": robust.item(), "train_acc": accuracy(logits, y)}
+        return {"loss": loss.detach(), "robust_kl": robust.detach(), "train_acc": accuracy(logits, y)}

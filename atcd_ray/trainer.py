@@ -164,7 +164,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     seed_everything(cfg.seed, device)  # same initial weights on every rank
     d, t, o = cfg.data, cfg.train, cfg.optim
     splits = build_splits(cfg.dataset, d.dir, d.batch_size, d.val_size, d.subset, cfg.eval.n, t.val_n,
-                          cfg.seed, d.loader_workers, d.ffcv_dir)
+                          cfg.seed, d.loader_workers, d.ffcv_dir, device=device)
     # Fast-FGSM's end-of-epoch check: the same first training batch on every rank.
     splits.train.set_epoch(0)
     first_batch = tuple(tensor.to(device) for tensor in next(iter(splits.train)))

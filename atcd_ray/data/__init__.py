@@ -136,8 +136,8 @@ class FolderBatches(Sharded):
     def __iter__(self):
         order, gen = self._order()
         subset = torch.utils.data.Subset(self.folder, [self.indices[i] for i in order.tolist()])
-        return iter(torch.utils.data.DataLoader(subset, self.local_batch_size, generator=gen,
-                                                num_workers=self.workers, persistent_workers=False))
+        return iter(torch.utils.data.DataLoader(subset, self.local_batch_size, generator=gen, num_workers=self.workers,
+                                                persistent_workers=False, pin_memory=torch.cuda.is_available()))
 
 
 @dataclass
@@ -164,7 +164,8 @@ def split_indices(n: int, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build_splits(dataset: str, data_dir: str | None, batch_size: int, val_size: int, subset: int | None,
                  eval_n: int | None, val_n: int | None, seed: int, loader_workers: int = 4,
-                 ffcv_dir: str | None = None) -> Splits:
+                 ffcv_dir: str | None = None, device: torch.device | None = None) -> Splits:
+    """``device``: where FFCV loaders deliver (on CUDA they copy to the GPU themselves)."""
     spec = DATASETS[dataset]
     if ffcv_dir is not None:
         try:
@@ -176,7 +177,7 @@ def build_splits(dataset: str, data_dir: str | None, batch_size: int, val_size: 
             train_file, test_file = beton_files(ffcv_dir, dataset)
             train_idx, val_idx = split_indices(num_samples(str(train_file)), val_size)
             make = lambda path, idx, train: FFCVBatches(  # noqa: E731
-                str(path), dataset, spec, batch_size, train, seed, idx, loader_workers)
+                str(path), dataset, spec, batch_size, train, seed, idx, loader_workers, device)
             test_idx = torch.arange(num_samples(str(test_file)))[:eval_n]
             return Splits(make(train_file, train_idx[:subset].numpy(), True), make(train_file, val_idx[:val_n].numpy(), False),
                           make(test_file, test_idx.numpy(), False), spec)

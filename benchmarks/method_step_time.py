@@ -20,35 +20,12 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
+from bare import BareLoop
 
 from atcd_ray.config import load_config
 from atcd_ray.core.methods import METHODS
 from atcd_ray.trainer import build_optimizer, hardware, model_for
 from atcd_ray.data import DATASETS, build_splits
-
-
-class BareATCD:
-    """ATCD's passes without ATCD: a sign step on the input gradient between them."""
-
-    def __init__(self, model, optimizer, eps, options):
-        self.model, self.optimizer, self.eps, self.options = model, optimizer, eps, options
-
-    def step(self, x, y):
-        o, eps = self.options, self.eps
-        delta = torch.empty_like(x).uniform_(-eps, eps)
-        for _ in range(o.T):
-            for _ in range(o.K - 1 if o.reuse_grad else o.K):
-                x_adv = (x + delta).requires_grad_(True)
-                (grad,) = torch.autograd.grad(F.cross_entropy(self.model(x_adv), y), x_adv)
-                delta = (delta + eps * grad.sign()).clamp(-eps, eps)
-            x_adv = (x + delta).requires_grad_(True)
-            loss = F.cross_entropy(self.model(x_adv), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            delta = (delta + eps * x_adv.grad.sign()).clamp(-eps, eps)
-        return {}
 
 
 def generated_batches(n: int, batch_size: int, shape: tuple[int, ...]) -> list:
@@ -117,7 +94,11 @@ def _atcd_rows(tk):
     """(label, method, class, overrides) of ATCD at TxK (None: the recipe's) and its bare loop."""
     overrides = [] if tk is None else [("methods.atcd.T", int(tk.split("x")[0])), ("methods.atcd.K", int(tk.split("x")[1]))]
     label = "atcd" if tk is None else f"atcd-{tk}"
-    return [(label, "atcd", METHODS["atcd"], overrides), (f"bare-{label}", "atcd", BareATCD, overrides)]
+    return [(label, "atcd", METHODS["atcd"], overrides), (f"bare-{label}", "atcd", _bare_atcd, overrides)]
+
+
+def _bare_atcd(model, optimizer, eps, options):
+    return BareLoop(model, optimizer, eps, options.T, options.K - 1 if options.reuse_grad else options.K)
 
 
 if __name__ == "__main__":

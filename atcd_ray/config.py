@@ -73,11 +73,12 @@ class TrainConfig:
     select_best: str = "last"  # last | robust_val: keep the checkpoint with the best validation robust accuracy
     val_n: int | None = 1000  # validation examples evaluated after each epoch
     val_attack: str = "pgd10"
+    progress_seconds: float = 5.0  # a progress line (or bar update) at most this often during an epoch
 
     def validate(self):
         _choice(self, "method", tuple(METHODS))
         _choice(self, "select_best", ("last", "robust_val"))
-        _positive(self, "epochs", "val_n")
+        _positive(self, "epochs", "val_n", "progress_seconds")
 
 
 @dataclass

@@ -197,7 +197,8 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     stopped_early = meta.get("stopped_early", False)
     for epoch in range(start_epoch, 0 if stopped_early else t.epochs):
         stats = train_epoch(method, splits.train, epoch, t.epochs, set_lr, device, amp=t.amp, progress=progress and lead,
-                            channels_last=t.channels_last, pin_memory=d.pin_memory, world_size=group.world_size)
+                            channels_last=t.channels_last, pin_memory=d.pin_memory, world_size=group.world_size,
+                            progress_interval=t.progress_seconds)
         stats["images_per_second"] = group.sum([stats["images_per_second"]])[0]
         train_seconds += stats["epoch_seconds"]
         with torch.random.fork_rng(devices=[]):  # same decision on every rank, same training stream

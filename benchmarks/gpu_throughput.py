@@ -188,12 +188,13 @@ def ray_against_in_process(device, smoke: bool) -> dict:
     """The same run (digits, ATCD; PreActResNet18, SmallCNN for --smoke) with --workers 0 and
     through one Ray Train worker; images/s of the last epoch of each."""
     rates = {}
-    model, size = ("smallcnn", ["--subset", "128"]) if smoke else ("preactresnet18", [])
+    model, size = ("smallcnn", ["--subset", "512"]) if smoke else ("preactresnet18", [])
     with tempfile.TemporaryDirectory() as tmp:
         for workers in ("0", "1"):
             cmd = [sys.executable, "-m", "atcd_ray.train", "digits", "--method", "atcd", "--epochs", "1" if smoke else "3",
-                   "--eval-n", "64", "--workers", workers, "--out", str(Path(tmp) / f"w{workers}"), "--quiet", *size,
-                   "--set", f"model={model}", "--set", "train.val_n=64", "--set", "eval.attacks=[pgd10]"]
+                   "--eval-n", "64", "--workers", workers, "--out", str(Path(tmp) / f"w{workers}"), *size,
+                   "--set", f"model={model}", "--set", "train.val_n=64", "--set", "eval.attacks=[pgd10]",
+                   "--set", "train.progress_seconds=0.5"]
             if device.type == "cuda" and workers == "1":
                 cmd.append("--gpu")
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -201,8 +202,10 @@ def ray_against_in_process(device, smoke: bool) -> dict:
                 return {"ray": "failed", "workers": workers, "stderr": proc.stderr[-2000:]}
             last = [json.loads(line) for line in (Path(tmp) / f"w{workers}" / "metrics.jsonl").read_text().splitlines()][-1]
             rates[workers] = last["train_images_per_second"]
+            progress = [line for line in (proc.stdout + proc.stderr).splitlines() if "images/s  ETA" in line]
     return {"ray": f"digits {model} atcd", "in_process_images_per_second": rates["0"],
-            "ray_1_worker_images_per_second": rates["1"], "ratio": rates["1"] / rates["0"]}
+            "ray_1_worker_images_per_second": rates["1"], "ratio": rates["1"] / rates["0"],
+            "ray_progress_lines": len(progress), "ray_progress_example": progress[0] if progress else None}
 
 
 def print_tables(results):

@@ -22,7 +22,7 @@ import time
 import torch
 from bare import BareLoop
 
-from atcd_ray.config import load_config
+from atcd_ray.config import load_config, parse_override
 from atcd_ray.core.methods import METHODS
 from atcd_ray.trainer import build_optimizer, hardware, model_for
 from atcd_ray.data import DATASETS, build_splits
@@ -42,6 +42,8 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=None, help="default 128 (smallcnn), 64 (preactresnet18)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every method, e.g. methods.atcd.tau=0.02 (more M-H rejections)")
     args = p.parse_args()
     torch.manual_seed(0)
     if args.model == "smallcnn":
@@ -54,7 +56,8 @@ def main():
         names, atcd = ["natural"], args.atcd or "2x1,4x2"
 
     def config(method, overrides=()):
-        return load_config(dataset, overrides=[("train.method", method), ("model", args.model), *overrides])
+        return load_config(dataset, overrides=[("train.method", method), ("model", args.model), *overrides,
+                                               *map(parse_override, args.set)])
 
     methods, options = {}, {}
     for label, method, cls, overrides in [(n, n, METHODS[n], ()) for n in names] + [

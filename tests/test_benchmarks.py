@@ -30,3 +30,5 @@ def test_gpu_throughput_smoke(tmp_path):
     assert loader["images_per_second"] > 0 and loader["images"] == 64
     (ray,) = [r for r in rows if "ray" in r]
     assert ray["in_process_images_per_second"] > 0 and ray["ray_1_worker_images_per_second"] > 0
+    # A run through Ray shows progress within an epoch: rank 0's lines reach the driver.
+    assert ray["ray_progress_lines"] >= 1 and "RayTrainWorker" in ray["ray_progress_example"], ray

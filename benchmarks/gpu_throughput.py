@@ -96,8 +96,8 @@ def main(argv=None) -> int:
                 methods = [m for m in methods if m in SMOKE_METHODS[:1 if variant == "cl+bf16" else 2]]
             if args.smoke and model_name == "resnet50" and variant != "eager":
                 continue
-            for row in steps_per_second(model_name, shapes[model_name], variant, methods, device,
-                                        args.steps, args.rounds, args.compile_backend):
+            for row in steps_per_second(model_name, shapes[model_name], variant, methods, device=device,
+                                        steps=args.steps, rounds=args.rounds, compile_backend=args.compile_backend):
                 emit(row)
     if not args.skip_loader and time.perf_counter() - start < args.budget_s:
         emit(ffcv_loader(device, smoke=args.smoke))

@@ -15,9 +15,11 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 RUN pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1 --index-url ${TORCH_INDEX}
 
 WORKDIR /home/ray/atcd_ray
-COPY --chown=1000:100 pyproject.toml README.md ./
+COPY --chown=1000:100 pyproject.toml README.md constraints.txt ./
 COPY --chown=1000:100 atcd_ray ./atcd_ray
 COPY --chown=1000:100 pipelines ./pipelines
 COPY --chown=1000:100 tune_spaces ./tune_spaces
-RUN pip install --no-cache-dir -e '.[ffcv]' 'ray[default,train,tune]==2.60.0' \
- && pip install --no-cache-dir --no-deps torchattacks pyautoattack
+# constraints.txt pins what setup.sh installs (its nvidia-* pins are CUDA 13's; this image's
+# torch brings its own CUDA libraries, which it does not name).
+RUN pip install --no-cache-dir -c constraints.txt -e '.[ffcv]' 'ray[default,train,tune]' \
+ && pip install --no-cache-dir -c constraints.txt --no-deps torchattacks pyautoattack

@@ -14,12 +14,18 @@ def setup_logging() -> None:
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run ``main``; a bad config or missing data is one line on stderr and exit status 2."""
+    """Run ``main``; a bad config or missing data is one line on stderr and exit status 2, a
+    run stopped by a non-finite loss or weight one line and exit status 3."""
+    from .core.engine import NonFiniteError
+
     try:
         return main(argv)
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
 
 
 def check_launch(cfg, workers: int) -> None:

@@ -23,7 +23,7 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from .config import Config, config_from_dict
-from .trainer import Group, fit
+from .trainer import Group, check_not_diverged, fit
 
 
 class RayGroup(Group):
@@ -70,13 +70,15 @@ def _worker(config: dict) -> None:
 
 
 def init_ray() -> None:
-    """Join RAY_ADDRESS (``ray job submit`` sets it) or start a local Ray, dashboard on 127.0.0.1."""
+    """Join RAY_ADDRESS (``ray job submit`` sets it) or start a local Ray of this process's own,
+    dashboard on 127.0.0.1. ``address="local"``: without it ``ray.init()`` joins the cluster Ray's
+    ``ray_current_cluster`` file names, which a killed ``ray start --head`` leaves behind (dead)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def even_share_of_cpus(workers: int) -> int:
@@ -108,7 +110,11 @@ def fit_distributed(cfg: Config, out_dir: str | Path, workers: int, gpu: bool = 
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_robust_acc",
                                                checkpoint_score_order="max")),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except Exception:
+        check_not_diverged(out)  # a worker's non-finite loss: its one line, not Ray's traceback
+        raise
     return out

@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers:
         check_launch(cfg, args.workers)
     out = Path(args.out or f"runs/{cfg.dataset}-{cfg.train.method}")
+    from .trainer import check_launcher
+
+    check_launcher(out, "ray" if args.workers else "in-process")
     setup_logging()
     if args.workers:
         from .distributed import fit_distributed

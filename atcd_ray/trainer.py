@@ -1,8 +1,16 @@
 """A whole training run in this process: data, model, method, epochs, checkpoints, final evaluation.
 
-Writes into ``out_dir``: ``metrics.jsonl`` (one line per epoch), ``last.safetensors`` every
-epoch, ``best.safetensors`` when ``select_best = robust_val``, and ``summary.json`` at the end.
-Rerunning with the same ``out_dir`` and config resumes from ``last.safetensors``.
+Writes into ``out_dir``: ``last.safetensors`` every epoch (the one it replaces kept as
+``last.previous.safetensors``), ``metrics.jsonl`` (one line per epoch), ``best.safetensors`` when
+``select_best = robust_val``, and ``summary.json`` at the end. Rerunning with the same ``out_dir``
+and config resumes from ``last.safetensors``.
+
+Crash consistency: every file is written whole or not at all (``write_atomic``: temporary file,
+fsync, rename, directory fsync). The epoch's metrics record is committed inside its checkpoint
+(``meta["history"]``); metrics.jsonl is rewritten from it after each checkpoint, so a kill at any
+instant leaves a checkpoint and metrics that agree, and a resume redoes exactly the epochs after
+the checkpoint. TensorBoard event files are append-only streams of checksummed records, which
+TensorBoard reads up to a torn tail; a resume purges their steps after the checkpoint.
 """
 from __future__ import annotations
 
@@ -17,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, ConfigError
 from .core.attacks import build_attack
-from .core.checkpoint import Checkpoint, save_checkpoint
-from .core.engine import evaluate, train_epoch
+from .core.checkpoint import Checkpoint, load_latest, previous_path, save_checkpoint, write_text_atomic
+from .core.engine import NonFiniteError, evaluate, train_epoch
 from .core.methods import METHODS
 from .core.models import build_model
 from .core.schedules import learning_rate
@@ -59,15 +67,53 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_history(out: Path) -> list[dict]:
-    """A run directory's metrics.jsonl, one record per epoch ([] before the first epoch)."""
+    """A run directory's metrics.jsonl, one record per epoch ([] before the first epoch). A torn
+    last line (a file not written by this version's atomic writer) is reported and left out."""
     path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    lines = path.read_text().splitlines() if path.exists() else []
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i + 1 < len(lines):
+                raise ValueError(f"{path}, line {i + 1}: not a JSON record") from None
+            log.warning("%s: last line is torn (%d characters); ignored", path, len(line))
+    return records
+
+
+def check_finite_weights(model: torch.nn.Module, epoch: int) -> None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise NonFiniteError(f"non-finite values in {name} after epoch {epoch + 1}")
+
+
+def check_not_diverged(out: Path) -> None:
+    """A run that stopped on a non-finite value stops again at once: it would diverge the same way."""
+    marker = out / "diverged.json"
+    if marker.exists():
+        error = json.loads(marker.read_text())["error"]
+        raise NonFiniteError(f"{out} stopped on a {error}; its last good checkpoint is kept. "
+                             "Change the config (another --out) to train again")
+
+
+def check_launcher(out: Path, launcher: str) -> None:
+    """A run directory records how it was launched (``ray`` or ``in-process``); once it holds a
+    checkpoint, a resume launched the other way is refused: Ray's restarts resume from the
+    checkpoints Ray keeps, which an in-process run does not read, and the reverse, so the switch
+    would silently train from scratch over the run."""
+    path = out / "launch.json"
+    recorded = json.loads(path.read_text())["launcher"] if path.exists() else launcher
+    if recorded != launcher and (any(out.glob("*.safetensors")) or any(out.glob("checkpoint_*"))):
+        how = {"ray": "--workers N >= 1", "in-process": "--workers 0"}
+        raise ConfigError(f"{out} was trained {recorded} ({how[recorded]}); resume it the same way, "
+                          f"or give another --out to train {launcher}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"launcher": launcher})
 
 
 def read_summary(out: Path) -> dict | None:
@@ -108,7 +154,8 @@ class Group:
 
     def restore_dir(self, out: Path) -> Path | None:
         """Where the checkpoint to resume from lies, or None for a fresh start."""
-        return out if (out / "last.safetensors").exists() else None
+        last = out / "last.safetensors"
+        return out if last.exists() or previous_path(last).exists() else None
 
     def report(self, record: dict, checkpoint_file: Path) -> None:
         """Called on every rank after each epoch, once its checkpoint file is written."""
@@ -129,13 +176,13 @@ def _resume(directory: Path | None, cfg: Config, model, optimizer, method, rank:
     """Load the checkpoint in ``directory`` if it belongs to this very config; returns its meta."""
     if directory is None:
         return {}
-    ckpt = Checkpoint(directory / "last.safetensors")
+    ckpt = load_latest(directory / "last.safetensors")
     if ckpt.config != json.loads(cfg.to_json()):
-        raise RuntimeError(f"{ckpt.path} was written by another config; use a fresh --out directory")
+        raise ConfigError(f"{ckpt.path} was written by another config{_config_difference(ckpt.config, json.loads(cfg.to_json()))}; "
+                          "use a fresh --out directory")
     model.load_state_dict(ckpt.model_state())
     optimizer.load_state_dict(ckpt.optimizer_state())
-    own_path = directory / _rank_file(rank)
-    own = ckpt if rank == 0 else Checkpoint(own_path) if own_path.exists() else None
+    own = ckpt if rank == 0 else _own_checkpoint(directory / _rank_file(rank), ckpt.meta["epoch"])
     if own is not None:  # per-rank state: a persistent perturbation, an ATCD chain, the RNG
         method.load_state_dict(own.method_state())
         if "rng.cpu" in own.tensors:
@@ -145,6 +192,31 @@ def _resume(directory: Path | None, cfg: Config, model, optimizer, method, rank:
                     rank, directory)
     log.info("resuming from %s after epoch %d", ckpt.path, ckpt.meta["epoch"])
     return ckpt.meta
+
+
+def _config_difference(old: dict, new: dict, prefix: str = "") -> str:
+    """The first key whose value differs, as ' (KEY: OLD there, NEW here)', or ''."""
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _config_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f" ({prefix}{key}: {a!r} there, {b!r} here)"
+    return ""
+
+
+def _own_checkpoint(path: Path, epoch: int) -> Checkpoint | None:
+    """A rank's own checkpoint of ``epoch`` (the latest, or the one it replaced), if there is one."""
+    for candidate in (path, previous_path(path)):
+        try:
+            own = Checkpoint(candidate)
+        except Exception:  # noqa: BLE001 - absent or unreadable: try the next
+            continue
+        if own.meta.get("epoch") == epoch:
+            return own
+    return None
 
 
 def _mean_over_ranks(group: Group, accuracy: dict[str, float], n: int) -> dict[str, float]:
@@ -164,7 +236,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     seed_everything(cfg.seed, device)  # same initial weights on every rank
     d, t, o = cfg.data, cfg.train, cfg.optim
     splits = build_splits(cfg.dataset, d.dir, d.batch_size, d.val_size, d.subset, cfg.eval.n, t.val_n,
-                          cfg.seed, d.loader_workers, d.ffcv_dir, device=device)
+                          cfg.seed, d.loader_workers, d.ffcv_dir, device=device, pin_memory=d.pin_memory)
     # Fast-FGSM's end-of-epoch check: the same first training batch on every rank.
     splits.train.set_epoch(0)
     first_batch = tuple(tensor.to(device) for tensor in next(iter(splits.train)))
@@ -178,13 +250,17 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         torch.manual_seed(cfg.seed + 7919 * rank)  # own random starts and chains per rank
 
     best_path, metrics_path = out / "best.safetensors", out / "metrics.jsonl"
+    if lead:
+        for orphan in out.glob(".*.tmp"):  # a write a kill interrupted; the file it was for is whole
+            orphan.unlink()
     meta = _resume(group.restore_dir(out), cfg, model, optimizer, method, rank)
+    check_not_diverged(out)
     start_epoch = meta.get("epoch", 0)
     train_seconds, best_val = meta.get("train_seconds", 0.0), meta.get("best_val", -1.0)
-    history = [h for h in read_history(out) if h["epoch"] <= start_epoch]  # epochs after the checkpoint are redone
+    history = meta.get("history", [])  # the epochs up to the checkpoint; later ones are redone
     board = None
     if lead:
-        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+        write_text_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
         board = TensorBoard(out / "tb", cfg, start_epoch)
 
     def set_lr(epoch: float) -> float:
@@ -196,9 +272,15 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     val_attacks = {"robust": build_attack(t.val_attack, cfg.eps)}
     stopped_early = meta.get("stopped_early", False)
     for epoch in range(start_epoch, 0 if stopped_early else t.epochs):
-        stats = train_epoch(method, splits.train, epoch, t.epochs, set_lr, device, amp=t.amp, progress=progress and lead,
-                            channels_last=t.channels_last, pin_memory=d.pin_memory, world_size=group.world_size,
-                            progress_interval=t.progress_seconds)
+        try:
+            stats = train_epoch(method, splits.train, epoch, t.epochs, set_lr, device, amp=t.amp,
+                                progress=progress and lead, channels_last=t.channels_last, pin_memory=d.pin_memory,
+                                world_size=group.world_size, progress_interval=t.progress_seconds)
+            check_finite_weights(model, epoch)
+        except NonFiniteError as err:  # no checkpoint of this epoch: the last good one stays
+            if lead:
+                write_json_atomic(out / "diverged.json", {"error": str(err)})
+            raise
         stats["images_per_second"] = group.sum([stats["images_per_second"]])[0]
         train_seconds += stats["epoch_seconds"]
         with torch.random.fork_rng(devices=[]):  # same decision on every rank, same training stream
@@ -211,19 +293,21 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         improved = t.select_best == "robust_val" and val["robust"] > best_val
         if improved:
             best_val = val["robust"]
-        meta = {"epoch": epoch + 1, "train_seconds": train_seconds, "best_val": best_val, "stopped_early": stopped_early}
+        history.append(record)
+        meta = {"epoch": epoch + 1, "train_seconds": train_seconds, "best_val": best_val, "stopped_early": stopped_early,
+                "history": history}
         own = out / _rank_file(rank)
         if lead:
             if improved:
                 save_checkpoint(best_path, model, cfg.to_dict(), {"epoch": epoch + 1, "val": val})
-            save_checkpoint(own, model, cfg.to_dict(), meta, optimizer, method.state_dict(), torch.get_rng_state())
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            save_checkpoint(own, model, cfg.to_dict(), meta, optimizer, method.state_dict(), torch.get_rng_state(),
+                            keep_previous=True)  # the epoch's record is committed with it
+            write_text_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
             board.epoch(record)
         else:
-            save_checkpoint(own, None, {}, meta, None, method.state_dict(), torch.get_rng_state())
+            save_checkpoint(own, None, {}, {"epoch": epoch + 1}, None, method.state_dict(), torch.get_rng_state(),
+                            keep_previous=True)
         group.report(record, own)
-        history.append(record)
         if lead:
             log.info("epoch %d/%d  %s", epoch + 1, t.epochs, "  ".join(
                 f"{k}={v:.4g}" for k, v in record.items() if k in (

@@ -6,7 +6,7 @@ import torch
 
 import atcd_ray
 from atcd_ray import trainer
-from atcd_ray.config import load_config
+from atcd_ray.config import ConfigError, load_config
 from atcd_ray.core.checkpoint import Checkpoint, save_checkpoint
 from atcd_ray.core.methods import ATCD
 from atcd_ray.core.methods.atcd import ATCDOptions
@@ -101,7 +101,7 @@ def test_resume_after_a_crash_is_bit_exact(tmp_path, monkeypatch):
 
 def test_resume_refuses_another_config(tmp_path):
     trainer.fit(quick_config(**{"train.epochs": 1}), tmp_path, progress=False)
-    with pytest.raises(RuntimeError, match="another config"):
+    with pytest.raises(ConfigError, match=r"another config \(eps: 0.1 there, 0.2 here\)"):
         trainer.fit(quick_config(**{"train.epochs": 1, "eps": 0.2}), tmp_path, progress=False)
 
 

@@ -2,7 +2,7 @@
 rejected wherever a schema lists its properties), pod templates and volumes against Kubernetes'
 own schemas (kubernetes-validate), and entrypoints that name modules, files and flags that exist.
 
-The CRDs are read from ../shared/kuberay-crds/v1.7.0, or from $KUBERAY_CRDS_DIR."""
+The CRDs are vendored in third_party/kuberay-crds/v1.7.0 ($KUBERAY_CRDS_DIR reads others)."""
 import copy
 import functools
 import importlib
@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CRDS = Path(os.environ.get("KUBERAY_CRDS_DIR", ROOT.parent / "shared" / "kuberay-crds" / "v1.7.0"))
+CRDS = Path(os.environ.get("KUBERAY_CRDS_DIR", ROOT / "third_party" / "kuberay-crds" / "v1.7.0"))
 IMAGE_ROOT = "/home/ray/atcd_ray/"  # where the Dockerfile puts the project
 K8S_VERSION = "1.32.0"
 DOCUMENTS = [(path.name, i, doc) for path in sorted((ROOT / "k8s").glob("*.yaml"))

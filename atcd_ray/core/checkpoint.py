@@ -1,22 +1,66 @@
 """Self-describing checkpoints in one safetensors file: model weights, optimiser and method
 state as tensors, the config and counters as JSON metadata. Loading never unpickles anything.
 
-Writes are atomic: a temporary file in the same directory, fsynced, then renamed over the target,
-so a crash leaves either the old checkpoint or the new one, never half of one.
+Writes are atomic (``write_atomic``): a temporary file in the same directory, fsynced, renamed
+over the target, then the directory fsynced, so a crash or power loss leaves either the old file
+or the new one, never half of one. ``keep_previous`` keeps the checkpoint being replaced as
+``NAME.previous.safetensors``; ``load_latest`` falls back to it, with one warning line, when the
+latest cannot be read (a disk that tore it, a copy cut short).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 FORMAT = "atcd_ray/1"
+log = logging.getLogger("atcd_ray")
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX: the entry lives in the directory's data)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, write: Callable[[str], None], previous: Path | None = None) -> Path:
+    """``write(tmp_name)`` writes the content; it becomes ``path`` only once whole and on disk.
+    ``previous``: where the file being replaced goes (it stays whole there)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)  # a crash right after this leaves previous, still whole
+        os.replace(tmp, path)
+        fsync_directory(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def previous_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".previous.safetensors")
 
 
 def _flatten(prefix: str, tree: Any, tensors: dict, plain: dict) -> None:
@@ -32,7 +76,7 @@ def _flatten(prefix: str, tree: Any, tensors: dict, plain: dict) -> None:
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module | None, config: dict, meta: dict | None = None,
                     optimizer: torch.optim.Optimizer | None = None, method_state: dict | None = None,
-                    rng_state: torch.Tensor | None = None) -> Path:
+                    rng_state: torch.Tensor | None = None, keep_previous: bool = False) -> Path:
     path = Path(path)
     tensors, plain = {}, {}
     if model is not None:
@@ -43,18 +87,25 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module | None, config: dic
     if rng_state is not None:  # so that a resumed run draws the same random numbers
         tensors["rng.cpu"] = rng_state.clone()
     metadata = {"format": FORMAT, "config": json.dumps(config), "meta": json.dumps(meta or {}), "plain": json.dumps(plain)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata),
+                        previous=previous_path(path) if keep_previous else None)
+
+
+def load_latest(path: str | Path) -> Checkpoint:
+    """The checkpoint at ``path``, or the one it replaced if ``path`` is absent or unreadable. An
+    unreadable one is set aside as ``NAME.corrupt`` (kept for inspection), so that the next save
+    does not rotate it over the good previous checkpoint."""
+    path, previous = Path(path), previous_path(path)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        return Checkpoint(path)
+    except Exception as err:  # noqa: BLE001 - any unreadable file: a torn write, a truncated copy
+        if not previous.exists():
+            raise
+        if path.exists():
+            log.warning("%s is unreadable (%s: %s); resuming from %s", path, type(err).__name__,
+                        str(err).splitlines()[0] if str(err) else "", previous.name)
+            os.replace(path, path.with_name(path.name + ".corrupt"))
+        return Checkpoint(previous)
 
 
 class Checkpoint:

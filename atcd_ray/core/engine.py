@@ -35,6 +35,35 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_l
     return x, y
 
 
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or weight; the message names where and what."""
+
+
+class FiniteLossGuard:
+    """Stops an epoch at a non-finite loss, naming the first step that had one. The check stays on
+    the device: on CUDA the flag is read every ``interval`` seconds (reading it each step would
+    make the step wait for the GPU), on the CPU at once (a read costs nothing there)."""
+
+    def __init__(self, epoch: int, device: torch.device, interval: float):
+        self.epoch, self.interval = epoch, interval if device.type == "cuda" else 0.0
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)  # -1: none yet
+        self.value = torch.zeros((), device=device)
+        self.last = time.perf_counter()
+
+    def update(self, step: int, loss: torch.Tensor) -> None:
+        new = ~torch.isfinite(loss) & (self.first_step < 0)
+        self.first_step = torch.where(new, step, self.first_step)
+        self.value = torch.where(new, loss.detach().float(), self.value)
+        if time.perf_counter() - self.last >= self.interval:
+            self.check()
+
+    def check(self) -> None:
+        self.last = time.perf_counter()
+        step = int(self.first_step)
+        if step >= 0:
+            raise NonFiniteError(f"non-finite training loss ({self.value.item()}) at epoch {self.epoch + 1}, step {step}")
+
+
 class Progress:
     """What a user sees during an epoch: a tqdm bar on a terminal, otherwise (a Ray worker, a log
     file) one log line every ``interval`` seconds, with images/s and the epoch's ETA. Reading the
@@ -82,11 +111,13 @@ def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: 
                 pin_memory: bool = True, world_size: int = 1, progress_interval: float = 5.0) -> dict[str, float]:
     """One pass over ``batches``; the learning rate follows fractional epochs. Returns means of
     the method's per-step statistics plus throughput. The statistics stay on the device until
-    read (by the progress line, and at the end of the epoch)."""
+    read (by the progress line, and at the end of the epoch). A non-finite loss raises
+    ``NonFiniteError`` (``FiniteLossGuard``)."""
     method.model.train()
     batches.set_epoch(epoch)
     n = len(batches)
     report = Progress(n, f"epoch {epoch + 1}/{total_epochs}", progress, progress_interval, world_size)
+    guard = FiniteLossGuard(epoch, device, progress_interval)
     totals: dict[str, torch.Tensor] = {}
     steps, images, lr_sum, wait = 0, 0, 0.0, 0.0
     start = t_fetch = time.perf_counter()
@@ -99,9 +130,11 @@ def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: 
         for key, value in stats.items():
             totals[key] = totals[key] + value if key in totals else value.detach().float()
         steps, images = steps + 1, images + len(y)
+        guard.update(steps, stats["loss"])
         report.update(steps, images, totals)
         t_fetch = time.perf_counter()
     report.close()
+    guard.check()
     seconds = time.perf_counter() - start
     names = list(totals)
     means = (torch.stack([totals[k] for k in names]) / max(steps, 1)).tolist() if names else []

@@ -120,7 +120,8 @@ def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> tor
 class FolderBatches(Sharded):
     """ImageNet-style ImageFolder through a torch DataLoader (JPEG decoding needs worker processes)."""
 
-    def __init__(self, folder, indices, batch_size: int, train: bool, image_size: int, workers: int, seed: int):
+    def __init__(self, folder, indices, batch_size: int, train: bool, image_size: int, workers: int, seed: int,
+                 pin_memory: bool = False):
         import torchvision.transforms as T
 
         super().__init__(batch_size, shuffle=train, drop_last=train, seed=seed)
@@ -128,7 +129,7 @@ class FolderBatches(Sharded):
             folder.transform = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor()])
         else:
             folder.transform = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor()])
-        self.folder, self.indices, self.workers = folder, list(indices), workers
+        self.folder, self.indices, self.workers, self.pin_memory = folder, list(indices), workers, pin_memory
 
     def _size(self) -> int:
         return len(self.indices)
@@ -137,7 +138,7 @@ class FolderBatches(Sharded):
         order, gen = self._order()
         subset = torch.utils.data.Subset(self.folder, [self.indices[i] for i in order.tolist()])
         return iter(torch.utils.data.DataLoader(subset, self.local_batch_size, generator=gen, num_workers=self.workers,
-                                                persistent_workers=False, pin_memory=torch.cuda.is_available()))
+                                                persistent_workers=False, pin_memory=self.pin_memory))
 
 
 @dataclass
@@ -164,8 +165,9 @@ def split_indices(n: int, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build_splits(dataset: str, data_dir: str | None, batch_size: int, val_size: int, subset: int | None,
                  eval_n: int | None, val_n: int | None, seed: int, loader_workers: int = 4,
-                 ffcv_dir: str | None = None, device: torch.device | None = None) -> Splits:
-    """``device``: where FFCV loaders deliver (on CUDA they copy to the GPU themselves)."""
+                 ffcv_dir: str | None = None, device: torch.device | None = None, pin_memory: bool = True) -> Splits:
+    """``device``: where FFCV loaders deliver (on CUDA they copy to the GPU themselves); the
+    ImageFolder loader pins its batches when ``device`` is CUDA and ``pin_memory`` is on."""
     spec = DATASETS[dataset]
     if ffcv_dir is not None:
         try:
@@ -188,7 +190,8 @@ def build_splits(dataset: str, data_dir: str | None, batch_size: int, val_size: 
         test_folder = imagenet_folder(data_dir, train=False)
         test_idx = torch.arange(len(test_folder))
         make = lambda folder, idx, train: FolderBatches(  # noqa: E731
-            folder, idx.tolist(), batch_size, train, spec.image_size, loader_workers, seed)
+            folder, idx.tolist(), batch_size, train, spec.image_size, loader_workers, seed,
+            pin_memory=pin_memory and device is not None and torch.device(device).type == "cuda")
         return Splits(make(train_folder, train_idx[:subset], True), make(val_folder, val_idx[:val_n], False),
                       make(test_folder, test_idx[:eval_n], False), spec)
 

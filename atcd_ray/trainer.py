@@ -109,9 +109,9 @@ def check_launcher(out: Path, launcher: str) -> None:
     path = out / "launch.json"
     recorded = json.loads(path.read_text())["launcher"] if path.exists() else launcher
     if recorded != launcher and (any(out.glob("*.safetensors")) or any(out.glob("checkpoint_*"))):
-        how = {"ray": "--workers N >= 1", "in-process": "--workers 0"}
-        raise ConfigError(f"{out} was trained {recorded} ({how[recorded]}); resume it the same way, "
-                          f"or give another --out to train {launcher}")
+        how = {"ray": "through Ray (--workers N >= 1)", "in-process": "in-process (--workers 0)"}
+        raise ConfigError(f"{out} was trained {how[recorded]}; resume it the same way, "
+                          f"or give another --out to train {how[launcher].split(' (')[0]}")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"launcher": launcher})
 

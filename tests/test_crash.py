@@ -165,3 +165,50 @@ def test_a_middle_line_that_is_not_json_is_an_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n')
     with pytest.raises(ValueError, match="line 2: not a JSON record"):
         trainer.read_history(tmp_path)
+
+
+def test_non_finite_weights_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from atcd_ray.core.engine import NonFiniteError
+
+    cfg = quick_config()
+    real = trainer.train_epoch
+
+    def poison_epoch_2(method, batches, epoch, *args, **kwargs):
+        stats = real(method, batches, epoch, *args, **kwargs)
+        if epoch == 1:
+            with torch.no_grad():
+                next(method.model.parameters())[0].fill_(float("inf"))
+        return stats
+
+    monkeypatch.setattr(trainer, "train_epoch", poison_epoch_2)
+    with pytest.raises(NonFiniteError, match=r"non-finite values in [\w.]+ after epoch 2"):
+        trainer.fit(cfg, tmp_path, progress=False)
+    assert Checkpoint(tmp_path / "last.safetensors").meta["epoch"] == 1
+    assert [h["epoch"] for h in trainer.read_history(tmp_path)] == [1]
+    monkeypatch.setattr(trainer, "train_epoch", real)
+    with pytest.raises(NonFiniteError, match="stopped on a non-finite"):  # at once, not after another epoch
+        trainer.fit(cfg, tmp_path, progress=False)
+
+
+def test_a_diverging_learning_rate_exits_3_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "atcd_ray.train", *ARGS, "--set", "optim.lr=1e6", "--quiet",
+                           "--out", str(tmp_path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: non-finite training loss (nan) at epoch 1, step ")
+
+
+def test_a_run_directory_refuses_to_be_resumed_by_another_launcher(tmp_path):
+    def train(workers):
+        return subprocess.run([sys.executable, "-m", "atcd_ray.train", ARGS[0], "--workers", str(workers), *ARGS[3:],
+                               "--epochs", "1", "--quiet", "--out", str(tmp_path)], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+
+    assert train(0).returncode == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    switched = train(1)  # refused before Ray starts: Ray would not see the in-process checkpoint
+    assert switched.returncode == 2 and "Traceback" not in switched.stderr
+    assert switched.stderr.strip() == (f"error: {tmp_path} was trained in-process (--workers 0); resume it the same "
+                                       "way, or give another --out to train through Ray")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -185,3 +185,22 @@ def test_ray_job_submit_trains_two_workers_and_writes_tensorboard(tmp_path):
     assert {"train/loss", "val/clean_acc", "val/robust_acc", "train/mh_accept_rate", "train/lr",
             "train/images_per_second", "train/epoch_seconds"} <= tags
     assert [e.step for e in events.Scalars("val/robust_acc")] == [1, 2]
+
+
+@pytest.mark.timeout(300)
+def test_a_stale_current_cluster_file_does_not_hang_a_run():
+    """A head killed rather than stopped leaves Ray's ray_current_cluster file naming it; plain
+    ray.init() then hangs trying to join it (the positive control), init_ray starts its own Ray."""
+    temp = tempfile.mkdtemp(dir="/tmp", prefix="r")  # short: Ray's socket paths live under it
+    try:
+        (Path(temp) / "ray").mkdir()
+        (Path(temp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")  # nothing listens there
+        env = dict(_env(), TMPDIR=temp)
+        join = "import ray; ray.init(); print(ray.cluster_resources()['CPU'])"
+        with pytest.raises(subprocess.TimeoutExpired):
+            subprocess.run([sys.executable, "-c", join], env=env, capture_output=True, timeout=20)
+        own = "from atcd_ray.distributed import init_ray; import ray; init_ray(); print(ray.cluster_resources()['CPU'])"
+        proc = subprocess.run([sys.executable, "-c", own], env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0 and float(proc.stdout.split()[-1]) == os.cpu_count(), proc.stderr
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

@@ -67,6 +67,56 @@ def _pod_templates(doc):
             yield group["groupName"], group["template"]
 
 
+def _every_pod(doc):
+    """Every pod the document makes: head, workers, a RayJob's submitter."""
+    yield from _pod_templates(doc)
+    if doc["kind"] == "RayJob":
+        yield "submitter", doc["spec"]["submitterPodTemplate"]
+
+
+# The restricted Pod Security Standard (Kubernetes 1.32), rule by rule, as the admission
+# controller reads a pod; plus the two hardening rules of issue 11 beyond it.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def restricted_violations(pod_spec: dict, extra_containers: list[dict] = ()) -> list[str]:
+    found = []
+    pod_sc = pod_spec.get("securityContext", {})
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod_spec.get(field):
+            found.append(f"{field} is set")
+    for volume in pod_spec.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            found.append(f"volume {volume['name']} is {sorted(kinds)}")
+    if pod_sc.get("runAsUser") == 0:
+        found.append("pod runAsUser is 0")
+    containers = pod_spec["containers"] + pod_spec.get("initContainers", []) + list(extra_containers)
+    for c in containers:
+        sc, name = c.get("securityContext", {}), c.get("name", "autoscaler")
+        if sc.get("privileged"):
+            found.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation is not false")
+        if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+            found.append(f"{name}: capabilities do not drop ALL")
+        if set(sc.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: adds capabilities")
+        if not sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")):
+            found.append(f"{name}: runAsNonRoot is not true")
+        if sc.get("runAsUser") == 0:
+            found.append(f"{name}: runAsUser is 0")
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccompProfile is {seccomp!r}")
+        if any("hostPort" in port for port in c.get("ports", [])):
+            found.append(f"{name}: hostPort")
+        if not sc.get("readOnlyRootFilesystem"):  # beyond the standard
+            found.append(f"{name}: root filesystem is writable")
+    return found
+
+
 def test_the_manifests_are_there():
     kinds = sorted(doc["kind"] for _, doc in RAY_DOCUMENTS)
     assert kinds == ["RayCluster", "RayJob", "RayJob"]
@@ -149,3 +199,73 @@ def test_job_entrypoints_run_modules_and_flags_that_exist(name, doc):
     gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["replicas"]
                for g in groups)
     assert gpus >= parsed.workers * (getattr(parsed, "max_concurrent", None) or 1)  # the job fits its cluster
+
+
+@pytest.mark.parametrize("name, doc", RAY_DOCUMENTS, ids=[n for n, _ in RAY_DOCUMENTS])
+def test_every_pod_passes_the_restricted_pod_security_standard(name, doc):
+    for spec in _cluster_specs(doc):
+        autoscaler = spec.get("autoscalerOptions", {})
+        for group, template in _every_pod(doc):
+            is_head = template is spec["headGroupSpec"]["template"]
+            extra = [autoscaler] if is_head and spec.get("enableInTreeAutoscaling") else []
+            assert restricted_violations(template["spec"], extra) == [], (name, group)
+            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{group}-pod"}, "spec": template["spec"]}
+            kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+            # No Kubernetes API token in a pod, except the head whose autoscaler sidecar scales the
+            # cluster through the API.
+            assert template["spec"]["automountServiceAccountToken"] is bool(extra), (name, group)
+            # Ray writes its session and the libraries their caches under /tmp: a writable volume.
+            for container in template["spec"]["containers"]:
+                assert {"name": "scratch", "mountPath": "/tmp"} in container["volumeMounts"]
+
+
+def test_the_restricted_check_fires_on_each_rule():
+    doc = next(doc for _, doc in RAY_DOCUMENTS if doc["kind"] == "RayCluster")
+    good = doc["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+    breaches = {
+        "hostNetwork is set": lambda p: p.update(hostNetwork=True),
+        "volume host is ['hostPath']": lambda p: p["volumes"].append({"name": "host", "hostPath": {"path": "/"}}),
+        "ray-worker: privileged": lambda p: p["containers"][0]["securityContext"].update(privileged=True),
+        "ray-worker: allowPrivilegeEscalation is not false":
+            lambda p: p["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+        "ray-worker: capabilities do not drop ALL": lambda p: p["containers"][0]["securityContext"].pop("capabilities"),
+        "ray-worker: adds capabilities":
+            lambda p: p["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+        "ray-worker: runAsNonRoot is not true": lambda p: (p["securityContext"].pop("runAsNonRoot"),
+                                                            p["containers"][0]["securityContext"].pop("runAsNonRoot")),
+        "ray-worker: seccompProfile is 'Unconfined'": lambda p: (
+            p["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+            p["containers"][0]["securityContext"].pop("seccompProfile")),
+        "ray-worker: root filesystem is writable":
+            lambda p: p["containers"][0]["securityContext"].pop("readOnlyRootFilesystem"),
+    }
+    assert restricted_violations(good) == []
+    for message, breach in breaches.items():
+        pod = copy.deepcopy(good)
+        breach(pod)
+        assert message in restricted_violations(pod), message
+
+
+@pytest.mark.parametrize("name, doc", RAY_DOCUMENTS, ids=[n for n, _ in RAY_DOCUMENTS])
+def test_ray_clusters_require_a_token_from_a_secret(name, doc):
+    for spec in _cluster_specs(doc):
+        assert spec["authOptions"] == {"mode": "token", "secretName": "atcd-ray-token"}
+    readme = (ROOT / "k8s" / "README.md").read_text()
+    assert "kubectl create secret generic atcd-ray-token --from-literal=auth_token=" in readme
+
+
+def test_the_network_policy_admits_only_the_clusters_own_pods():
+    (policy,) = [doc for _, _, doc in DOCUMENTS if doc["kind"] == "NetworkPolicy"]
+    kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
+    label = policy["spec"]["podSelector"]["matchLabels"]
+    assert label == {"app.kubernetes.io/part-of": "atcd-ray"} and policy["spec"]["policyTypes"] == ["Ingress"]
+    for name, doc in RAY_DOCUMENTS:  # the policy covers every pod, and every pod may talk to the others
+        for group, template in _every_pod(doc):
+            assert template["metadata"]["labels"].items() >= label.items(), (name, group)
+    own, operator = policy["spec"]["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": label}}]}  # same namespace, any port
+    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]  # the operator: the dashboard only
+    assert operator["from"] == [{"namespaceSelector": {}, "podSelector": {
+        "matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
+    for rule in policy["spec"]["ingress"]:  # an empty "from" would admit every pod of the cluster
+        assert rule.get("from") and all(peer.get("podSelector", {}).get("matchLabels") for peer in rule["from"])

@@ -159,7 +159,7 @@ def ffcv_loader(device, smoke: bool) -> dict:
     onto the device) on a generated JPEG ImageFolder, with every CPU core."""
     try:
         from atcd_ray.data import DATASETS
-        from atcd_ray.pipelines.loaders import FFCVBatches
+        from atcd_ray.data.ffcv_batches import FFCVBatches
         from atcd_ray.pipelines.write import main as write_main
     except ImportError as err:
         return {"loader": "ffcv", "skipped": f"FFCV not importable: {err}"}

@@ -2,7 +2,6 @@
 write, and rerun each time until it finishes, ends bit for bit where an uninterrupted run ends;
 a torn metrics line and a truncated checkpoint resume with one warning line each."""
 import json
-import os
 import random
 import re
 import signal

@@ -7,6 +7,7 @@ the network allows); the scikit-learn digits ship with scikit-learn; ImageNet is
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import struct
 from pathlib import Path
 
@@ -128,6 +129,9 @@ def beton_files(directory: str, dataset: str) -> tuple[Path, Path]:
 def check_available(dataset: str, data_dir: str | None, ffcv_dir: str | None = None) -> None:
     """Raise DataError now if the dataset is missing, before workers are started to read it."""
     if ffcv_dir is not None:
+        if importlib.util.find_spec("ffcv") is None:
+            raise DataError("data.ffcv_dir is set but FFCV is not installed: install the ffcv extra "
+                            "(scripts/setup.sh) or leave data.ffcv_dir unset")
         beton_files(ffcv_dir, dataset)
     if dataset == "imagenet":
         imagenet_folder(data_dir, train=True)

@@ -1,3 +1,3 @@
-"""FFCV pipelines: ``.beton`` writers (``python -m atcd_ray.pipelines.write``) and loaders that
-yield the same (float images in [0, 1], labels) batches as ``atcd_ray.data``. FFCV is optional:
-``atcd_ray.data`` falls back to its torchvision loaders, with a log line, when it is missing."""
+"""FFCV's .beton writers: ``python -m atcd_ray.pipelines.write``. The loaders that read them are
+``atcd_ray.data.ffcv_batches``, beside the other loaders; a run with ``data.ffcv_dir`` set and
+FFCV missing is an error, never a silent fallback to loaders that augment otherwise."""

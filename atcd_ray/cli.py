@@ -1,12 +1,21 @@
 """Helpers shared by the command-line entry points."""
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Callable
 
 from .config import ConfigError
 from .data import DataError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as one line (``error: ...``, exit 2), as every
+    other bad input of the command-line tools is; ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def setup_logging() -> None:
@@ -16,11 +25,12 @@ def setup_logging() -> None:
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run ``main``; a bad config or missing data is one line on stderr and exit status 2, a
     run stopped by a non-finite loss or weight one line and exit status 3."""
+    from .core.checkpoint import CheckpointError
     from .core.engine import NonFiniteError
 
     try:
         return main(argv)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:
@@ -29,7 +39,8 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
 
 
 def check_launch(cfg, workers: int) -> None:
-    """Before Ray starts: every worker takes an equal share of each minibatch, and the data exist."""
+    """Before any work (and before Ray starts): every worker takes an equal share of each
+    minibatch, and the data exist."""
     from .data.sources import check_available
 
     if cfg.data.batch_size % workers:

@@ -235,7 +235,14 @@ def load_config(dataset: str | None = None, recipe: str | Path | None = None,
     path = Path(recipe) if recipe else recipe_path(dataset)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"recipe {path} is not valid YAML ({' '.join(str(err).split())})") from None
+    except OSError as err:
+        raise ConfigError(f"recipe {path} cannot be read ({err.strerror})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping of config keys, got {type(tree).__name__}")
     if dataset is not None:
         tree["dataset"] = dataset
     method = dict(overrides).get("train.method", tree.get("train", {}).get("method", TrainConfig.method))

@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from .cli import markdown_table, run_main
+from .cli import ArgumentParser, markdown_table, run_main
 from .config import ConfigError
 
 CURVES = {"train_train_acc": "train (adversarial batch)", "val_clean_acc": "validation clean",
@@ -189,7 +189,7 @@ def _numbers(text: str, kind):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m atcd_ray.report", description=__doc__,
+    p = ArgumentParser(prog="python -m atcd_ray.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", help="a run directory (metrics.jsonl) or a sweep directory (results.parquet)")
     p.add_argument("--out", help="where the report goes (default: DIR/report)")

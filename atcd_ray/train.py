@@ -16,14 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import check_launch, markdown_table, run_main, setup_logging
+from .cli import ArgumentParser, check_launch, markdown_table, run_main, setup_logging
 from .config import ConfigError, load_config, parse_override
 from .core.methods import METHODS
 from .data import DATASETS
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m atcd_ray.train", description=__doc__,
+    p = ArgumentParser(prog="python -m atcd_ray.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--method", help=f"one of: {', '.join(METHODS)} (default: the recipe's)")
@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--gpu reserves GPUs for Ray Train workers: give --workers N >= 1 "
                           "(with --workers 0 a visible GPU is used anyway)")
     cfg = load_config(args.dataset, args.recipe, overrides_from(args))
-    if args.workers:
-        check_launch(cfg, args.workers)
+    check_launch(cfg, max(args.workers, 1))
     out = Path(args.out or f"runs/{cfg.dataset}-{cfg.train.method}")
-    from .trainer import check_launcher
+    from .trainer import check_launcher, check_resumable
 
-    check_launcher(out, "ray" if args.workers else "in-process")
+    check_resumable(out, cfg)
+    check_launcher(out, "ray" if args.workers else "in-process")  # the first file of a new run
     setup_logging()
     if args.workers:
         from .distributed import fit_distributed

@@ -27,7 +27,8 @@ import torch
 
 from .config import Config, ConfigError
 from .core.attacks import build_attack
-from .core.checkpoint import Checkpoint, load_latest, previous_path, save_checkpoint, write_text_atomic
+from .core.checkpoint import (Checkpoint, CheckpointError, checkpoint_config, load_latest, previous_path,
+                               save_checkpoint, write_text_atomic)
 from .core.engine import NonFiniteError, evaluate, train_epoch
 from .core.methods import METHODS
 from .core.models import build_model
@@ -99,6 +100,31 @@ def check_not_diverged(out: Path) -> None:
         error = json.loads(marker.read_text())["error"]
         raise NonFiniteError(f"{out} stopped on a {error}; its last good checkpoint is kept. "
                              "Change the config (another --out) to train again")
+
+
+def check_resumable(out: Path, cfg: Config) -> None:
+    """Before any work: a run directory that holds a checkpoint resumes only under its own config.
+    Changing train.epochs alone gets its own answer: the learning-rate schedule is laid over the
+    epochs, so a finished run cannot be extended without training something else."""
+    last = out / "last.safetensors"
+    path = last if last.exists() else previous_path(last)
+    if not path.exists():
+        return
+    try:
+        old = checkpoint_config(path)
+    except CheckpointError:
+        return  # unreadable: the resume falls back to the previous checkpoint, or says why not
+    new = json.loads(cfg.to_json())
+    if old == new:
+        return
+    epochs = old.get("train", {}).get("epochs")
+    if {**old, "train": {**old.get("train", {}), "epochs": new["train"]["epochs"]}} == new:
+        raise ConfigError(f"{out} was started with train.epochs={epochs}, and its learning-rate schedule "
+                          f"({old['optim']['schedule']}) is laid over those epochs: it cannot be extended to "
+                          f"{new['train']['epochs']}. Resume it with --epochs {epochs}, or train "
+                          f"{new['train']['epochs']} epochs in another --out")
+    raise ConfigError(f"{path} was written by another config{_config_difference(old, new)}; "
+                      "resume with the same config or use a fresh --out directory")
 
 
 def check_launcher(out: Path, launcher: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import run_main, setup_logging
+from .cli import ArgumentParser, run_main, setup_logging
 from .config import ConfigError, load_config, parse_override
 from .core.methods import ATCD
 from .data import build_splits
@@ -119,7 +119,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m atcd_ray.trajectory_shift", description=__doc__,
+    p = ArgumentParser(prog="python -m atcd_ray.trajectory_shift", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset")
     p.add_argument("--k", type=int, default=2)

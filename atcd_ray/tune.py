@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .cli import check_launch, markdown_table, run_main, setup_logging
+from .cli import ArgumentParser, check_launch, markdown_table, run_main, setup_logging
 from .config import ConfigError, load_config, parse_override
 
 log = logging.getLogger("atcd_ray.tune")
@@ -328,7 +328,7 @@ def _cell(value):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m atcd_ray.tune", description=__doc__,
+    p = ArgumentParser(prog="python -m atcd_ray.tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("space", help="search space YAML (tune_spaces/)")
     p.add_argument("--epochs", type=int, help="passes over the training data per trial (ASHA's max_t)")

@@ -51,6 +51,16 @@ def test_evaluate_reproduces_clean_accuracy_and_writes_json(trained_run, tmp_pat
     assert "| model | clean | fgsm | pgd10 | mifgsm10 |" in proc.stdout
 
 
+def test_evaluate_hmc_without_a_number_uses_the_default_proposals(trained_run, tmp_path):
+    out, _ = trained_run
+    robust = {}
+    for name in ["hmc", "hmc20"]:
+        run("atcd_ray.evaluate", str(out / "last.safetensors"), "--attacks", name, "--eval-n", "32", "--json",
+            str(tmp_path / f"{name}.json"))
+        robust.update(json.loads((tmp_path / f"{name}.json").read_text())["robust_acc"])
+    assert robust["hmc"] == robust["hmc20"] < 1  # the default is 20 proposals: the same attack, same seed
+
+
 def test_evaluate_rejects_bad_attack(trained_run):
     out, _ = trained_run
     proc = subprocess.run([sys.executable, "-m", "atcd_ray.evaluate", str(out / "last.safetensors"), "--attacks", "pgd"],

@@ -138,8 +138,10 @@ _ITERATIVE = {"pgd": pgd, "mifgsm": mifgsm, "cw": cw_inf, "tapgd": torchattacks_
               "hmc": lambda model, x, y, eps, step, proposals: hmc_attack(model, x, y, eps, proposals, step, step)}
 _NAME = re.compile(r"^(pgd|mifgsm|cw|tapgd|hmc)(\d+)(?:x(\d+))?$")
 _QUERY_NAME = re.compile(r"^(square|rays)(\d*)$")
-ATTACK_NAMES = ("fgsm, pgdN, pgdNxR (R restarts), mifgsmN, cwN, tapgdN (torchattacks' PGD), hmcN (N proposals), "
-                "autoattack, square[Q], rays[Q] (Q queries; default 5000 and 10000)")
+HMC_PROPOSALS = 20  # "hmc" alone: as many passes as pgd20
+ATTACK_NAMES = ("fgsm, pgdN, pgdNxR (R restarts), mifgsmN, cwN, tapgdN (torchattacks' PGD), "
+                f"hmc[N] (N proposals; default {HMC_PROPOSALS}), autoattack, square[Q], rays[Q] "
+                "(Q queries; default 5000 and 10000)")
 
 
 def build_attack(name: str, eps: float, alpha: float | None = None) -> Attack:
@@ -159,7 +161,7 @@ def build_attack(name: str, eps: float, alpha: float | None = None) -> Attack:
         if kind == "square":
             return lambda model, x, y: square(model, x, y, eps, queries)
         return lambda model, x, y: rays(model, x, y, eps, queries)
-    match = _NAME.match(name)
+    match = _NAME.match(f"hmc{HMC_PROPOSALS}" if name == "hmc" else name)
     if not match or int(match[2]) < 1:
         raise ValueError(f"unknown attack {name!r}; allowed: {ATTACK_NAMES}")
     kind, steps, restarts = match[1], int(match[2]), int(match[3] or 1)

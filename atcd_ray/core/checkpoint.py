@@ -24,6 +24,10 @@ FORMAT = "atcd_ray/1"
 log = logging.getLogger("atcd_ray")
 
 
+class CheckpointError(ValueError):
+    """A file that is not a whole atcd_ray checkpoint; the message names it."""
+
+
 def fsync_directory(directory: Path) -> None:
     """Make a rename in ``directory`` durable (POSIX: the entry lives in the directory's data)."""
     fd = os.open(directory, os.O_RDONLY)
@@ -108,6 +112,16 @@ def load_latest(path: str | Path) -> Checkpoint:
         return Checkpoint(previous)
 
 
+def checkpoint_config(path: str | Path) -> dict:
+    """The config a checkpoint was written with, read from its header alone (no tensors)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["config"])
+    except Exception as err:  # noqa: BLE001 - a torn or foreign file
+        raise CheckpointError(f"{path} is not a readable atcd_ray checkpoint ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())})") from None
+
+
 class Checkpoint:
     """A loaded checkpoint: ``config`` and ``meta`` dicts and tensors grouped by owner."""
 
@@ -115,11 +129,17 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"checkpoint {self.path} does not exist")
-        with safe_open(str(self.path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise ValueError(f"{self.path} is not an atcd_ray checkpoint (format {metadata.get('format')!r})")
-            self.tensors = {key: f.get_tensor(key) for key in f.keys()}
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                if metadata.get("format") != FORMAT:
+                    raise CheckpointError(f"{self.path} is not an atcd_ray checkpoint (format {metadata.get('format')!r})")
+                self.tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001 - safetensors' errors on a torn or foreign file
+            raise CheckpointError(f"{self.path} is not a readable safetensors checkpoint "
+                                  f"({type(err).__name__}: {' '.join(str(err).split())})") from None
         self.config = json.loads(metadata["config"])
         self.meta = json.loads(metadata["meta"])
         self.plain = json.loads(metadata["plain"])

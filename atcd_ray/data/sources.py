@@ -60,6 +60,11 @@ def fashion_mnist(data_dir: str | None, train: bool) -> tuple[torch.Tensor, torc
     return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
 
 
+def _one_line(err: Exception, limit: int = 160) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _torchvision(cls_name: str, data_dir: str | None, train: bool):
     import torchvision
 
@@ -69,7 +74,7 @@ def _torchvision(cls_name: str, data_dir: str | None, train: bool):
         return cls(str(root), train=train, download=True)
     except Exception as err:  # torchvision raises URLError/RuntimeError variants when offline
         raise DataError(
-            f"{cls_name} is not in {root} and could not be downloaded ({type(err).__name__}: {err}). "
+            f"{cls_name} is not in {root} and could not be downloaded ({type(err).__name__}: {_one_line(err)}). "
             f"On a machine with internet run: python -c \"import torchvision; "
             f"torchvision.datasets.{cls_name}('{root}', download=True)\" and pass --data-dir {root}"
         ) from err

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import run_main
+from ..cli import ArgumentParser, run_main
 from ..config import ConfigError
 from ..data import DATASETS
 from ..data.sources import IN_MEMORY, imagenet_folder
@@ -59,7 +59,7 @@ def write(dataset: str, split: str, out: str | Path, data_dir: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m atcd_ray.pipelines.write", description=__doc__,
+    p = ArgumentParser(prog="python -m atcd_ray.pipelines.write", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", help=f"one of: {', '.join(d for d in DATASETS if d != 'digits')}")
     p.add_argument("--split", required=True, choices=["train", "val"], help="val = the test split")

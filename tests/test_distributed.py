@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -117,8 +118,8 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes(tmp_path):
         while not (registered.exists() and list(out.glob("checkpoint_*/rank1.safetensors"))):
             assert proc.poll() is None and time.time() < deadline, "the run ended before its first epoch"
             time.sleep(0.5)
-        workers = [int(line.split()[0]) for line in subprocess.run(
-            ["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines() if "ray::RayTrainWorker" in line]
+        workers = sorted(p.pid for p in psutil.process_iter(["cmdline"])
+                         if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []))
         assert len(workers) == 2
         os.kill(workers[-1], signal.SIGKILL)
         log, _ = proc.communicate(timeout=800)

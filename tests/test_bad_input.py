@@ -74,13 +74,15 @@ TRAIN = [
     (["digits", "--set", "train.lr=0.1"], "train.lr: unknown key; allowed: method, epochs"),
     (["digits", "--set", "nokey=1"], "nokey: unknown key"),
     (["digits", "--method", "magic"], "method must be one of"),
+    (["digits", "--set", "methods.atcd.K=0"], "methods.atcd: K must be >= 1"),
+    (["digits", "--eps", "-1"], "eps must be >= 0"),
     (["svhn"], "dataset: unknown dataset 'svhn'"),
     (["digits", "--set", "novalue"], "--set expects key=value, got 'novalue'"),
     # missing files, unreadable directories, recipes that are not recipes
     (["digits", "--recipe", "{files}/missing.yaml"], "recipe {files}/missing.yaml does not exist"),
     (["digits", "--recipe", "{files}/broken.yaml"], "recipe {files}/broken.yaml is not valid YAML"),
     (["digits", "--recipe", "{files}/list.yaml"], "recipe {files}/list.yaml: expected a mapping of config keys, got list"),
-    (["fashion-mnist", "--data-dir", "{files}/nowhere"], "{files}/nowhere"),
+    (["fashion-mnist", "--data-dir", "{files}/nowhere"], "apt-get install -y dataset-fashion-mnist"),
     (["fashion-mnist", "--data-dir", "{files}/a-file"], "{files}/a-file"),
     (["digits", "--set", "data.ffcv_dir={files}/nowhere"], "{files}/nowhere/train.beton does not exist"),
 ]

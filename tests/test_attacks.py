@@ -96,7 +96,7 @@ def test_restarts_never_weaken_pgd(trained_digits_model, digits_splits):
     assert three <= one
 
 
-@pytest.mark.parametrize("name", ["pgd", "pgd0", "foo20", "mifgsm20x3", "pgd20x", "square0", "raysx", "hmc"])
+@pytest.mark.parametrize("name", ["pgd", "pgd0", "foo20", "mifgsm20x3", "pgd20x", "square0", "raysx", "hmc0", "hmcx"])
 def test_bad_attack_names_are_rejected(name):
     with pytest.raises(ValueError, match="attack"):
         build_attack(name, 0.1)

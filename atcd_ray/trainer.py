@@ -203,8 +203,9 @@ def _resume(directory: Path | None, cfg: Config, model, optimizer, method, rank:
     if directory is None:
         return {}
     ckpt = load_latest(directory / "last.safetensors")
-    if ckpt.config != json.loads(cfg.to_json()):
-        raise ConfigError(f"{ckpt.path} was written by another config{_config_difference(ckpt.config, json.loads(cfg.to_json()))}; "
+    config = json.loads(cfg.to_json())
+    if ckpt.config != config:
+        raise ConfigError(f"{ckpt.path} was written by another config{_config_difference(ckpt.config, config)}; "
                           "use a fresh --out directory")
     model.load_state_dict(ckpt.model_state())
     optimizer.load_state_dict(ckpt.optimizer_state())

@@ -133,7 +133,8 @@ class Checkpoint:
             with safe_open(str(self.path), framework="pt") as f:
                 metadata = f.metadata() or {}
                 if metadata.get("format") != FORMAT:
-                    raise CheckpointError(f"{self.path} is not an atcd_ray checkpoint (format {metadata.get('format')!r})")
+                    raise CheckpointError(f"{self.path} is not an atcd_ray checkpoint "
+                                          f"(format {metadata.get('format')!r})")
                 self.tensors = {key: f.get_tensor(key) for key in f.keys()}
         except CheckpointError:
             raise

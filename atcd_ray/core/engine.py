@@ -61,7 +61,8 @@ class FiniteLossGuard:
         self.last = time.perf_counter()
         step = int(self.first_step)
         if step >= 0:
-            raise NonFiniteError(f"non-finite training loss ({self.value.item()}) at epoch {self.epoch + 1}, step {step}")
+            raise NonFiniteError(f"non-finite training loss ({self.value.item()}) at epoch {self.epoch + 1}, "
+                                 f"step {step}")
 
 
 class Progress:

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import fit  # torch-heavy imports only once the config is known to be good
 
         summary = fit(cfg, out, progress=not args.quiet)
-    row = {"method": summary["method"], "clean": summary["clean_acc"], **summary["robust_acc"],
+    robust = summary["robust_acc"]  # in the order of eval.attacks (summary.json sorts its keys)
+    row = {"method": summary["method"], "clean": summary["clean_acc"], **{a: robust[a] for a in cfg.eval.attacks},
            "train s": f"{summary['train_seconds']:.0f}"}
     print(markdown_table([row], list(row)))
     print(f"summary: {out / 'summary.json'}")

@@ -155,14 +155,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or hint is Any:
         return value
-    if hint is float and not isinstance(value, bool):
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
-            number = float(value) if isinstance(value, (int, float, str)) else None  # YAML reads "5e-4" as a string
+            number = float(value)  # YAML reads "5e-4" as a string
         except ValueError:
-            number = None
-        if number is not None and not math.isfinite(number):
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            number = None  # not a number: refused below
         if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
             return number
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")

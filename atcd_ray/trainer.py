@@ -87,6 +87,11 @@ def read_history(out: Path) -> list[dict]:
     return records
 
 
+def write_history(out: Path, history: list[dict]) -> None:
+    """metrics.jsonl from the records committed in the checkpoint (atomic, like every run file)."""
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+
+
 def check_finite_weights(model: torch.nn.Module, epoch: int) -> None:
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -103,9 +108,8 @@ def check_not_diverged(out: Path) -> None:
 
 
 def check_resumable(out: Path, cfg: Config) -> None:
-    """Before any work: a run directory that holds a checkpoint resumes only under its own config.
-    Changing train.epochs alone gets its own answer: the learning-rate schedule is laid over the
-    epochs, so a finished run cannot be extended without training something else."""
+    """Before any work: a run directory that holds a checkpoint resumes only under its own config
+    (``check_same_config``), read from the checkpoint's header."""
     last = out / "last.safetensors"
     path = last if last.exists() else previous_path(last)
     if not path.exists():
@@ -114,12 +118,19 @@ def check_resumable(out: Path, cfg: Config) -> None:
         old = checkpoint_config(path)
     except CheckpointError:
         return  # unreadable: the resume falls back to the previous checkpoint, or says why not
+    check_same_config(path, old, cfg)
+
+
+def check_same_config(path: Path, old: dict, cfg: Config) -> None:
+    """A checkpoint at ``path`` written with config ``old`` resumes only under that config.
+    Changing train.epochs alone gets its own answer: the learning-rate schedule is laid over the
+    epochs, so a finished run cannot be extended without training something else."""
     new = json.loads(cfg.to_json())
     if old == new:
         return
     epochs = old.get("train", {}).get("epochs")
     if {**old, "train": {**old.get("train", {}), "epochs": new["train"]["epochs"]}} == new:
-        raise ConfigError(f"{out} was started with train.epochs={epochs}, and its learning-rate schedule "
+        raise ConfigError(f"{path.parent} was started with train.epochs={epochs}, and its learning-rate schedule "
                           f"({old['optim']['schedule']}) is laid over those epochs: it cannot be extended to "
                           f"{new['train']['epochs']}. Resume it with --epochs {epochs}, or train "
                           f"{new['train']['epochs']} epochs in another --out")
@@ -203,13 +214,11 @@ def _resume(directory: Path | None, cfg: Config, model, optimizer, method, rank:
     if directory is None:
         return {}
     ckpt = load_latest(directory / "last.safetensors")
-    config = json.loads(cfg.to_json())
-    if ckpt.config != config:
-        raise ConfigError(f"{ckpt.path} was written by another config{_config_difference(ckpt.config, config)}; "
-                          "use a fresh --out directory")
+    check_same_config(ckpt.path, ckpt.config, cfg)
     model.load_state_dict(ckpt.model_state())
     optimizer.load_state_dict(ckpt.optimizer_state())
-    own = ckpt if rank == 0 else _own_checkpoint(directory / _rank_file(rank), ckpt.meta["epoch"])
+    own_path = directory / _rank_file(rank)
+    own = ckpt if rank == 0 else Checkpoint(own_path) if own_path.exists() else None
     if own is not None:  # per-rank state: a persistent perturbation, an ATCD chain, the RNG
         method.load_state_dict(own.method_state())
         if "rng.cpu" in own.tensors:
@@ -232,18 +241,6 @@ def _config_difference(old: dict, new: dict, prefix: str = "") -> str:
         elif a != b:
             return f" ({prefix}{key}: {a!r} there, {b!r} here)"
     return ""
-
-
-def _own_checkpoint(path: Path, epoch: int) -> Checkpoint | None:
-    """A rank's own checkpoint of ``epoch`` (the latest, or the one it replaced), if there is one."""
-    for candidate in (path, previous_path(path)):
-        try:
-            own = Checkpoint(candidate)
-        except Exception:  # noqa: BLE001 - absent or unreadable: try the next
-            continue
-        if own.meta.get("epoch") == epoch:
-            return own
-    return None
 
 
 def _mean_over_ranks(group: Group, accuracy: dict[str, float], n: int) -> dict[str, float]:
@@ -276,7 +273,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     if rank:
         torch.manual_seed(cfg.seed + 7919 * rank)  # own random starts and chains per rank
 
-    best_path, metrics_path = out / "best.safetensors", out / "metrics.jsonl"
+    best_path = out / "best.safetensors"
     if lead:
         for orphan in out.glob(".*.tmp"):  # a write a kill interrupted; the file it was for is whole
             orphan.unlink()
@@ -287,7 +284,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     history = meta.get("history", [])  # the epochs up to the checkpoint; later ones are redone
     board = None
     if lead:
-        write_text_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+        write_history(out, history)
         board = TensorBoard(out / "tb", cfg, start_epoch)
 
     def set_lr(epoch: float) -> float:
@@ -329,11 +326,10 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
                 save_checkpoint(best_path, model, cfg.to_dict(), {"epoch": epoch + 1, "val": val})
             save_checkpoint(own, model, cfg.to_dict(), meta, optimizer, method.state_dict(), torch.get_rng_state(),
                             keep_previous=True)  # the epoch's record is committed with it
-            write_text_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+            write_history(out, history)
             board.epoch(record)
         else:
-            save_checkpoint(own, None, {}, {"epoch": epoch + 1}, None, method.state_dict(), torch.get_rng_state(),
-                            keep_previous=True)
+            save_checkpoint(own, None, {}, {"epoch": epoch + 1}, None, method.state_dict(), torch.get_rng_state())
         group.report(record, own)
         if lead:
             log.info("epoch %d/%d  %s", epoch + 1, t.epochs, "  ".join(

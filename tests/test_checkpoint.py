@@ -72,22 +72,26 @@ def quick_config(**overrides):
     return load_config("digits", overrides=list({**base, **overrides}.items()))
 
 
-def test_resume_after_a_crash_is_bit_exact(tmp_path, monkeypatch):
-    cfg = quick_config()
-    straight = trainer.fit(cfg, tmp_path / "straight", progress=False)
-
+def crash_in_epoch_3(cfg, out, monkeypatch):
+    """Train ``cfg`` into ``out`` until a simulated crash at the start of its third epoch."""
     real = trainer.train_epoch
 
-    def crash_in_epoch_3(method, batches, epoch, *args, **kwargs):
+    def crash(method, batches, epoch, *args, **kwargs):
         if epoch == 2:
             raise KeyboardInterrupt("simulated crash")
         return real(method, batches, epoch, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_epoch", crash_in_epoch_3)
+    monkeypatch.setattr(trainer, "train_epoch", crash)
     with pytest.raises(KeyboardInterrupt):
-        trainer.fit(cfg, tmp_path / "crashed", progress=False)
-    assert Checkpoint(tmp_path / "crashed" / "last.safetensors").meta["epoch"] == 2
+        trainer.fit(cfg, out, progress=False)
     monkeypatch.setattr(trainer, "train_epoch", real)
+
+
+def test_resume_after_a_crash_is_bit_exact(tmp_path, monkeypatch):
+    cfg = quick_config()
+    straight = trainer.fit(cfg, tmp_path / "straight", progress=False)
+    crash_in_epoch_3(cfg, tmp_path / "crashed", monkeypatch)
+    assert Checkpoint(tmp_path / "crashed" / "last.safetensors").meta["epoch"] == 2
     resumed = trainer.fit(cfg, tmp_path / "crashed", progress=False)
 
     lines = (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()

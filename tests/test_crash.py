@@ -16,6 +16,7 @@ import torch
 
 from atcd_ray import trainer
 from atcd_ray.core.checkpoint import Checkpoint, previous_path
+from tests.test_checkpoint import crash_in_epoch_3, quick_config
 
 EPOCHS = 3
 ARGS = ["digits", "--workers", "0", "--method", "atcd", "--epochs", str(EPOCHS), "--subset", "768", "--eval-n", "64",
@@ -114,29 +115,11 @@ def test_random_kills_leave_the_final_state_of_an_uninterrupted_run(tmp_path):
     assert test_a == test_b
 
 
-def quick_config():
-    from atcd_ray.config import load_config
-
-    return load_config("digits", overrides=[("train.epochs", 3), ("data.subset", 256), ("eval.n", 32),
-                                             ("train.val_n", 32), ("eval.attacks", ["pgd3"]),
-                                             ("train.val_attack", "pgd3")])
-
-
 def test_truncated_checkpoint_and_torn_metrics_line_resume_with_one_warning(tmp_path, monkeypatch, caplog):
     cfg = quick_config()
     trainer.fit(cfg, tmp_path / "straight", progress=False)
-    real = trainer.train_epoch
-
-    def crash_in_epoch_3(method, batches, epoch, *args, **kwargs):
-        if epoch == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real(method, batches, epoch, *args, **kwargs)
-
     out = tmp_path / "crashed"
-    monkeypatch.setattr(trainer, "train_epoch", crash_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit(cfg, out, progress=False)
-    monkeypatch.setattr(trainer, "train_epoch", real)
+    crash_in_epoch_3(cfg, out, monkeypatch)
     last, metrics = out / "last.safetensors", out / "metrics.jsonl"
     assert Checkpoint(last).meta["epoch"] == 2 and Checkpoint(previous_path(last)).meta["epoch"] == 1
     # What a crash on a disk without ordered writes, or a copy cut short, can leave.

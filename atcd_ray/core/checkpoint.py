@@ -28,6 +28,12 @@ class CheckpointError(ValueError):
     """A file that is not a whole atcd_ray checkpoint; the message names it."""
 
 
+def _unreadable(path: str | Path, err: Exception) -> CheckpointError:
+    """safetensors' error on a torn or foreign file, as one line naming it."""
+    return CheckpointError(f"{path} is not a readable safetensors checkpoint ({type(err).__name__}: "
+                           f"{' '.join(str(err).split())})")
+
+
 def fsync_directory(directory: Path) -> None:
     """Make a rename in ``directory`` durable (POSIX: the entry lives in the directory's data)."""
     fd = os.open(directory, os.O_RDONLY)
@@ -118,8 +124,7 @@ def checkpoint_config(path: str | Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             return json.loads((f.metadata() or {})["config"])
     except Exception as err:  # noqa: BLE001 - a torn or foreign file
-        raise CheckpointError(f"{path} is not a readable atcd_ray checkpoint ({type(err).__name__}: "
-                              f"{' '.join(str(err).split())})") from None
+        raise _unreadable(path, err) from None
 
 
 class Checkpoint:
@@ -139,8 +144,7 @@ class Checkpoint:
         except CheckpointError:
             raise
         except Exception as err:  # noqa: BLE001 - safetensors' errors on a torn or foreign file
-            raise CheckpointError(f"{self.path} is not a readable safetensors checkpoint "
-                                  f"({type(err).__name__}: {' '.join(str(err).split())})") from None
+            raise _unreadable(self.path, err) from None
         self.config = json.loads(metadata["config"])
         self.meta = json.loads(metadata["meta"])
         self.plain = json.loads(metadata["plain"])

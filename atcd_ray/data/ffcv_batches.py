@@ -9,6 +9,7 @@ order is seeded by (seed, epoch), so a resumed run continues the same sequence.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING
 
@@ -125,6 +126,17 @@ def open_beton(path: str) -> Reader:
 
 
 def num_samples(path: str) -> int:
+    """Samples in the checked file; a run asks for each file up to three times (its splits), and
+    ImageNet's tables are tens of MB: read once per version of the file."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return int(open_beton(path).num_samples)  # its DataError names the file
+    return _checked_num_samples(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_num_samples(path: str, size: int, mtime_ns: int) -> int:
     return int(open_beton(path).num_samples)
 
 

@@ -187,6 +187,10 @@ def ffcv_loader(device, smoke: bool) -> dict:
 def ray_against_in_process(device, smoke: bool) -> dict:
     """The same run (digits, ATCD; PreActResNet18, SmallCNN for --smoke) with --workers 0 and
     through one Ray Train worker; images/s of the last epoch of each."""
+    try:
+        import ray  # noqa: F401
+    except ImportError as err:
+        return {"ray": "skipped", "why": f"Ray not importable: {err}"}
     rates = {}
     model, size = ("smallcnn", ["--subset", "512"]) if smoke else ("preactresnet18", [])
     with tempfile.TemporaryDirectory() as tmp:

@@ -68,6 +68,9 @@ class OptimConfig:
 class TrainConfig:
     method: str = "atcd"
     epochs: int = 10  # passes over the training data (Free-m and ATCD recipes divide the paper's N)
+    # Compute in natural-epoch equivalents (forward+backward passes over the training set); when
+    # set it decides epochs: the most whole epochs of the method whose passes stay within it.
+    budget: float | None = None
     amp: bool = False  # training under torch.autocast with bfloat16 (the GPU recipes turn it on)
     channels_last: bool = False  # model and images in channels-last memory format (GPU tensor cores)
     compile: bool = False  # torch.compile the model (in place: checkpoints keep their keys)
@@ -79,7 +82,7 @@ class TrainConfig:
     def validate(self):
         _choice(self, "method", tuple(METHODS))
         _choice(self, "select_best", ("last", "robust_val"))
-        _positive(self, "epochs", "val_n", "progress_seconds")
+        _positive(self, "epochs", "budget", "val_n", "progress_seconds")
 
 
 @dataclass
@@ -115,6 +118,17 @@ class Config:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
         for name in [self.train.val_attack, *self.eval.attacks]:
             build_attack(name, self.eps)
+        if self.train.budget is not None:
+            passes = self.passes_per_minibatch
+            epochs = math.floor(self.train.budget / passes + 1e-9)
+            if epochs < 1:
+                raise ValueError(f"train.budget {self.train.budget:g} is less than one epoch of {self.train.method} "
+                                 f"({passes} passes a minibatch)")
+            self.train.epochs = epochs
+
+    @property
+    def passes_per_minibatch(self) -> int:
+        return METHODS[self.train.method].passes(self.method_options)
 
     @property
     def method_options(self):

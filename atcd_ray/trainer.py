@@ -14,17 +14,20 @@ TensorBoard reads up to a torn tail; a resume purges their steps after the check
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
 import platform
 import random
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import __version__
 from .config import Config, ConfigError
 from .core.attacks import build_attack
 from .core.checkpoint import (Checkpoint, CheckpointError, checkpoint_config, load_latest, previous_path,
@@ -169,6 +172,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def provenance() -> dict:
+    """What produced a run: the git commit of this checkout (and whether tracked files differ from
+    it), or ATCD_RAY_COMMIT where there is no checkout (an image); the versions that matter."""
+    root = Path(__file__).resolve().parent.parent
+    commit, dirty = os.environ.get("ATCD_RAY_COMMIT"), None
+    try:
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                timeout=30).stdout.strip()
+        dirty = bool(subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, check=True, timeout=30).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git, or not a checkout
+    versions = {"python": platform.python_version(), "atcd_ray": __version__}
+    for package in ("torch", "torchvision", "ray", "ffcv"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"commit": commit, "dirty": dirty, "versions": versions}
+
+
 def hardware() -> dict:
     info = {"torch": torch.__version__, "cpu": cpu_name(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
@@ -264,6 +289,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     # Fast-FGSM's end-of-epoch check: the same first training batch on every rank.
     splits.train.set_epoch(0)
     first_batch = tuple(tensor.to(device) for tensor in next(iter(splits.train)))
+    train_examples = splits.train.num_examples  # the whole training set, before it is sharded
     splits.shard(rank, group.world_size)
     model = model_for(cfg, splits.spec).to(device, memory_format=_memory_format(t.channels_last))
     optimizer = build_optimizer(cfg, model)
@@ -294,6 +320,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         return lr
 
     val_attacks = {"robust": build_attack(t.val_attack, cfg.eps)}
+    passes = cfg.passes_per_minibatch
     stopped_early = meta.get("stopped_early", False)
     for epoch in range(start_epoch, 0 if stopped_early else t.epochs):
         try:
@@ -312,7 +339,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
             stopped_early = method.end_epoch(first_batch)
         val = _mean_over_ranks(group, evaluate(model, splits.val, val_attacks, device, cfg.eval.amp,
                                                channels_last=t.channels_last), splits.val.num_examples)
-        record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()},
+        record = {"epoch": epoch + 1, "budget_spent": (epoch + 1) * passes, **{f"train_{k}": v for k, v in stats.items()},
                   "val_clean_acc": val["clean"], "val_robust_acc": val["robust"], "train_seconds": train_seconds}
         improved = t.select_best == "robust_val" and val["robust"] > best_val
         if improved:
@@ -353,7 +380,10 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
         "epochs": len(history), "stopped_early": stopped_early, "checkpoint": chosen.name,
         "eval_n": int(group.sum([float(splits.test.num_examples)])[0]), "workers": group.world_size,
-        "final_epoch": history[-1] if history else {}, "hardware": hardware(),
+        "final_epoch": history[-1] if history else {},
+        # Compute in natural-epoch equivalents: passes over the training set, epochs actually run.
+        "passes_per_minibatch": passes, "budget": len(history) * passes, "train_examples": train_examples,
+        "hardware": hardware(), "provenance": provenance(),
     }
     if lead:
         board.close(summary)

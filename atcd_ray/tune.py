@@ -36,7 +36,7 @@ OBJECTIVE = "objective"
 REPEAT = "repeat"
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 STUDY_KEYS = ("study", "dataset", "recipe", "fixed", "params", "metric", "mode", "search", "scheduler",
-              "num_samples")
+              "num_samples", "search_seed")
 
 
 @dataclass
@@ -53,6 +53,7 @@ class Study:
     search: str = "auto"  # auto | basic (grid and random) | optuna
     scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "asha"})
     num_samples: int = 1
+    search_seed: int | None = None  # seeds the basic search's draws, so a rerun samples the same trials
 
     def bundles(self, name: str) -> dict[str, dict] | None:
         """A param whose values are mappings of overrides (e.g. T and K together): label -> mapping."""
@@ -116,6 +117,8 @@ def _check(study: Study, extra: list[tuple[str, Any]]) -> None:
         raise ConfigError(f"search: must be auto, basic or optuna, got {study.search!r}")
     if not isinstance(study.num_samples, int) or study.num_samples < 1:
         raise ConfigError(f"num_samples: must be an integer >= 1, got {study.num_samples!r}")
+    if study.search_seed is not None and (not isinstance(study.search_seed, int) or isinstance(study.search_seed, bool)):
+        raise ConfigError(f"search_seed: must be an integer, got {study.search_seed!r}")
     scheduler = dict(study.scheduler or {})
     if scheduler.pop("name", None) not in ("asha", "fifo") or set(scheduler) - {"grace_period", "reduction_factor"}:
         raise ConfigError("scheduler: {name: asha|fifo, grace_period: EPOCHS, reduction_factor: R}")
@@ -268,11 +271,14 @@ def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None =
         tuner = tune.Tuner.restore(str(out), trainable, resume_errored=True)
     else:
         scheduler = make_scheduler(study, study.config(sizing.overrides).train.epochs)
-        search_alg = None
         if uses_optuna(study):
             from ray.tune.search.optuna import OptunaSearch
 
-            search_alg = OptunaSearch()
+            search_alg = OptunaSearch(seed=study.search_seed)
+        else:
+            from ray.tune.search import BasicVariantGenerator
+
+            search_alg = BasicVariantGenerator(random_state=study.search_seed)
         repeats = num_samples or study.num_samples
         tuner = tune.Tuner(
             trainable, param_space=param_space(study, repeats),

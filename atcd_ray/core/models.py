@@ -59,6 +59,30 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
+class CompactCNN(nn.Module):
+    """A compact network for 28x28 inputs: two strided 4x4 convolutions (to 14x14, then 7x7) and
+    one dense layer of 128 before the classifier; about 2.1 M multiply-adds a forward against
+    SmallCNN's 9.9 M, for studies of robustness per second."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        relu = nn.ReLU()  # not in place: YOPO reads the gradient at conv1's output
+        self.features = nn.Sequential(OrderedDict([
+            ("conv1", nn.Conv2d(in_channels, 32, 4, stride=2, padding=1)), ("relu1", relu),
+            ("conv2", nn.Conv2d(32, 64, 4, stride=2, padding=1)), ("relu2", relu),
+        ]))
+        self.classifier = nn.Sequential(OrderedDict([
+            ("fc1", nn.Linear(64 * 7 * 7, 128)), ("relu1", relu), ("fc2", nn.Linear(128, num_classes)),
+        ]))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
 class PreActBlock(nn.Module):
     expansion = 1
 
@@ -152,6 +176,7 @@ def _resnet50(num_classes: int, in_channels: int) -> nn.Module:
 # name -> (constructor(num_classes, in_channels), attribute path of the first layer, for YOPO)
 MODELS: dict[str, tuple[Callable[[int, int], nn.Module], str]] = {
     "smallcnn": (lambda c, i: SmallCNN(c, i), "features.conv1"),
+    "compactcnn": (lambda c, i: CompactCNN(c, i), "features.conv1"),
     "preactresnet18": (lambda c, i: PreActResNet18(c, i), "conv1"),
     "wrn34-10": (lambda c, i: WideResNet(34, 10, c, i), "conv1"),
     "resnet50": (_resnet50, "conv1"),

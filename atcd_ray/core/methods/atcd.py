@@ -104,6 +104,12 @@ class ATCD(Method):
         self.previous_weights: dict | None = None  # w~, kept only for cd_target = exact
         self.batch_stats = BatchStatistics(self.model)  # re-running rejected rows under BatchNorm
 
+    @staticmethod
+    def passes(options):
+        """T replays of K trajectory passes and one training pass; reuse_grad saves one per replay.
+        The M-H re-run of rejected rows is not counted: wall seconds show it."""
+        return options.T * (options.K if options.reuse_grad else options.K + 1)
+
     def step(self, x, y):
         """One minibatch: lines 4-13 of Algorithm 1. Returns device tensors (no host sync)."""
         chain = self._start(x)  # line 4, or the chain carried from the last minibatch

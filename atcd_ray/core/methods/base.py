@@ -49,6 +49,12 @@ class Method:
         for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             grad.copy_(averaged)
 
+    @staticmethod
+    def passes(options) -> int:
+        """Forward and backward passes through the whole network per minibatch: the unit in which
+        budgets are counted (one natural-epoch equivalent = one pass per minibatch of an epoch)."""
+        return 1
+
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Train on one minibatch; returns 0-dim tensors on the device for logging, read by the
         engine once per logging interval: a step never waits for the GPU."""

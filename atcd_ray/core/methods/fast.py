@@ -37,6 +37,10 @@ class FastFGSM(Method):
         self.previous_robust_acc = 0.0
         self.best_state: dict | None = None
 
+    @staticmethod
+    def passes(options):
+        return 2  # the FGSM step and the training pass
+
     def step(self, x, y):
         delta = uniform_start(x, self.eps)
         grad, _ = input_grad(self.model, x + delta, y)

@@ -40,6 +40,10 @@ class Free(Method):
         self.delta: torch.Tensor | None = None  # the persistent perturbation
         self.pending_grad: torch.Tensor | None = None  # input gradient of the last backward
 
+    @staticmethod
+    def passes(options):
+        return options.replays  # each replay's one backward trains and attacks
+
     def step(self, x, y):
         delta = self._carry(x)
         for _ in range(self.options.replays):

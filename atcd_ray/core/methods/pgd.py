@@ -22,6 +22,10 @@ class PGDOptions:
 class PGDAT(Method):
     Options = PGDOptions
 
+    @staticmethod
+    def passes(options):
+        return options.steps + 1  # k attack steps and the training pass
+
     def step(self, x, y):
         alpha = self.options.alpha or self.eps / 4
         x_adv = pgd(self.model, x, y, self.eps, alpha, self.options.steps)

@@ -47,6 +47,10 @@ def trades_adversary(model, x, eps, alpha, steps):
 class TRADES(Method):
     Options = TRADESOptions
 
+    @staticmethod
+    def passes(options):
+        return options.steps + 1  # k steps on the KL term and the training pass (clean and adversarial rows)
+
     def step(self, x, y):
         o = self.options
         x_adv = trades_adversary(self.model, x, self.eps, o.alpha or self.eps / 4, o.steps)

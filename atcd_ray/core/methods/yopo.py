@@ -66,6 +66,10 @@ def layer_one_ascent(model, x, delta, p, eps, sigma, steps):
 class YOPO(Method):
     Options = YOPOOptions
 
+    @staticmethod
+    def passes(options):
+        return options.m  # the n first-layer updates per pass are not counted: wall seconds show them
+
     def step(self, x, y):
         o, sigma = self.options, self.options.sigma or self.eps / 4
         delta = uniform_start(x, self.eps)
@@ -84,6 +88,10 @@ class YOPO(Method):
 
 class TRADESYOPO(Method):
     Options = YOPOOptions
+
+    @staticmethod
+    def passes(options):
+        return options.m + 1  # m propagations on the KL term, then the TRADES training pass
 
     def step(self, x, y):
         o, sigma = self.options, self.options.sigma or self.eps / 4

@@ -1,0 +1,224 @@
+"""``python -m atcd_ray.study SPEC.yaml``: robustness per unit of compute, every method tuned alike.
+
+    python -m atcd_ray.study tune_spaces/fashion-mnist_budget.yaml                  # search, then final
+    python -m atcd_ray.study tune_spaces/fashion-mnist_budget.yaml --stage search   # the search only
+    python -m atcd_ray.report runs/budget-study                                     # table and plots
+
+A budget is compute in natural-epoch equivalents: forward+backward passes over the training set
+(``train.budget``; each method's passes per minibatch are ``Method.passes``). For each network
+and each budget, every searched method gets the same number of Ray Tune trials over its own
+knobs (and the knobs every method shares), each trial spending the budget on the search subset;
+the trial with the best validation robust accuracy wins, the test split plays no part. Natural
+training is the one-run reference, at the recipe's settings. The winners are trained again on
+the whole training set, ``final_seeds`` seeds per budget, one run at a time in this process so
+that their wall seconds compare, and tested on the whole test set, plus AutoAttack on the first
+``autoattack_n`` test images. Everything resumes: a finished sweep, run or evaluation is not
+redone, an interrupted one continues (rerun the same command).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .cli import ArgumentParser, check_launch, run_main, setup_logging
+from .config import ConfigError, load_config
+from .core.methods import METHODS
+from .core.models import MODELS
+from .tune import OBJECTIVE, Sizing, Study, _check
+
+log = logging.getLogger("atcd_ray.study")
+
+SPEC_KEYS = ("study", "dataset", "recipe", "reference", "models", "budgets", "trials", "search_seed", "search",
+             "common", "methods", "final", "final_seeds", "autoattack_n")
+
+
+@dataclass
+class BudgetStudy:
+    """A budget study's YAML, validated (tune_spaces/fashion-mnist_budget.yaml has the format)."""
+
+    study: str
+    dataset: str
+    models: list[str]
+    budgets: list[float]
+    methods: dict[str, dict[str, Any]]  # searched method -> its own params (tune's format)
+    final_seeds: list[int]  # per budget: seeds of each winner's final run
+    autoattack_n: list[int]  # per budget: AutoAttack's test images (0: none)
+    recipe: str | None = None
+    reference: str = "natural"  # one run per budget at the recipe's settings
+    trials: int = 6
+    search_seed: int = 0
+    search: dict[str, Any] = field(default_factory=dict)  # overrides of every search trial
+    common: dict[str, Any] = field(default_factory=dict)  # params every searched method searches
+    final: dict[str, Any] = field(default_factory=dict)  # overrides of every final run
+
+    def sweep(self, model: str, budget: float, method: str) -> Study:
+        """The Tune study of one cell: this method's trials at this budget on this network."""
+        return Study(study=f"{self.study}-{model}-budget{budget:g}-{method}", dataset=self.dataset,
+                     recipe=self.recipe, params={**self.common, **(self.methods[method] or {})},
+                     fixed={"model": model, "train.method": method, "train.budget": budget, **self.search},
+                     metric={"val_robust_acc": 1.0}, mode="max", search="basic", scheduler={"name": "fifo"},
+                     num_samples=self.trials, search_seed=self.search_seed)
+
+    def cells(self):
+        """(model, budget, index of the budget) in the order the study runs them: cheap first."""
+        return [(model, budget, i) for model in self.models for i, budget in enumerate(self.budgets)]
+
+
+def load_budget_study(path: str | Path) -> BudgetStudy:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study {path} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    unknown = sorted(set(tree) - set(SPEC_KEYS))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key in {path.name}; allowed: {', '.join(SPEC_KEYS)}")
+    missing = [k for k in ("study", "dataset", "models", "budgets", "methods", "final_seeds", "autoattack_n")
+               if k not in tree]
+    if missing:
+        raise ConfigError(f"{missing[0]}: required in {path.name}")
+    spec = BudgetStudy(**tree)
+    for key in ("models", "budgets", "final_seeds", "autoattack_n"):
+        if not isinstance(getattr(spec, key), list) or not getattr(spec, key):
+            raise ConfigError(f"{key}: expected a non-empty list")
+    if any(m not in MODELS for m in spec.models):
+        raise ConfigError(f"models: each one of {', '.join(MODELS)}; got {spec.models}")
+    if not all(isinstance(b, (int, float)) and b > 0 for b in spec.budgets) or spec.budgets != sorted(set(spec.budgets)):
+        raise ConfigError(f"budgets: increasing positive numbers of natural-epoch equivalents; got {spec.budgets}")
+    for key in ("final_seeds", "autoattack_n"):
+        values = getattr(spec, key)
+        if len(values) != len(spec.budgets) or not all(isinstance(v, int) and v >= 0 for v in values):
+            raise ConfigError(f"{key}: one integer >= 0 per budget ({len(spec.budgets)}); got {values}")
+    if not isinstance(spec.methods, dict) or any(m not in METHODS for m in spec.methods) or spec.reference in spec.methods:
+        raise ConfigError(f"methods: a mapping of searched methods (not the reference {spec.reference}) to params")
+    if spec.reference not in METHODS:
+        raise ConfigError(f"reference: one of {', '.join(METHODS)}; got {spec.reference!r}")
+    if not isinstance(spec.trials, int) or spec.trials < 1:
+        raise ConfigError(f"trials: an integer >= 1; got {spec.trials!r}")
+    for model, budget, _ in spec.cells():
+        for method in spec.methods:
+            try:
+                _check(spec.sweep(model, budget, method), [])
+            except ConfigError as err:
+                raise ConfigError(f"methods.{method} ({model}, budget {budget:g}): {err}") from None
+        final_config(spec, model, budget, spec.reference, [], 0)
+    return spec
+
+
+def final_config(spec: BudgetStudy, model: str, budget: float, method: str, overrides: list, seed_index: int):
+    base = [("model", model), ("train.method", method), ("train.budget", budget)]
+    cfg = load_config(spec.dataset, spec.recipe, [*base, *overrides, *spec.final.items()])
+    return load_config(spec.dataset, spec.recipe, [*base, *overrides, *spec.final.items(), ("seed", cfg.seed + seed_index)])
+
+
+def cell_dir(out: Path, stage: str, model: str, budget: float, method: str) -> Path:
+    return out / stage / model / f"budget{budget:g}" / method
+
+
+def run_search(spec: BudgetStudy, out: Path) -> None:
+    """Every (network, budget, method) sweep not yet done, one after the other."""
+    from .tune import results_table, run_sweep
+
+    sizing = Sizing(overrides=[], workers=1, cpus_per_worker=1.0)
+    for model, budget, _ in spec.cells():
+        for method in spec.methods:
+            sweep_dir = cell_dir(out, "search", model, budget, method)
+            if (sweep_dir / "done.json").exists():
+                continue
+            study = spec.sweep(model, budget, method)
+            sweep_dir.parent.mkdir(parents=True, exist_ok=True)
+            grid = run_sweep(study, sizing, sweep_dir, resume=True)
+            rows = results_table(grid, study, sweep_dir.resolve())
+            failed = [r["trial_id"] for r in rows if r["status"] != "completed"]
+            if failed:
+                raise RuntimeError(f"{sweep_dir}: trials {', '.join(failed)} did not complete; rerun to retry them")
+            (sweep_dir / "done.json").write_text(json.dumps({"trials": len(rows)}) + "\n")
+            log.info("%s: best %s = %.4f", study.study, OBJECTIVE, rows[0][OBJECTIVE])
+
+
+def winner(spec: BudgetStudy, out: Path, model: str, budget: float, method: str) -> dict:
+    """The searched cell's best trial: {trial_id, params, overrides, objective}."""
+    import pyarrow.parquet as pq
+
+    sweep_dir = cell_dir(out, "search", model, budget, method)
+    if not (sweep_dir / "done.json").exists():
+        raise ConfigError(f"{sweep_dir}: the search of this cell has not finished (run --stage search)")
+    rows = pq.read_table(sweep_dir / "results.parquet").to_pylist()  # best first
+    study = spec.sweep(model, budget, method)
+    params = {name: rows[0][name] for name in study.params}
+    overrides = study.trial_overrides(params)[len(study.fixed):]  # the trial's own, after the fixed ones
+    return {"trial_id": rows[0]["trial_id"], "params": params, "overrides": overrides, OBJECTIVE: rows[0][OBJECTIVE]}
+
+
+def run_final(spec: BudgetStudy, out: Path) -> None:
+    """Each winner (and the reference) on the whole training set, then its AutoAttack images."""
+    winners = {}
+    for model, budget, i in spec.cells():
+        for method in [spec.reference, *spec.methods]:
+            chosen = {"overrides": [], "params": {}} if method == spec.reference else winner(spec, out, model, budget, method)
+            winners[f"{model}/budget{budget:g}/{method}"] = chosen
+            for seed_index in range(spec.final_seeds[i]):
+                run = cell_dir(out, "final", model, budget, method) / f"seed{seed_index}"
+                cfg = final_config(spec, model, budget, method, chosen["overrides"], seed_index)
+                if not (run / "summary.json").exists():
+                    check_launch(cfg, 1)
+                    _python("atcd_ray.train", spec.dataset, "--workers", "0", "--quiet", "--out", str(run),
+                            *(["--recipe", spec.recipe] if spec.recipe else []),
+                            *[a for k, v in _final_overrides(spec, model, budget, method, chosen, cfg.seed)
+                              for a in ("--set", f"{k}={json.dumps(v)}")])
+                aa_json = run / "autoattack.json"
+                if spec.autoattack_n[i] and not aa_json.exists():
+                    summary = json.loads((run / "summary.json").read_text())
+                    _python("atcd_ray.evaluate", str(run / summary["checkpoint"]), "--attacks", "pgd20,autoattack",
+                            "--eval-n", str(spec.autoattack_n[i]), "--json", str(aa_json))
+    (out / "winners.json").write_text(json.dumps(winners, indent=2) + "\n")
+
+
+def _final_overrides(spec, model, budget, method, chosen, seed) -> list[tuple[str, Any]]:
+    return [("model", model), ("train.method", method), ("train.budget", budget), *chosen["overrides"],
+            *spec.final.items(), ("seed", seed)]
+
+
+def _python(module: str, *args: str) -> None:
+    log.info("python -m %s %s", module, " ".join(args))
+    subprocess.run([sys.executable, "-m", module, *args], check=True)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python -m atcd_ray.study", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", help="budget study YAML (tune_spaces/fashion-mnist_budget.yaml)")
+    p.add_argument("--stage", choices=["search", "final", "all"], default="all")
+    p.add_argument("--out", help="study directory (default: runs/<study>)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    spec = load_budget_study(args.spec)
+    out = Path(args.out or f"runs/{spec.study}").resolve()
+    setup_logging()
+    out.mkdir(parents=True, exist_ok=True)
+    recorded = out / "budget_study.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != vars(spec):
+        raise ConfigError(f"{out} holds a study with another spec; give another --out")
+    recorded.write_text(json.dumps(vars(spec), indent=2) + "\n")
+    if args.stage in ("search", "all"):
+        run_search(spec, out)
+    if args.stage in ("final", "all"):
+        run_final(spec, out)
+    print(f"study: {out}; python -m atcd_ray.report {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -278,7 +278,9 @@ def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None =
         else:
             from ray.tune.search import BasicVariantGenerator
 
-            search_alg = BasicVariantGenerator(random_state=study.search_seed)
+            # An instance of Tune's default searcher, seeded; it takes the limit itself (Tune only
+            # wraps Searchers, not generators, in a ConcurrencyLimiter).
+            search_alg = BasicVariantGenerator(random_state=study.search_seed, max_concurrent=concurrent)
         repeats = num_samples or study.num_samples
         tuner = tune.Tuner(
             trainable, param_space=param_space(study, repeats),

@@ -1,6 +1,7 @@
 # The image of k8s/: Ray's GPU image (CUDA, Python 3.11, user `ray`, uid 1000, gid 100) plus
 # FFCV's system libraries, torch, and this project installed at /home/ray/atcd_ray.
-#   docker build -t atcd-ray:0.1.0 .          (then push it where the cluster pulls from)
+#   docker build --build-arg ATCD_RAY_COMMIT=$(git rev-parse HEAD) -t atcd-ray:0.1.0 .   (then push it)
+# The image holds no .git: ATCD_RAY_COMMIT is the commit every run's summary.json records.
 FROM rayproject/ray:2.60.0-py311-gpu
 
 USER root
@@ -21,5 +22,7 @@ COPY --chown=1000:100 pipelines ./pipelines
 COPY --chown=1000:100 tune_spaces ./tune_spaces
 # constraints.txt pins what setup.sh installs (its nvidia-* pins are CUDA 13's; this image's
 # torch brings its own CUDA libraries, which it does not name).
+ARG ATCD_RAY_COMMIT=
+ENV ATCD_RAY_COMMIT=${ATCD_RAY_COMMIT}
 RUN pip install --no-cache-dir -c constraints.txt -e '.[ffcv]' 'ray[default,train,tune]' \
  && pip install --no-cache-dir -c constraints.txt --no-deps torchattacks pyautoattack

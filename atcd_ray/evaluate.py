@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from .trainer import provenance
+
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.checkpoint).to(device)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"checkpoint": str(args.checkpoint), "dataset": dataset, "eps": eps, "method": cfg.train.method,
               "n": test.num_examples,
               "clean_acc": accuracy["clean"], "robust_acc": {name: accuracy[name] for name in attacks},
-              "seconds": time.perf_counter() - start}
+              "seconds": time.perf_counter() - start, "provenance": provenance()}
     result["gradient_masking_suspected"] = masking_suspected(result["robust_acc"])
     print(markdown_table([{"model": Path(args.checkpoint).parent.name, "clean": accuracy["clean"],
                            **result["robust_acc"]}], ["model", "clean", *attacks]))

@@ -2,6 +2,7 @@
 
     python -m atcd_ray.report runs/fashion-mnist-atcd          # a training run
     python -m atcd_ray.report runs/sweeps/lambda-rho           # a sweep of atcd_ray.tune
+    python -m atcd_ray.report runs/fashion-mnist-budget        # a budget study of atcd_ray.study
 
 A run gives its accuracy curves per epoch (the paper's Figure 2), its test table, and robust
 accuracy against the number of PGD steps and against eps (Figures 4 and 5), measured on the
@@ -38,6 +39,28 @@ def save_figure(fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
     return path
+
+
+def commit_label(record: dict) -> str:
+    """The commit a summary.json (or an evaluation's JSON) records, short, '+dirty' when tracked
+    files differed from it; 'unknown' for runs that predate the record."""
+    provenance = record.get("provenance") or {}
+    if not provenance.get("commit"):
+        return "unknown"
+    return provenance["commit"][:10] + ("+dirty" if provenance.get("dirty") else "")
+
+
+def check_one_commit(records: list[dict], allow_mixed: bool) -> list[str] | None:
+    """None when every record comes from one commit. Otherwise a ConfigError, or with
+    ``allow_mixed`` each record's commit label, for the table to mark its rows with."""
+    labels = [commit_label(r) for r in records]
+    if len(set(labels)) <= 1:
+        return None
+    if not allow_mixed:
+        counts = ", ".join(f"{label} ({labels.count(label)})" for label in dict.fromkeys(labels))
+        raise ConfigError(f"these runs come from different commits: {counts}; rerun them at one commit, "
+                          "or pass --allow-mixed-commits to mark each row with its commit")
+    return labels
 
 
 def run_report(run: Path, out: Path, eval_n: int, steps: list[int], eps_scales: list[float]) -> list[Path]:
@@ -171,6 +194,121 @@ def sweep_report(sweep: Path, out: Path) -> list[Path]:
     return files
 
 
+def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, target_clean: float = 0.85,
+                 target_robust: float = 0.74) -> list[Path]:
+    """The study's tables and plots: the search per cell, the finals (mean over seeds), time to
+    the target accuracies, and PGD-20 and AutoAttack accuracy against budget and wall seconds."""
+    import pyarrow.parquet as pq
+
+    from .study import OBJECTIVE, BudgetStudy, cell_dir
+
+    spec = BudgetStudy(**json.loads((directory / "budget_study.json").read_text()))
+    search_rows, finals = [], []
+    for model, budget, i in spec.cells():
+        for method in [spec.reference, *spec.methods]:
+            sweep = cell_dir(directory, "search", model, budget, method)
+            if (sweep / "done.json").exists():
+                trials = pq.read_table(sweep / "results.parquet").to_pylist()
+                scores = [t[OBJECTIVE] for t in trials if t["status"] == "completed"]
+                search_rows.append({"network": model, "budget": f"{budget:g}", "method": method, "trials": len(trials),
+                                    "diverged": sum(t["status"] == "diverged" for t in trials),
+                                    "best val PGD-10": max(scores, default=None),
+                                    "median val PGD-10": statistics.median(scores) if scores else None})
+            runs = sorted(cell_dir(directory, "final", model, budget, method).glob("seed*/summary.json"))
+            if runs:
+                summaries = [json.loads(p.read_text()) for p in runs]
+                finals.append(_final_row(spec, directory, model, budget, method, summaries,
+                                         [p.parent / "autoattack.json" for p in runs]))
+    records = [s for row in finals for s in row.pop("_records")]
+    labels = check_one_commit(records, allow_mixed)
+    if labels:  # mixed, and allowed: each row names the commits of its runs
+        each = iter(labels)
+        for row in finals:
+            row["commit"] = ", ".join(sorted({next(each) for _ in range(row["seeds"])}))
+    lines = [f"# Budget study {spec.study} ({spec.dataset})", "",
+             f"Budgets {', '.join(f'{b:g}' for b in spec.budgets)} natural-epoch equivalents (forward+backward passes "
+             f"over the training set); {spec.trials} trials per searched method, network and budget, selected by "
+             f"validation robust accuracy; search overrides: {json.dumps(spec.search)}.", ""]
+    files = []
+    if finals:
+        first = records[0]
+        commits = ", ".join(dict.fromkeys(commit_label(r) for r in records))
+        lines += [f"Finals: commit {commits}, {first['hardware']['cpu']} "
+                  f"({first['hardware']['cpu_count']} cores, torch {first['provenance']['versions']['torch']}); "
+                  f"{first['train_examples']} training images, {first['eval_n']} test images.", "",
+                  f"## Time to {target_robust:.0%} PGD-20 and {target_clean:.0%} clean accuracy (whole test set)", ""]
+        reached = [r for r in finals if r["clean"] >= target_clean and r["pgd20"] >= target_robust]
+        fastest = {}
+        for row in sorted(reached, key=lambda r: r["train s"]):
+            fastest.setdefault(row["method"], row)
+        lines += [markdown_table(list(fastest.values()), ["method", "network", "budget", "train s", "clean", "pgd20"])
+                  if fastest else "No recipe reached both.", ""]
+        columns = ["network", "budget", "method", "knobs", "passes", "epochs", "seeds", "train s", "clean", "pgd20",
+                   "tapgd20", "autoattack", "pgd20 (AA images)", "AA n", *(["commit"] if labels else [])]
+        lines += ["## Winners on the whole training set (mean over seeds)", "", markdown_table(finals, columns), ""]
+        plt = pyplot()
+        for model in spec.models:
+            rows = [r for r in finals if r["network"] == model]
+            fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+            for method in dict.fromkeys(r["method"] for r in rows):
+                mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget_value"])
+                axes[0].plot([r["budget_value"] for r in mine], [r["pgd20"] for r in mine], marker="o", label=method)
+                axes[1].plot([r["train s"] for r in mine], [r["pgd20"] for r in mine], marker="o", label=method)
+                with_aa = [r for r in mine if r["autoattack"] is not None]
+                axes[2].plot([r["budget_value"] for r in with_aa], [r["autoattack"] for r in with_aa], marker="o",
+                             label=method)
+            front = _pareto([r for r in rows], "train s", "pgd20")
+            axes[1].plot([r["train s"] for r in front], [r["pgd20"] for r in front], "k--", lw=1, label="Pareto front")
+            budget_axis = "budget (natural epochs)"
+            for ax, xlabel, ylabel in zip(axes, [budget_axis, "training wall seconds", budget_axis],
+                                          ["PGD-20 accuracy", "PGD-20 accuracy", "AutoAttack accuracy"]):
+                ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{model}: {ylabel} against {xlabel.split(' (')[0]}")
+                ax.legend(fontsize=8)
+            name = f"budget_{model}.png"
+            files.append(save_figure(fig, out / name))
+            lines += [f"![{model}]({name})", ""]
+    lines += ["## The search (validation PGD-10 accuracy of the trials)", "",
+              markdown_table(search_rows, ["network", "budget", "method", "trials", "diverged", "best val PGD-10",
+                                           "median val PGD-10"]), ""]
+    files.append(out / "report.md")
+    (out / "report.md").write_text("\n".join(lines))
+    return files
+
+
+def _final_row(spec, directory, model, budget, method, summaries, aa_paths) -> dict:
+    chosen = json.loads((directory / "winners.json").read_text()).get(f"{model}/budget{budget:g}/{method}", {}) \
+        if (directory / "winners.json").exists() else {}
+    evaluations = [json.loads(p.read_text()) for p in aa_paths if p.exists()]
+    mean = lambda values: statistics.fmean(values) if values else None  # noqa: E731
+    first = summaries[0]
+    return {"network": model, "budget": f"{budget:g}", "budget_value": budget, "method": method,
+            "knobs": ", ".join(_knob(k, v) for k, v in chosen.get("params", {}).items()) or "recipe",
+            "passes": first["passes_per_minibatch"], "epochs": first["epochs"], "seeds": len(summaries),
+            "train s": round(mean([s["train_seconds"] for s in summaries])),
+            "clean": mean([s["clean_acc"] for s in summaries]),
+            "pgd20": mean([s["robust_acc"]["pgd20"] for s in summaries]),
+            "tapgd20": mean([s["robust_acc"].get("tapgd20") for s in summaries if "tapgd20" in s["robust_acc"]]),
+            "autoattack": mean([e["robust_acc"]["autoattack"] for e in evaluations]),
+            "pgd20 (AA images)": mean([e["robust_acc"]["pgd20"] for e in evaluations]),
+            "AA n": evaluations[0]["n"] if evaluations else None, "_records": summaries}
+
+
+def _knob(key: str, value) -> str:
+    if isinstance(value, str) and "=" in value:  # a bundle's label: "T=2, K=1"
+        return value
+    return f"{key.rsplit('.', 1)[-1]}={value:.3g}" if isinstance(value, float) else f"{key.rsplit('.', 1)[-1]}={value}"
+
+
+def _pareto(rows: list[dict], cost: str, value: str) -> list[dict]:
+    """The rows no other row beats on both: less cost and more value, by increasing cost."""
+    front, best = [], float("-inf")
+    for row in sorted(rows, key=lambda r: (r[cost], -r[value])):
+        if row[value] > best:
+            front.append(row)
+            best = row[value]
+    return front
+
+
 def _mean(values):
     values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None
@@ -196,6 +334,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, default=500, help="test images for the attack curves; 0: none")
     p.add_argument("--steps", default="1,2,5,10,20,50", help="PGD steps for the steps curve")
     p.add_argument("--eps-scales", default="0.25,0.5,1,1.5,2", help="multiples of the training eps (PGD-20)")
+    p.add_argument("--allow-mixed-commits", action="store_true",
+                   help="a study's table may mix runs of different commits (each row is then marked)")
+    p.add_argument("--target-clean", type=float, default=0.85, help="a study's 'time to' target, clean accuracy")
+    p.add_argument("--target-robust", type=float, default=0.74, help="a study's 'time to' target, PGD-20 accuracy")
     return p
 
 
@@ -206,14 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_n < 0 or any(k < 1 for k in steps) or any(s <= 0 for s in scales):
         raise ConfigError("--eval-n must be >= 0, --steps >= 1 and --eps-scales > 0")
     out = Path(args.out or directory / "report")
-    if (directory / "results.parquet").exists():
+    if (directory / "budget_study.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        files = budget_study_report(directory, out, args.allow_mixed_commits, args.target_clean, args.target_robust)
+    elif (directory / "results.parquet").exists():
         out.mkdir(parents=True, exist_ok=True)
         files = sweep_report(directory, out)
     elif (directory / "metrics.jsonl").exists():
         out.mkdir(parents=True, exist_ok=True)
         files = run_report(directory, out, args.eval_n, steps, scales)
     else:
-        raise ConfigError(f"{directory}: neither a run (metrics.jsonl) nor a sweep (results.parquet)")
+        raise ConfigError(f"{directory}: neither a run (metrics.jsonl), a sweep (results.parquet) nor a budget study "
+                          "(budget_study.json)")
     for path in files:
         print(path)
     return 0

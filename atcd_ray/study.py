@@ -92,13 +92,15 @@ def load_budget_study(path: str | Path) -> BudgetStudy:
             raise ConfigError(f"{key}: expected a non-empty list")
     if any(m not in MODELS for m in spec.models):
         raise ConfigError(f"models: each one of {', '.join(MODELS)}; got {spec.models}")
-    if not all(isinstance(b, (int, float)) and b > 0 for b in spec.budgets) or spec.budgets != sorted(set(spec.budgets)):
+    budgets = spec.budgets
+    if not all(isinstance(b, (int, float)) and b > 0 for b in budgets) or budgets != sorted(set(budgets)):
         raise ConfigError(f"budgets: increasing positive numbers of natural-epoch equivalents; got {spec.budgets}")
     for key in ("final_seeds", "autoattack_n"):
         values = getattr(spec, key)
         if len(values) != len(spec.budgets) or not all(isinstance(v, int) and v >= 0 for v in values):
             raise ConfigError(f"{key}: one integer >= 0 per budget ({len(spec.budgets)}); got {values}")
-    if not isinstance(spec.methods, dict) or any(m not in METHODS for m in spec.methods) or spec.reference in spec.methods:
+    searched = spec.methods if isinstance(spec.methods, dict) else {}
+    if not searched or spec.reference in searched or any(m not in METHODS for m in searched):
         raise ConfigError(f"methods: a mapping of searched methods (not the reference {spec.reference}) to params")
     if spec.reference not in METHODS:
         raise ConfigError(f"reference: one of {', '.join(METHODS)}; got {spec.reference!r}")
@@ -110,14 +112,17 @@ def load_budget_study(path: str | Path) -> BudgetStudy:
                 _check(spec.sweep(model, budget, method), [])
             except ConfigError as err:
                 raise ConfigError(f"methods.{method} ({model}, budget {budget:g}): {err}") from None
-        final_config(spec, model, budget, spec.reference, [], 0)
+        reference = load_config(spec.dataset, spec.recipe, final_overrides(spec, model, budget, spec.reference, [], 0))
+        if "pgd20" not in reference.eval.attacks:
+            raise ConfigError("final: eval.attacks must include pgd20 (the study's tables and plots are in PGD-20)")
     return spec
 
 
-def final_config(spec: BudgetStudy, model: str, budget: float, method: str, overrides: list, seed_index: int):
-    base = [("model", model), ("train.method", method), ("train.budget", budget)]
-    cfg = load_config(spec.dataset, spec.recipe, [*base, *overrides, *spec.final.items()])
-    return load_config(spec.dataset, spec.recipe, [*base, *overrides, *spec.final.items(), ("seed", cfg.seed + seed_index)])
+def final_overrides(spec: BudgetStudy, model: str, budget: float, method: str, knobs: list,
+                    seed_index: int) -> list[tuple[str, Any]]:
+    """A final run's config overrides: the cell, the winner's knobs, ``final``, the recipe's seed + index."""
+    base = [("model", model), ("train.method", method), ("train.budget", budget), *knobs, *spec.final.items()]
+    return [*base, ("seed", load_config(spec.dataset, spec.recipe, base).seed + seed_index)]
 
 
 def cell_dir(out: Path, stage: str, model: str, budget: float, method: str) -> Path:
@@ -138,7 +143,7 @@ def run_search(spec: BudgetStudy, out: Path) -> None:
             sweep_dir.parent.mkdir(parents=True, exist_ok=True)
             grid = run_sweep(study, sizing, sweep_dir, resume=True)
             rows = results_table(grid, study, sweep_dir.resolve())
-            failed = [r["trial_id"] for r in rows if r["status"] != "completed"]
+            failed = [r["trial_id"] for r in rows if r["status"] not in ("completed", "diverged")]
             if failed:
                 raise RuntimeError(f"{sweep_dir}: trials {', '.join(failed)} did not complete; rerun to retry them")
             (sweep_dir / "done.json").write_text(json.dumps({"trials": len(rows)}) + "\n")
@@ -146,17 +151,21 @@ def run_search(spec: BudgetStudy, out: Path) -> None:
 
 
 def winner(spec: BudgetStudy, out: Path, model: str, budget: float, method: str) -> dict:
-    """The searched cell's best trial: {trial_id, params, overrides, objective}."""
+    """The searched cell's best completed trial (a diverged one never wins, whatever it reported
+    before): {trial_id, params, overrides, objective}."""
     import pyarrow.parquet as pq
 
     sweep_dir = cell_dir(out, "search", model, budget, method)
     if not (sweep_dir / "done.json").exists():
         raise ConfigError(f"{sweep_dir}: the search of this cell has not finished (run --stage search)")
-    rows = pq.read_table(sweep_dir / "results.parquet").to_pylist()  # best first
+    completed = [r for r in pq.read_table(sweep_dir / "results.parquet").to_pylist() if r["status"] == "completed"]
+    if not completed:
+        raise ConfigError(f"{sweep_dir}: no trial completed (all diverged?); widen or move the search space")
+    best = max(completed, key=lambda r: r[OBJECTIVE])
     study = spec.sweep(model, budget, method)
-    params = {name: rows[0][name] for name in study.params}
+    params = {name: best[name] for name in study.params}
     overrides = study.trial_overrides(params)[len(study.fixed):]  # the trial's own, after the fixed ones
-    return {"trial_id": rows[0]["trial_id"], "params": params, "overrides": overrides, OBJECTIVE: rows[0][OBJECTIVE]}
+    return {"trial_id": best["trial_id"], "params": params, "overrides": overrides, OBJECTIVE: best[OBJECTIVE]}
 
 
 def run_final(spec: BudgetStudy, out: Path) -> None:
@@ -164,28 +173,23 @@ def run_final(spec: BudgetStudy, out: Path) -> None:
     winners = {}
     for model, budget, i in spec.cells():
         for method in [spec.reference, *spec.methods]:
-            chosen = {"overrides": [], "params": {}} if method == spec.reference else winner(spec, out, model, budget, method)
+            reference = method == spec.reference
+            chosen = {"overrides": [], "params": {}} if reference else winner(spec, out, model, budget, method)
             winners[f"{model}/budget{budget:g}/{method}"] = chosen
             for seed_index in range(spec.final_seeds[i]):
                 run = cell_dir(out, "final", model, budget, method) / f"seed{seed_index}"
-                cfg = final_config(spec, model, budget, method, chosen["overrides"], seed_index)
+                overrides = final_overrides(spec, model, budget, method, chosen["overrides"], seed_index)
                 if not (run / "summary.json").exists():
-                    check_launch(cfg, 1)
+                    check_launch(load_config(spec.dataset, spec.recipe, overrides), 1)
                     _python("atcd_ray.train", spec.dataset, "--workers", "0", "--quiet", "--out", str(run),
                             *(["--recipe", spec.recipe] if spec.recipe else []),
-                            *[a for k, v in _final_overrides(spec, model, budget, method, chosen, cfg.seed)
-                              for a in ("--set", f"{k}={json.dumps(v)}")])
+                            *[a for k, v in overrides for a in ("--set", f"{k}={json.dumps(v)}")])
                 aa_json = run / "autoattack.json"
                 if spec.autoattack_n[i] and not aa_json.exists():
                     summary = json.loads((run / "summary.json").read_text())
                     _python("atcd_ray.evaluate", str(run / summary["checkpoint"]), "--attacks", "pgd20,autoattack",
                             "--eval-n", str(spec.autoattack_n[i]), "--json", str(aa_json))
     (out / "winners.json").write_text(json.dumps(winners, indent=2) + "\n")
-
-
-def _final_overrides(spec, model, budget, method, chosen, seed) -> list[tuple[str, Any]]:
-    return [("model", model), ("train.method", method), ("train.budget", budget), *chosen["overrides"],
-            *spec.final.items(), ("seed", seed)]
 
 
 def _python(module: str, *args: str) -> None:
@@ -222,3 +226,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(run_main(main))
+

@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
 from .config import Config, ConfigError
 from .core.attacks import build_attack
 from .core.checkpoint import (Checkpoint, CheckpointError, checkpoint_config, load_latest, previous_path,
@@ -172,10 +171,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def provenance() -> dict:
+def provenance(root: Path | None = None) -> dict:
     """What produced a run: the git commit of this checkout (and whether tracked files differ from
     it), or ATCD_RAY_COMMIT where there is no checkout (an image); the versions that matter."""
-    root = Path(__file__).resolve().parent.parent
+    root = root or Path(__file__).resolve().parent.parent
     commit, dirty = os.environ.get("ATCD_RAY_COMMIT"), None
     try:
         git = ["git", "-C", str(root)]
@@ -185,8 +184,8 @@ def provenance() -> dict:
                                     text=True, check=True, timeout=30).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass  # no git, or not a checkout
-    versions = {"python": platform.python_version(), "atcd_ray": __version__}
-    for package in ("torch", "torchvision", "ray", "ffcv"):
+    versions = {"python": platform.python_version()}
+    for package in ("atcd_ray", "torch", "torchvision", "ray", "ffcv"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -339,7 +338,8 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
             stopped_early = method.end_epoch(first_batch)
         val = _mean_over_ranks(group, evaluate(model, splits.val, val_attacks, device, cfg.eval.amp,
                                                channels_last=t.channels_last), splits.val.num_examples)
-        record = {"epoch": epoch + 1, "budget_spent": (epoch + 1) * passes, **{f"train_{k}": v for k, v in stats.items()},
+        record = {"epoch": epoch + 1, "budget_spent": (epoch + 1) * passes,
+                  **{f"train_{k}": v for k, v in stats.items()},
                   "val_clean_acc": val["clean"], "val_robust_acc": val["robust"], "train_seconds": train_seconds}
         improved = t.select_best == "robust_val" and val["robust"] > best_val
         if improved:

@@ -309,7 +309,9 @@ def results_table(grid, study: Study, out: Path) -> list[dict]:
         trial_id = Path(result.path).name
         run = out / "runs" / trial_id
         summary, history = read_summary(run), read_history(run)
-        status = "error" if result.error else "completed" if summary else "stopped"
+        # diverged: stopped by a non-finite loss or weight (trainer.check_not_diverged), a result like any other
+        status = "diverged" if (run / "diverged.json").exists() else "error" if result.error \
+            else "completed" if summary else "stopped"
         row = {"trial_id": trial_id, **{name: result.config.get(name) for name in study.params},
                REPEAT: result.config.get(REPEAT, 0), "status": status, "epochs": len(history)}
         last = history[-1] if history else {}

@@ -4,7 +4,7 @@ import torch
 
 from atcd_ray.core.models import MODELS, build_model, first_layer
 
-SHAPES = {"smallcnn": (1, 28), "preactresnet18": (3, 32), "wrn34-10": (3, 32), "resnet50": (3, 64)}
+SHAPES = {"smallcnn": (1, 28), "compactcnn": (1, 28), "preactresnet18": (3, 32), "wrn34-10": (3, 32), "resnet50": (3, 64)}
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -1,0 +1,276 @@
+"""Budgets in passes, provenance in every summary, the compact network, and the budget study
+(issue 12): declared passes match the backward passes a step runs; train.budget decides epochs;
+summary.json says which commit, versions, hardware, passes and budget made it; tables refuse to
+mix commits; the study's spec is checked and its report built from its runs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from atcd_ray.config import ConfigError, load_config
+from atcd_ray.core.methods import METHODS
+from atcd_ray.core.models import build_model
+from atcd_ray.report import check_one_commit
+from atcd_ray.report import main as report_main
+from atcd_ray.report import budget_study_report
+from atcd_ray.study import load_budget_study
+from atcd_ray.trainer import provenance
+
+from .test_distributed import _env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("method, options, passes", [
+    ("natural", {}, 1), ("fast", {}, 2), ("free", {"replays": 3}, 3), ("pgd", {"steps": 4}, 5),
+    ("trades", {"steps": 4}, 5), ("yopo", {"m": 3, "n": 2}, 3), ("trades-yopo", {"m": 3, "n": 2}, 4),
+    ("atcd", {"T": 2, "K": 3}, 8), ("atcd", {"T": 2, "K": 3, "reuse_grad": True}, 6),
+])
+def test_declared_passes(method, options, passes):
+    assert METHODS[method].passes(METHODS[method].Options(**options)) == passes
+
+
+@pytest.mark.parametrize("method, options", [
+    ("natural", {}), ("fast", {}), ("free", {"replays": 3}), ("pgd", {"steps": 4}),
+    ("atcd", {"T": 2, "K": 3, "mh": False}), ("atcd", {"T": 3, "K": 2, "mh": False, "reuse_grad": True}),
+])
+def test_declared_passes_are_the_backward_passes_a_step_runs(method, options, random_batch):
+    """Counted by a hook on the network's last layer: one call per backward through the network.
+    (TRADES' training pass runs two forwards through one loss, YOPO its first layer alone, and
+    ATCD's M-H re-runs rejected rows: their conventions are the declared ones above.)"""
+    torch.manual_seed(0)
+    model = build_model("compactcnn", 10, 1)
+    opts = METHODS[method].Options(**options)
+    runner = METHODS[method](model, torch.optim.SGD(model.parameters(), lr=0.01), 0.1, opts)
+    x, y = random_batch[0][:, :, :12, :12], random_batch[1]
+    x = torch.nn.functional.interpolate(x, size=28)
+    runner.step(x, y)  # ATCD with reuse_grad: the first minibatch of a fresh chain has one replay less
+    calls = []
+    handle = model.net.classifier.fc2.register_full_backward_hook(lambda *_: calls.append(1))
+    runner.step(x, y)
+    handle.remove()
+    assert len(calls) == METHODS[method].passes(opts)
+
+
+def test_budget_decides_epochs_and_refuses_less_than_an_epoch():
+    cases = [("natural", [], 12), ("fast", [], 6), ("pgd", [("methods.pgd.steps", 3)], 3),
+             ("free", [("methods.free.replays", 5)], 2), ("atcd", [("methods.atcd.T", 2), ("methods.atcd.K", 2)], 2)]
+    for method, overrides, epochs in cases:
+        cfg = load_config("fashion-mnist", overrides=[("train.method", method), ("train.budget", 12), *overrides])
+        assert cfg.train.epochs == epochs, method
+    with pytest.raises(ConfigError, match="train.budget 4 is less than one epoch of pgd .11 passes"):
+        load_config("fashion-mnist", overrides=[("train.method", "pgd"), ("train.budget", 4)])
+    with pytest.raises(ConfigError, match="budget must be > 0"):
+        load_config("fashion-mnist", overrides=[("train.budget", 0)])
+
+
+def test_compact_network_is_several_times_cheaper_than_smallcnn():
+    def multiply_adds(name):
+        model, total = build_model(name, 10, 1), []
+
+        def count(module, inputs, output):
+            weight = module.weight
+            conv = isinstance(module, torch.nn.Conv2d)
+            total.append(output[0].numel() * weight[0].numel() if conv else weight.numel())
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.register_forward_hook(count)
+        assert model(torch.rand(1, 1, 28, 28)).shape == (1, 10)
+        return sum(total)
+
+    compact, small = multiply_adds("compactcnn"), multiply_adds("smallcnn")
+    assert 2.0e6 < compact < 2.2e6 and 9.5e6 < small < 10.5e6  # the figures its docstring gives
+    assert small / compact > 4
+
+
+def test_provenance_names_the_commit_and_sees_edits(tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{ROOT}", str(clone)], check=True, timeout=120)
+    head = subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    clean = provenance(clone)
+    assert clean["commit"] == head and clean["dirty"] is False
+    assert torch.__version__.startswith(clean["versions"]["torch"])
+    (clone / "README.md").write_text("edited\n")
+    assert provenance(clone)["dirty"] is True  # positive control: an edit to a tracked file shows
+    (tmp_path / "image").mkdir()
+    assert provenance(tmp_path / "image")["commit"] is None  # no checkout, no variable
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATCD_RAY_COMMIT", "abc123")
+        assert provenance(tmp_path / "image")["commit"] == "abc123"
+
+
+def test_summary_records_commit_versions_hardware_passes_and_budget(tmp_path):
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "atcd_ray.train", "digits", "--method", "fast", "--workers", "0",
+                    "--out", str(out), "--eval-n", "32", "--quiet", "--set", "model=compactcnn",
+                    "--set", "train.budget=5", "--set", "train.val_n=32", "--set", "eval.attacks=[pgd5]",
+                    "--set", "methods.fast.early_stop=false"],
+                   check=True, env=_env(), timeout=300, capture_output=True)
+    summary = json.loads((out / "summary.json").read_text())
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert summary["provenance"]["commit"] == head and isinstance(summary["provenance"]["dirty"], bool)
+    versions = summary["provenance"]["versions"]
+    assert versions["ray"] and versions["torch"] and versions["python"].startswith("3.")
+    assert summary["hardware"]["cpu_count"] >= 1 and summary["hardware"]["cpu"]
+    assert summary["passes_per_minibatch"] == 2 and summary["epochs"] == 2 and summary["budget"] == 4
+    assert summary["train_examples"] == 1100  # the digits' training split, val held out
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["budget_spent"] for h in history] == [2, 4]
+
+
+def _summary(commit, dirty=False, **fields):
+    return {"provenance": {"commit": commit, "dirty": dirty}, **fields}
+
+
+def test_tables_refuse_runs_of_different_commits(tmp_path):
+    same = [_summary("a" * 40), _summary("a" * 40)]
+    assert check_one_commit(same, allow_mixed=False) is None
+    mixed = [_summary("a" * 40), _summary("a" * 40, dirty=True), {"method": "old run"}]
+    with pytest.raises(ConfigError, match=r"commits: aaaaaaaaaa \(1\), aaaaaaaaaa\+dirty \(1\), unknown \(1\)"):
+        check_one_commit(mixed, allow_mixed=False)
+    assert check_one_commit(mixed, allow_mixed=True) == ["aaaaaaaaaa", "aaaaaaaaaa+dirty", "unknown"]
+    paths = []
+    for i, commit in enumerate(["a" * 40, "b" * 40]):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(_summary(commit, method=["natural", "fast"][i], epochs=1, clean_acc=0.9,
+                                                 robust_acc={"pgd20": 0.5}, train_seconds=10.0)))
+    script = [sys.executable, str(ROOT / "benchmarks" / "summaries_table.py"), *map(str, paths)]
+    refused = subprocess.run(script, capture_output=True, text=True, env=_env())
+    assert refused.returncode == 2 and "different commits" in refused.stderr and not refused.stdout
+    marked = subprocess.run([*script, "--allow-mixed-commits"], capture_output=True, text=True, env=_env(), check=True)
+    assert "| natural (aaaaaaaaaa) |" in marked.stdout and "| fast (bbbbbbbbbb) |" in marked.stdout
+
+
+SPEC = {
+    "study": "tiny", "dataset": "digits", "models": ["compactcnn"], "budgets": [2, 4], "trials": 2,
+    "search": {"train.val_n": 64, "eval.n": 64, "eval.attacks": ["pgd5"]},
+    "common": {"optim.lr": {"loguniform": [0.01, 0.3]}},
+    "methods": {"fast": {"methods.fast.alpha_factor": {"uniform": [0.75, 1.5]}}},
+    "final": {"eval.attacks": ["pgd20"], "eval.n": 64}, "final_seeds": [1, 2], "autoattack_n": [0, 16],
+}
+
+
+def _spec_file(tmp_path, **changes):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({**SPEC, **changes}))
+    return path
+
+
+def test_the_repository_study_spec_is_valid():
+    spec = load_budget_study(ROOT / "tune_spaces" / "fashion-mnist_budget.yaml")
+    assert set(spec.methods) == {"pgd", "free", "fast", "trades", "atcd"} and spec.reference == "natural"
+    assert spec.trials >= 6 and len(spec.budgets) >= 2 and spec.models == ["compactcnn", "smallcnn"]
+    for model, budget, _ in spec.cells():  # every method's every trial spends the budget exactly
+        for method in spec.methods:
+            study = spec.sweep(model, budget, method)
+            for name, choice in study.params.items():
+                if "choice" in choice and isinstance(choice["choice"][0], dict) or name.endswith(("steps", "replays")):
+                    values = choice["choice"]
+                    for value in values:
+                        cfg = study.config(list(value.items()) if isinstance(value, dict) else [(name, value)])
+                        assert cfg.train.epochs * cfg.passes_per_minibatch == budget, (method, value)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"colour": 1}, "colour: unknown key"),
+    ({"budgets": [4, 2]}, "budgets: increasing positive numbers"),
+    ({"final_seeds": [1]}, "final_seeds: one integer >= 0 per budget"),
+    ({"models": ["resnet9"]}, "models: each one of"),
+    ({"methods": {"natural": {}}}, "methods: a mapping of searched methods"),
+    ({"methods": {"pgd": {}}}, r"methods.pgd \(compactcnn, budget 2\): fixed: config: train.budget 2 is less than one "
+                               r"epoch of pgd"),
+    ({"final": {"eval.attacks": ["pgd5"]}}, "final: eval.attacks must include pgd20"),
+    ({"trials": 0}, "trials: an integer >= 1"),
+])
+def test_bad_study_specs_are_refused_with_the_key(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        load_budget_study(_spec_file(tmp_path, **changes))
+
+
+def _write_final(directory, budget, method, seed, commit, clean, pgd20, seconds, aa=None):
+    run = directory / "final" / "compactcnn" / f"budget{budget}" / method / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({
+        "provenance": {"commit": commit, "dirty": False, "versions": {"torch": "2.14.1"}},
+        "hardware": {"cpu": "AMD EPYC", "cpu_count": 2}, "train_examples": 1100, "eval_n": 597,
+        "passes_per_minibatch": 2 if method == "fast" else 1, "epochs": 1, "train_seconds": seconds,
+        "clean_acc": clean, "robust_acc": {"pgd20": pgd20}}))
+    if aa is not None:
+        (run / "autoattack.json").write_text(json.dumps({"n": 16, "robust_acc": {"autoattack": aa, "pgd20": pgd20}}))
+
+
+def test_study_report_tables_time_to_target_and_refuses_mixed_commits(tmp_path):
+    directory = tmp_path / "study"
+    directory.mkdir()
+    spec = load_budget_study(_spec_file(tmp_path))
+    (directory / "budget_study.json").write_text(json.dumps(vars(spec)))
+    (directory / "winners.json").write_text(json.dumps({"compactcnn/budget4/fast": {"params": {"optim.lr": 0.05}}}))
+    _write_final(directory, 2, "natural", 0, "c" * 40, 0.95, 0.01, 5.0)
+    _write_final(directory, 4, "natural", 0, "c" * 40, 0.96, 0.02, 10.0, aa=0.0)
+    _write_final(directory, 4, "natural", 1, "c" * 40, 0.96, 0.02, 12.0, aa=0.0)
+    _write_final(directory, 2, "fast", 0, "c" * 40, 0.86, 0.70, 9.0)  # misses the 74% target
+    _write_final(directory, 4, "fast", 0, "c" * 40, 0.88, 0.76, 20.0, aa=0.74)
+    _write_final(directory, 4, "fast", 1, "c" * 40, 0.86, 0.74, 22.0, aa=0.72)
+    report_main([str(directory)])
+    text = (directory / "report" / "report.md").read_text()
+    assert "| fast | compactcnn | 4 | 21 | 87.00% | 75.00% |" in text  # the mean over two seeds reaches it
+    assert "| natural | compactcnn" not in text.split("## Winners")[0]  # natural never reaches 74%
+    assert "| compactcnn | 4 | fast | lr=0.05 | 2 | 1 | 2 | 21 | 87.00% | 75.00% |  | 73.00% | 75.00% | 16 |" in text
+    assert (directory / "report" / "budget_compactcnn.png").stat().st_size > 10_000
+    _write_final(directory, 2, "fast", 1, "d" * 40, 0.86, 0.70, 9.0)
+    with pytest.raises(ConfigError, match="different commits"):
+        budget_study_report(directory, directory / "report")
+    budget_study_report(directory, directory / "report", allow_mixed=True)
+    assert "cccccccccc, dddddddddd |" in (directory / "report" / "report.md").read_text()
+
+
+def test_study_runs_search_and_finals_through_ray_and_resumes(tmp_path):
+    """The whole driver on the digits: a 2-trial Ray Tune search of Fast-FGSM at one budget,
+    the winner and the natural reference retrained, AutoAttack on 16 images; a rerun redoes nothing."""
+    spec = _spec_file(tmp_path, budgets=[2], final_seeds=[1], autoattack_n=[16])
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "atcd_ray.study", str(spec), "--out", str(out)]
+    subprocess.run(command, check=True, env=_env(), timeout=900, capture_output=True)
+    trials = list((out / "search" / "compactcnn" / "budget2" / "fast" / "runs").glob("*/summary.json"))
+    assert len(trials) == 2
+    for path in trials:
+        summary = json.loads(path.read_text())
+        assert summary["budget"] == 2 and summary["train_examples"] == 1100
+    winners = json.loads((out / "winners.json").read_text())
+    best = max(trials, key=lambda p: json.loads(p.read_text())["final_epoch"]["val_robust_acc"])
+    assert winners["compactcnn/budget2/fast"]["trial_id"] == best.parent.name
+    finals = {m: out / "final" / "compactcnn" / "budget2" / m / "seed0" for m in ("natural", "fast")}
+    for method, run in finals.items():
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["method"] == method and summary["budget"] == 2 and summary["eval_n"] == 64
+        assert json.loads((run / "autoattack.json").read_text())["n"] == 16
+    lr = dict(map(tuple, winners["compactcnn/budget2/fast"]["overrides"]))["optim.lr"]
+    assert json.loads((finals["fast"] / "summary.json").read_text())["config"]["optim"]["lr"] == lr
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name in ("summary.json", "autoattack.json")}
+    rerun = subprocess.run(command, check=True, env=_env(), timeout=300, capture_output=True, text=True)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, rerun.stderr[-2000:]
+
+
+def test_the_winner_is_the_best_completed_trial_never_a_diverged_one(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from atcd_ray.study import winner
+
+    spec = load_budget_study(_spec_file(tmp_path))
+    sweep = tmp_path / "study" / "search" / "compactcnn" / "budget2" / "fast"
+    sweep.mkdir(parents=True)
+    rows = [("t0", 0.2, 1.0, "completed", 0.30), ("t1", 0.1, 1.2, "diverged", 0.50),  # reported 0.5, then NaN
+            ("t2", 0.05, 0.9, "completed", 0.35), ("t3", 0.3, 1.4, "stopped", None)]
+    pq.write_table(pa.table({"trial_id": [r[0] for r in rows], "optim.lr": [r[1] for r in rows],
+                             "methods.fast.alpha_factor": [r[2] for r in rows], "status": [r[3] for r in rows],
+                             "objective": [r[4] for r in rows]}), sweep / "results.parquet")
+    with pytest.raises(ConfigError, match="has not finished"):
+        winner(spec, tmp_path / "study", "compactcnn", 2, "fast")
+    (sweep / "done.json").write_text("{}")
+    best = winner(spec, tmp_path / "study", "compactcnn", 2, "fast")
+    assert best["trial_id"] == "t2" and best["overrides"] == [("optim.lr", 0.05), ("methods.fast.alpha_factor", 0.9)]

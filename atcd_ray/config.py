@@ -78,11 +78,14 @@ class TrainConfig:
     val_n: int | None = 1000  # validation examples evaluated after each epoch
     val_attack: str = "pgd10"
     progress_seconds: float = 5.0  # a progress line (or bar update) at most this often during an epoch
+    # A checkpoint every N steps inside an epoch too (None: at epoch ends only); a resume continues
+    # the epoch at the step after it, with the same batches and statistics.
+    checkpoint_steps: int | None = None
 
     def validate(self):
         _choice(self, "method", tuple(METHODS))
         _choice(self, "select_best", ("last", "robust_val"))
-        _positive(self, "epochs", "budget", "val_n", "progress_seconds")
+        _positive(self, "epochs", "budget", "val_n", "progress_seconds", "checkpoint_steps")
 
 
 @dataclass

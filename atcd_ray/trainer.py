@@ -14,6 +14,7 @@ TensorBoard reads up to a torn tail; a resume purges their steps after the check
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -31,7 +32,7 @@ from .config import Config, ConfigError
 from .core.attacks import build_attack
 from .core.checkpoint import (Checkpoint, CheckpointError, checkpoint_config, load_latest, previous_path,
                                save_checkpoint, write_text_atomic)
-from .core.engine import NonFiniteError, evaluate, train_epoch
+from .core.engine import EpochProgress, NonFiniteError, evaluate, train_epoch
 from .core.methods import METHODS
 from .core.models import build_model
 from .core.schedules import learning_rate
@@ -250,7 +251,9 @@ def _resume(directory: Path | None, cfg: Config, model, optimizer, method, rank:
     else:
         log.warning("rank %d: no method state in %s (another number of workers?); its chain starts afresh",
                     rank, directory)
-    log.info("resuming from %s after epoch %d", ckpt.path, ckpt.meta["epoch"])
+    inside = ckpt.meta.get("epoch_progress")
+    log.info("resuming from %s after epoch %d%s", ckpt.path, ckpt.meta["epoch"],
+             f", step {inside['steps']} of epoch {ckpt.meta['epoch'] + 1}" if inside else "")
     return ckpt.meta
 
 
@@ -321,11 +324,27 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     val_attacks = {"robust": build_attack(t.val_attack, cfg.eps)}
     passes = cfg.passes_per_minibatch
     stopped_early = meta.get("stopped_early", False)
+    done = EpochProgress(**meta["epoch_progress"]) if "epoch_progress" in meta else None  # a mid-epoch checkpoint
+
+    def checkpoint_mid_epoch(progress: EpochProgress) -> None:
+        """The state after a step inside epoch ``epoch``: the last epoch-end meta plus how far
+        this epoch got; what rank 0 writes for the group, each rank its own method state."""
+        state = {"epoch": epoch, "train_seconds": train_seconds, "best_val": best_val, "stopped_early": False,
+                 "history": history, "epoch_progress": dataclasses.asdict(progress)}
+        own = out / _rank_file(rank)
+        if lead:
+            save_checkpoint(own, model, cfg.to_dict(), state, optimizer, method.state_dict(), torch.get_rng_state(),
+                            keep_previous=True)
+        else:
+            save_checkpoint(own, None, {}, state, None, method.state_dict(), torch.get_rng_state())
+
     for epoch in range(start_epoch, 0 if stopped_early else t.epochs):
         try:
             stats = train_epoch(method, splits.train, epoch, t.epochs, set_lr, device, amp=t.amp,
                                 progress=progress and lead, channels_last=t.channels_last, pin_memory=d.pin_memory,
-                                world_size=group.world_size, progress_interval=t.progress_seconds)
+                                world_size=group.world_size, progress_interval=t.progress_seconds,
+                                done=done, checkpoint_steps=t.checkpoint_steps, checkpoint=checkpoint_mid_epoch)
+            done = None
             check_finite_weights(model, epoch)
         except NonFiniteError as err:  # no checkpoint of this epoch: the last good one stays
             if lead:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -107,22 +108,40 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 
+@dataclasses.dataclass
+class EpochProgress:
+    """How far an epoch has got: what a mid-epoch checkpoint keeps so that the epoch continues
+    where it stopped, with the same statistics (sums as float32 values, exact in JSON)."""
+
+    steps: int = 0
+    images: int = 0
+    lr_sum: float = 0.0
+    wait: float = 0.0
+    seconds: float = 0.0
+    totals: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
 def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: Callable[[float], float],
                 device: torch.device, amp: bool = False, progress: bool = True, channels_last: bool = False,
-                pin_memory: bool = True, world_size: int = 1, progress_interval: float = 5.0) -> dict[str, float]:
+                pin_memory: bool = True, world_size: int = 1, progress_interval: float = 5.0,
+                done: EpochProgress | None = None, checkpoint_steps: int | None = None,
+                checkpoint: Callable[[EpochProgress], None] | None = None) -> dict[str, float]:
     """One pass over ``batches``; the learning rate follows fractional epochs. Returns means of
     the method's per-step statistics plus throughput. The statistics stay on the device until
     read (by the progress line, and at the end of the epoch). A non-finite loss raises
-    ``NonFiniteError`` (``FiniteLossGuard``)."""
+    ``NonFiniteError`` (``FiniteLossGuard``). ``done``: the part of this epoch a mid-epoch
+    checkpoint holds (the epoch continues after it); ``checkpoint(progress)`` is called every
+    ``checkpoint_steps`` steps before the epoch's last."""
     method.model.train()
-    batches.set_epoch(epoch)
+    done = done or EpochProgress()
+    batches.set_epoch(epoch, start_batch=done.steps)
     n = len(batches)
     report = Progress(n, f"epoch {epoch + 1}/{total_epochs}", progress, progress_interval, world_size)
     guard = FiniteLossGuard(epoch, device, progress_interval)
-    totals: dict[str, torch.Tensor] = {}
-    steps, images, lr_sum, wait = 0, 0, 0.0, 0.0
-    start = t_fetch = time.perf_counter()
-    for i, (x, y) in enumerate(batches):
+    totals = {key: torch.tensor(value, device=device) for key, value in done.totals.items()}
+    steps, images, lr_sum, wait = done.steps, done.images, done.lr_sum, done.wait
+    start = t_fetch = time.perf_counter() - done.seconds
+    for i, (x, y) in enumerate(batches, done.steps):
         x, y = to_device(x, y, device, channels_last, pin_memory)
         wait += time.perf_counter() - t_fetch
         lr_sum += set_lr(epoch + i / n)
@@ -133,6 +152,10 @@ def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: 
         steps, images = steps + 1, images + len(y)
         guard.update(steps, stats["loss"])
         report.update(steps, images, totals)
+        if checkpoint_steps and steps % checkpoint_steps == 0 and steps < n:
+            guard.check()  # never checkpoint a step past a non-finite loss
+            checkpoint(EpochProgress(steps, images, lr_sum, wait, time.perf_counter() - start,
+                                     {key: total.item() for key, total in totals.items()}))
         t_fetch = time.perf_counter()
     report.close()
     guard.check()

@@ -18,10 +18,12 @@ class Sharded:
 
     def __init__(self, batch_size: int, shuffle: bool, drop_last: bool, seed: int):
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
-        self.epoch, self.rank, self.world_size = 0, 0, 1
+        self.epoch, self.rank, self.world_size, self.start_batch = 0, 0, 1, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration yields epoch ``epoch``'s batches from ``start_batch`` on (a resume
+        in the middle of an epoch); ``len`` stays the whole epoch's."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def shard(self, rank: int, world_size: int) -> None:
         if self.batch_size % world_size:
@@ -51,7 +53,7 @@ class Sharded:
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         stop = n // w * w if self.drop_last else n  # equal shards when training
         order = order[self.rank:stop:w]
-        return order[:len(self) * self.local_batch_size], gen
+        return order[self.start_batch * self.local_batch_size:len(self) * self.local_batch_size], gen
 
 
 class TensorBatches(Sharded):
@@ -66,11 +68,13 @@ class TensorBatches(Sharded):
         return len(self.labels)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order, gen = self._order()
-        for idx in order.split(self.local_batch_size):
+        order, _ = self._order()
+        chunks = order.split(self.local_batch_size) if len(order) else ()  # split of nothing is one empty batch
+        for batch, idx in enumerate(chunks, self.start_batch):
             x = self.images[idx].float().div_(255)
-            if self.augment == "crop_flip":
-                x = random_crop_flip(x, gen)
+            if self.augment == "crop_flip":  # seeded per batch, so a resume mid-epoch draws the same
+                x = random_crop_flip(x, torch.Generator().manual_seed(
+                    ((self.seed * 100_003 + self.epoch) * 1_000_003 + batch) * 1_009 + self.rank))
             yield x, self.labels[idx]
 
 

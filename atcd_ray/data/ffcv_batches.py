@@ -102,6 +102,7 @@ class FFCVBatches(Sharded):
     def __iter__(self):
         loader = self._make()
         loader.next_epoch = self.epoch  # the order of (seed, epoch), also after a resume
+        loader.start_batch = self.start_batch
         for images, labels in loader:
             # FFCV reuses its output buffers for later batches: hand out copies, never views.
             yield images.float().div_(255), labels.view(-1).to(torch.long, copy=True)
@@ -169,7 +170,10 @@ class CheckedEpochIterator(EpochIterator):
 
 
 class CheckedLoader(Loader):
-    """FFCV's Loader with ``CheckedEpochIterator`` (the same steps as ``Loader.__iter__``)."""
+    """FFCV's Loader with ``CheckedEpochIterator`` (the same steps as ``Loader.__iter__``), from
+    batch ``start_batch`` of the epoch's order on."""
+
+    start_batch = 0
 
     def __iter__(self):
         Compiler.set_num_threads(self.num_workers)
@@ -177,4 +181,4 @@ class CheckedLoader(Loader):
         self.next_epoch += 1
         if self.code is None or self.recompile:
             self.generate_code()
-        return CheckedEpochIterator(self, order[:len(self) * self.batch_size])
+        return CheckedEpochIterator(self, order[self.start_batch * self.batch_size:len(self) * self.batch_size])

@@ -1,0 +1,81 @@
+"""Mid-epoch checkpoints (issue 13): with ``train.checkpoint_steps`` a run killed inside an epoch
+resumes at the step after its last checkpoint, runs only the steps it had not run, and ends bit
+for bit where an uninterrupted run ends; checkpointing itself changes nothing."""
+import json
+
+import pytest
+import torch
+
+from atcd_ray import trainer
+from atcd_ray.core.checkpoint import Checkpoint
+from atcd_ray.data.batches import TensorBatches
+from tests.test_checkpoint import quick_config
+
+TIMING = ("seconds", "per_second", "wait_fraction")
+
+
+def _state(out):
+    metrics = [{k: v for k, v in json.loads(line).items() if not any(t in k for t in TIMING)}
+               for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    return Checkpoint(out / "last.safetensors"), metrics, (summary["clean_acc"], summary["robust_acc"])
+
+
+def _assert_same(a_dir, b_dir):
+    (a, metrics_a, test_a), (b, metrics_b, test_b) = _state(a_dir), _state(b_dir)
+    assert set(a.tensors) == set(b.tensors)
+    for key, tensor in a.tensors.items():
+        assert torch.equal(tensor, b.tensors[key]), key  # weights, optimiser, ATCD chain, RNG
+    assert metrics_a == metrics_b and test_a == test_b
+
+
+def test_a_kill_inside_an_epoch_resumes_at_the_next_step_bit_exact(tmp_path, monkeypatch, caplog):
+    cfg = quick_config(**{"train.checkpoint_steps": 3})
+    cfg.data.batch_size = 32  # 8 steps an epoch: checkpoints after steps 3 and 6
+    trainer.fit(cfg, tmp_path / "straight", progress=False)
+    plain = quick_config()
+    plain.data.batch_size = 32
+    trainer.fit(plain, tmp_path / "plain", progress=False)
+    # Positive control of the comparison, and proof that checkpointing changes nothing.
+    _assert_same(tmp_path / "straight", tmp_path / "plain")
+
+    out, method_cls = tmp_path / "crashed", trainer.METHODS[cfg.train.method]
+    real_step, steps_run = method_cls.step, []
+
+    def counting_step(self, x, y):
+        steps_run.append(1)
+        if crash_at and len(steps_run) == crash_at:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(method_cls, "step", counting_step)
+    crash_at = 8 + 5  # step 5 of epoch 2: its last checkpoint is after step 3
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(cfg, out, progress=False)
+    progress = Checkpoint(out / "last.safetensors").meta["epoch_progress"]
+    assert progress["steps"] == 3 and Checkpoint(out / "last.safetensors").meta["epoch"] == 1
+    steps_run.clear()
+    crash_at = None
+    with caplog.at_level("INFO", logger="atcd_ray"):
+        trainer.fit(cfg, out, progress=False)
+    assert any("after epoch 1, step 3 of epoch 2" in r.getMessage() for r in caplog.records)
+    assert len(steps_run) == (8 - 3) + 8  # the rest of epoch 2 and epoch 3: nothing repeated, nothing skipped
+    _assert_same(tmp_path / "straight", out)
+    assert "epoch_progress" not in Checkpoint(out / "last.safetensors").meta  # the last one is an epoch's end
+
+
+def test_batches_from_a_start_batch_are_the_tail_of_the_epoch_with_the_same_augmentation():
+    images = torch.randint(0, 256, (70, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(70)
+    batches = TensorBatches(images, labels, batch_size=16, shuffle=True, drop_last=True, seed=3, augment="crop_flip")
+    batches.set_epoch(2)
+    whole = list(batches)
+    assert len(whole) == len(batches) == 4
+    for start in range(5):
+        batches.set_epoch(2, start_batch=start)
+        tail = list(batches)
+        assert len(tail) == 4 - start and len(batches) == 4  # len is the epoch's, for the schedule
+        for (x, y), (x_whole, y_whole) in zip(tail, whole[start:]):
+            assert torch.equal(y, y_whole) and torch.equal(x, x_whole)
+    batches.set_epoch(3)
+    assert not torch.equal(list(batches)[0][1], whole[0][1])  # positive control: another epoch differs

@@ -90,6 +90,8 @@ def load_study(path: str | Path, extra: list[tuple[str, Any]] = ()) -> Study:
     tree = yaml.safe_load(path.read_text()) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping")
+    if "budgets" in tree:
+        raise ConfigError(f"{path} is a budget study: run it with python -m atcd_ray.study {path}")
     unknown = sorted(set(tree) - set(STUDY_KEYS))
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key in {path.name}; allowed: {', '.join(STUDY_KEYS)}")

@@ -17,7 +17,7 @@ from atcd_ray.tune import Sizing, bundle_label, load_study, make_scheduler, para
 from .test_distributed import _env
 
 ROOT = Path(__file__).resolve().parent.parent
-SPACES = sorted((ROOT / "tune_spaces").glob("*.yaml"))
+SPACES = sorted(p for p in (ROOT / "tune_spaces").glob("*.yaml") if not p.stem.endswith("_budget"))  # not budget studies
 
 
 def _space(tmp_path, **tree):
@@ -54,6 +54,8 @@ def test_every_shipped_space_loads_and_covers_the_papers_studies():
     ({"metric": "test_acc"}, "metric:"),
     ({"search": "optuna"}, "cannot run a grid"),
     ({"fixed": {"train.method": "pgdd"}}, "fixed: train: method must be one of"),
+    ({"budgets": [4, 12]}, "is a budget study: run it with python -m atcd_ray.study"),
+    ({"search_seed": "zero"}, "search_seed: must be an integer"),
 ])
 def test_a_bad_space_is_one_clear_error(tmp_path, tree, message):
     with pytest.raises(ConfigError, match=message):

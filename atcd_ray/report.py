@@ -45,9 +45,12 @@ def commit_label(record: dict) -> str:
     """The commit a summary.json (or an evaluation's JSON) records, short, '+dirty' when tracked
     files differed from it; 'unknown' for runs that predate the record."""
     provenance = record.get("provenance") or {}
-    if not provenance.get("commit"):
-        return "unknown"
-    return provenance["commit"][:10] + ("+dirty" if provenance.get("dirty") else "")
+    labels = []
+    for segment in [*provenance.get("earlier", []), provenance]:  # a run resumed on other code: each
+        label = segment["commit"][:10] + ("+dirty" if segment.get("dirty") else "") if segment.get("commit") \
+            else "unknown"
+        labels += [label] if label not in labels else []
+    return labels[0] if len(labels) == 1 else "mixed(" + ", ".join(labels) + ")"
 
 
 def check_one_commit(records: list[dict], allow_mixed: bool) -> list[str] | None:
@@ -219,12 +222,12 @@ def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, t
                 summaries = [json.loads(p.read_text()) for p in runs]
                 finals.append(_final_row(spec, directory, model, budget, method, summaries,
                                          [p.parent / "autoattack.json" for p in runs]))
-    records = [s for row in finals for s in row.pop("_records")]
+    records = [r for row in finals for r in row["_records"]]  # summaries and AutoAttack evaluations
     labels = check_one_commit(records, allow_mixed)
-    if labels:  # mixed, and allowed: each row names the commits of its runs
-        each = iter(labels)
-        for row in finals:
-            row["commit"] = ", ".join(sorted({next(each) for _ in range(row["seeds"])}))
+    for row in finals:
+        if labels:  # mixed, and allowed: each row names the commits of its runs
+            row["commit"] = ", ".join(sorted({commit_label(r) for r in row["_records"]}))
+        del row["_records"]
     lines = [f"# Budget study {spec.study} ({spec.dataset})", "",
              f"Budgets {', '.join(f'{b:g}' for b in spec.budgets)} natural-epoch equivalents (forward+backward passes "
              f"over the training set); {spec.trials} trials per searched method, network and budget, selected by "
@@ -233,8 +236,9 @@ def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, t
     if finals:
         first = records[0]
         commits = ", ".join(dict.fromkeys(commit_label(r) for r in records))
+        torch_version = first["provenance"].get("versions", {}).get("torch")
         lines += [f"Finals: commit {commits}, {first['hardware']['cpu']} "
-                  f"({first['hardware']['cpu_count']} cores, torch {first['provenance']['versions']['torch']}); "
+                  f"({first['hardware']['cpu_count']} cores, torch {torch_version}); "
                   f"{first['train_examples']} training images, {first['eval_n']} test images.", "",
                   f"## Time to {target_robust:.0%} PGD-20 and {target_clean:.0%} clean accuracy (whole test set)", ""]
         reached = [r for r in finals if r["clean"] >= target_clean and r["pgd20"] >= target_robust]
@@ -244,7 +248,7 @@ def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, t
         lines += [markdown_table(list(fastest.values()), ["method", "network", "budget", "train s", "clean", "pgd20"])
                   if fastest else "No recipe reached both.", ""]
         columns = ["network", "budget", "method", "knobs", "passes", "epochs", "seeds", "train s", "clean", "pgd20",
-                   "tapgd20", "autoattack", "pgd20 (AA images)", "AA n", *(["commit"] if labels else [])]
+                   "tapgd20", "autoattack", "pgd20 (AA images)", "AA n", "AA seeds", *(["commit"] if labels else [])]
         lines += ["## Winners on the whole training set (mean over seeds)", "", markdown_table(finals, columns), ""]
         plt = pyplot()
         for model in spec.models:
@@ -290,7 +294,8 @@ def _final_row(spec, directory, model, budget, method, summaries, aa_paths) -> d
             "tapgd20": mean([s["robust_acc"].get("tapgd20") for s in summaries if "tapgd20" in s["robust_acc"]]),
             "autoattack": mean([e["robust_acc"]["autoattack"] for e in evaluations]),
             "pgd20 (AA images)": mean([e["robust_acc"]["pgd20"] for e in evaluations]),
-            "AA n": evaluations[0]["n"] if evaluations else None, "_records": summaries}
+            "AA n": evaluations[0]["n"] if evaluations else None, "AA seeds": len(evaluations),
+            "_records": [*summaries, *evaluations]}
 
 
 def _knob(key: str, value) -> str:

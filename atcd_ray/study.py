@@ -104,6 +104,10 @@ def load_budget_study(path: str | Path) -> BudgetStudy:
         raise ConfigError(f"methods: a mapping of searched methods (not the reference {spec.reference}) to params")
     if spec.reference not in METHODS:
         raise ConfigError(f"reference: one of {', '.join(METHODS)}; got {spec.reference!r}")
+    searched_keys = {k for params in [spec.common, *searched.values()] for k in (params or {})}
+    overlap = sorted(set(spec.final) & searched_keys)
+    if overlap:  # final comes after the winner's knobs: it would replace the winning value
+        raise ConfigError(f"final: {overlap[0]} is searched; final may set only what the search does not")
     if not isinstance(spec.trials, int) or spec.trials < 1:
         raise ConfigError(f"trials: an integer >= 1; got {spec.trials!r}")
     for model, budget, _ in spec.cells():

@@ -280,6 +280,7 @@ def _mean_over_ranks(group: Group, accuracy: dict[str, float], n: int) -> dict[s
 def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.device | None = None,
         group: Group | None = None) -> dict:
     group = group or Group()
+    code = provenance()  # now, not at the end: the checkout may move while the run trains
     rank, lead = group.rank, group.rank == 0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -310,6 +311,9 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     start_epoch = meta.get("epoch", 0)
     train_seconds, best_val = meta.get("train_seconds", 0.0), meta.get("best_val", -1.0)
     history = meta.get("history", [])  # the epochs up to the checkpoint; later ones are redone
+    # The code of every stretch of this run (a resume may run other code): summary.json says so.
+    segments = [*meta.get("provenance", []), code]
+    segments = [p for i, p in enumerate(segments) if i == 0 or p != segments[i - 1]]
     board = None
     if lead:
         write_history(out, history)
@@ -330,7 +334,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         """The state after a step inside epoch ``epoch``: the last epoch-end meta plus how far
         this epoch got; what rank 0 writes for the group, each rank its own method state."""
         state = {"epoch": epoch, "train_seconds": train_seconds, "best_val": best_val, "stopped_early": False,
-                 "history": history, "epoch_progress": dataclasses.asdict(progress)}
+                 "history": history, "provenance": segments, "epoch_progress": dataclasses.asdict(progress)}
         own = out / _rank_file(rank)
         if lead:
             save_checkpoint(own, model, cfg.to_dict(), state, optimizer, method.state_dict(), torch.get_rng_state(),
@@ -365,7 +369,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
             best_val = val["robust"]
         history.append(record)
         meta = {"epoch": epoch + 1, "train_seconds": train_seconds, "best_val": best_val, "stopped_early": stopped_early,
-                "history": history}
+                "history": history, "provenance": segments}
         own = out / _rank_file(rank)
         if lead:
             if improved:
@@ -402,7 +406,8 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         "final_epoch": history[-1] if history else {},
         # Compute in natural-epoch equivalents: passes over the training set, epochs actually run.
         "passes_per_minibatch": passes, "budget": len(history) * passes, "train_examples": train_examples,
-        "hardware": hardware(), "provenance": provenance(),
+        "hardware": hardware(), "provenance": {**segments[-1], "earlier": segments[:-1]} if len(segments) > 1
+        else segments[-1],
     }
     if lead:
         board.close(summary)

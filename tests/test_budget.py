@@ -185,6 +185,7 @@ def test_the_repository_study_spec_is_valid():
                                r"epoch of pgd"),
     ({"final": {"eval.attacks": ["pgd5"]}}, "final: eval.attacks must include pgd20"),
     ({"trials": 0}, "trials: an integer >= 1"),
+    ({"final": {"eval.attacks": ["pgd20"], "optim.lr": 0.1}}, "final: optim.lr is searched"),
 ])
 def test_bad_study_specs_are_refused_with_the_key(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -200,7 +201,8 @@ def _write_final(directory, budget, method, seed, commit, clean, pgd20, seconds,
         "passes_per_minibatch": 2 if method == "fast" else 1, "epochs": 1, "train_seconds": seconds,
         "clean_acc": clean, "robust_acc": {"pgd20": pgd20}}))
     if aa is not None:
-        (run / "autoattack.json").write_text(json.dumps({"n": 16, "robust_acc": {"autoattack": aa, "pgd20": pgd20}}))
+        (run / "autoattack.json").write_text(json.dumps({"n": 16, "robust_acc": {"autoattack": aa, "pgd20": pgd20},
+                                                          "provenance": {"commit": commit, "dirty": False}}))
 
 
 def test_study_report_tables_time_to_target_and_refuses_mixed_commits(tmp_path):
@@ -219,7 +221,7 @@ def test_study_report_tables_time_to_target_and_refuses_mixed_commits(tmp_path):
     text = (directory / "report" / "report.md").read_text()
     assert "| fast | compactcnn | 4 | 21 | 87.00% | 75.00% |" in text  # the mean over two seeds reaches it
     assert "| natural | compactcnn" not in text.split("## Winners")[0]  # natural never reaches 74%
-    assert "| compactcnn | 4 | fast | lr=0.05 | 2 | 1 | 2 | 21 | 87.00% | 75.00% |  | 73.00% | 75.00% | 16 |" in text
+    assert "| compactcnn | 4 | fast | lr=0.05 | 2 | 1 | 2 | 21 | 87.00% | 75.00% |  | 73.00% | 75.00% | 16 | 2 |" in text
     assert (directory / "report" / "budget_compactcnn.png").stat().st_size > 10_000
     _write_final(directory, 2, "fast", 1, "d" * 40, 0.86, 0.70, 9.0)
     with pytest.raises(ConfigError, match="different commits"):

@@ -79,3 +79,25 @@ def test_batches_from_a_start_batch_are_the_tail_of_the_epoch_with_the_same_augm
             assert torch.equal(y, y_whole) and torch.equal(x, x_whole)
     batches.set_epoch(3)
     assert not torch.equal(list(batches)[0][1], whole[0][1])  # positive control: another epoch differs
+
+
+def test_fast_fgsm_rolls_back_to_the_last_epoch_after_a_mid_epoch_resume():
+    """Its early stop restores the weights of the last epoch's end; a checkpoint inside an epoch
+    carries them, so a resume from it does not take the half-trained weights for them."""
+    from atcd_ray.core.methods import METHODS
+    from atcd_ray.core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("compactcnn", 10, 1)
+    fast = METHODS["fast"](model, torch.optim.SGD(model.parameters(), lr=0.1), 0.1,
+                           METHODS["fast"].Options(early_stop=True))
+    epoch_end = {k: v.clone() for k, v in model.state_dict().items()}
+    fast.best_state, fast.previous_robust_acc = epoch_end, 0.5
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    fast.step(x, y)  # inside the next epoch: the weights move on
+    state = fast.state_dict()
+    resumed = METHODS["fast"](model, torch.optim.SGD(model.parameters(), lr=0.1), 0.1, fast.options)
+    resumed.load_state_dict(state)
+    assert resumed.previous_robust_acc == 0.5
+    assert all(torch.equal(resumed.best_state[k], epoch_end[k]) for k in epoch_end)
+    assert not all(torch.equal(model.state_dict()[k], epoch_end[k]) for k in epoch_end)  # positive control

@@ -140,7 +140,7 @@ def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: 
     guard = FiniteLossGuard(epoch, device, progress_interval)
     totals = {key: torch.tensor(value, device=device) for key, value in done.totals.items()}
     steps, images, lr_sum, wait = done.steps, done.images, done.lr_sum, done.wait
-    start = t_fetch = time.perf_counter() - done.seconds
+    start, t_fetch = time.perf_counter() - done.seconds, time.perf_counter()
     for i, (x, y) in enumerate(batches, done.steps):
         x, y = to_device(x, y, device, channels_last, pin_memory)
         wait += time.perf_counter() - t_fetch

@@ -73,8 +73,8 @@ class TensorBatches(Sharded):
         for batch, idx in enumerate(chunks, self.start_batch):
             x = self.images[idx].float().div_(255)
             if self.augment == "crop_flip":  # seeded per batch, so a resume mid-epoch draws the same
-                x = random_crop_flip(x, torch.Generator().manual_seed(
-                    ((self.seed * 100_003 + self.epoch) * 1_000_003 + batch) * 1_009 + self.rank))
+                key = ((self.seed * 100_003 + self.epoch) * 1_000_003 + batch) * 1_009 + self.rank
+                x = random_crop_flip(x, torch.Generator().manual_seed(key % 2**63))
             yield x, self.labels[idx]
 
 

@@ -65,10 +65,17 @@ class FastFGSM(Method):
         return False
 
     def state_dict(self):
-        return {"previous_robust_acc": torch.tensor(self.previous_robust_acc)}
+        # The last epoch's weights travel with the state: a checkpoint written inside an epoch
+        # holds that epoch's weights so far, which are not the ones to roll back to.
+        state = {"previous_robust_acc": torch.tensor(self.previous_robust_acc)}
+        if self.options.early_stop and self.best_state is not None:
+            state.update({f"best.{name}": tensor for name, tensor in self.best_state.items()})
+        return state
 
     def load_state_dict(self, state):
-        # Called after the model weights are restored: they are the last good weights.
         if "previous_robust_acc" in state:
             self.previous_robust_acc = state["previous_robust_acc"].item()
-            self.best_state = copy.deepcopy(self.model.state_dict())
+        best = {name[len("best."):]: tensor.clone() for name, tensor in state.items() if name.startswith("best.")}
+        if not best and "previous_robust_acc" in state:  # a checkpoint from before the weights travelled
+            best = copy.deepcopy(self.model.state_dict())
+        self.best_state = best or None

@@ -198,7 +198,7 @@ def sweep_report(sweep: Path, out: Path) -> list[Path]:
 
 
 def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, target_clean: float = 0.85,
-                 target_robust: float = 0.74) -> list[Path]:
+                        target_robust: float = 0.74) -> list[Path]:
     """The study's tables and plots: the search per cell, the finals (mean over seeds), time to
     the target accuracies, and PGD-20 and AutoAttack accuracy against budget and wall seconds."""
     import pyarrow.parquet as pq
@@ -206,6 +206,8 @@ def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, t
     from .study import OBJECTIVE, BudgetStudy, cell_dir
 
     spec = BudgetStudy(**json.loads((directory / "budget_study.json").read_text()))
+    winners_path = directory / "winners.json"
+    winners = json.loads(winners_path.read_text()) if winners_path.exists() else {}
     search_rows, finals = [], []
     for model, budget, i in spec.cells():
         for method in [spec.reference, *spec.methods]:
@@ -220,8 +222,10 @@ def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, t
             runs = sorted(cell_dir(directory, "final", model, budget, method).glob("seed*/summary.json"))
             if runs:
                 summaries = [json.loads(p.read_text()) for p in runs]
-                finals.append(_final_row(spec, directory, model, budget, method, summaries,
-                                         [p.parent / "autoattack.json" for p in runs]))
+                evaluations = [json.loads(p.read_text()) for p in (r.parent / "autoattack.json" for r in runs)
+                               if p.exists()]
+                finals.append(_final_row(model, budget, method, winners.get(f"{model}/budget{budget:g}/{method}", {}),
+                                         summaries, evaluations))
     records = [r for row in finals for r in row["_records"]]  # summaries and AutoAttack evaluations
     labels = check_one_commit(records, allow_mixed)
     for row in finals:
@@ -261,7 +265,7 @@ def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, t
                 with_aa = [r for r in mine if r["autoattack"] is not None]
                 axes[2].plot([r["budget_value"] for r in with_aa], [r["autoattack"] for r in with_aa], marker="o",
                              label=method)
-            front = _pareto([r for r in rows], "train s", "pgd20")
+            front = _pareto(rows, "train s", "pgd20")
             axes[1].plot([r["train s"] for r in front], [r["pgd20"] for r in front], "k--", lw=1, label="Pareto front")
             budget_axis = "budget (natural epochs)"
             for ax, xlabel, ylabel in zip(axes, [budget_axis, "training wall seconds", budget_axis],
@@ -279,21 +283,18 @@ def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, t
     return files
 
 
-def _final_row(spec, directory, model, budget, method, summaries, aa_paths) -> dict:
-    chosen = json.loads((directory / "winners.json").read_text()).get(f"{model}/budget{budget:g}/{method}", {}) \
-        if (directory / "winners.json").exists() else {}
-    evaluations = [json.loads(p.read_text()) for p in aa_paths if p.exists()]
-    mean = lambda values: statistics.fmean(values) if values else None  # noqa: E731
+def _final_row(model, budget, method, chosen, summaries, evaluations) -> dict:
+    """One row of the finals: a cell's runs (means over seeds) and their AutoAttack evaluations."""
     first = summaries[0]
     return {"network": model, "budget": f"{budget:g}", "budget_value": budget, "method": method,
             "knobs": ", ".join(_knob(k, v) for k, v in chosen.get("params", {}).items()) or "recipe",
             "passes": first["passes_per_minibatch"], "epochs": first["epochs"], "seeds": len(summaries),
-            "train s": round(mean([s["train_seconds"] for s in summaries])),
-            "clean": mean([s["clean_acc"] for s in summaries]),
-            "pgd20": mean([s["robust_acc"]["pgd20"] for s in summaries]),
-            "tapgd20": mean([s["robust_acc"].get("tapgd20") for s in summaries if "tapgd20" in s["robust_acc"]]),
-            "autoattack": mean([e["robust_acc"]["autoattack"] for e in evaluations]),
-            "pgd20 (AA images)": mean([e["robust_acc"]["pgd20"] for e in evaluations]),
+            "train s": round(_mean([s["train_seconds"] for s in summaries])),
+            "clean": _mean([s["clean_acc"] for s in summaries]),
+            "pgd20": _mean([s["robust_acc"]["pgd20"] for s in summaries]),
+            "tapgd20": _mean([s["robust_acc"].get("tapgd20") for s in summaries]),
+            "autoattack": _mean([e["robust_acc"]["autoattack"] for e in evaluations]),
+            "pgd20 (AA images)": _mean([e["robust_acc"]["pgd20"] for e in evaluations]),
             "AA n": evaluations[0]["n"] if evaluations else None, "AA seeds": len(evaluations),
             "_records": [*summaries, *evaluations]}
 
@@ -301,7 +302,8 @@ def _final_row(spec, directory, model, budget, method, summaries, aa_paths) -> d
 def _knob(key: str, value) -> str:
     if isinstance(value, str) and "=" in value:  # a bundle's label: "T=2, K=1"
         return value
-    return f"{key.rsplit('.', 1)[-1]}={value:.3g}" if isinstance(value, float) else f"{key.rsplit('.', 1)[-1]}={value}"
+    name = key.rsplit(".", 1)[-1]
+    return f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
 
 
 def _pareto(rows: list[dict], cost: str, value: str) -> list[dict]:

@@ -26,13 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .cli import ArgumentParser, check_launch, run_main, setup_logging
 from .config import ConfigError, load_config
 from .core.methods import METHODS
 from .core.models import MODELS
-from .tune import OBJECTIVE, Sizing, Study, _check
+from .tune import OBJECTIVE, Sizing, Study, _check, check_keys, read_spec, results_table, run_sweep
 
 log = logging.getLogger("atcd_ray.study")
 
@@ -74,18 +72,9 @@ class BudgetStudy:
 
 def load_budget_study(path: str | Path) -> BudgetStudy:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study {path} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping")
-    unknown = sorted(set(tree) - set(SPEC_KEYS))
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key in {path.name}; allowed: {', '.join(SPEC_KEYS)}")
-    missing = [k for k in ("study", "dataset", "models", "budgets", "methods", "final_seeds", "autoattack_n")
-               if k not in tree]
-    if missing:
-        raise ConfigError(f"{missing[0]}: required in {path.name}")
+    tree = read_spec(path, "study")
+    check_keys(tree, path, SPEC_KEYS,
+               ("study", "dataset", "models", "budgets", "methods", "final_seeds", "autoattack_n"))
     spec = BudgetStudy(**tree)
     for key in ("models", "budgets", "final_seeds", "autoattack_n"):
         if not isinstance(getattr(spec, key), list) or not getattr(spec, key):
@@ -135,8 +124,6 @@ def cell_dir(out: Path, stage: str, model: str, budget: float, method: str) -> P
 
 def run_search(spec: BudgetStudy, out: Path) -> None:
     """Every (network, budget, method) sweep not yet done, one after the other."""
-    from .tune import results_table, run_sweep
-
     sizing = Sizing(overrides=[], workers=1, cpus_per_worker=1.0)
     for model, budget, _ in spec.cells():
         for method in spec.methods:
@@ -184,7 +171,7 @@ def run_final(spec: BudgetStudy, out: Path) -> None:
                 run = cell_dir(out, "final", model, budget, method) / f"seed{seed_index}"
                 overrides = final_overrides(spec, model, budget, method, chosen["overrides"], seed_index)
                 if not (run / "summary.json").exists():
-                    check_launch(load_config(spec.dataset, spec.recipe, overrides), 1)
+                    check_launch(load_config(spec.dataset, spec.recipe, overrides), 1)  # one line, not a traceback
                     _python("atcd_ray.train", spec.dataset, "--workers", "0", "--quiet", "--out", str(run),
                             *(["--recipe", spec.recipe] if spec.recipe else []),
                             *[a for k, v in overrides for a in ("--set", f"{k}={json.dumps(v)}")])

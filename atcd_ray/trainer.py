@@ -312,8 +312,9 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     train_seconds, best_val = meta.get("train_seconds", 0.0), meta.get("best_val", -1.0)
     history = meta.get("history", [])  # the epochs up to the checkpoint; later ones are redone
     # The code of every stretch of this run (a resume may run other code): summary.json says so.
-    segments = [*meta.get("provenance", []), code]
-    segments = [p for i, p in enumerate(segments) if i == 0 or p != segments[i - 1]]
+    segments = meta.get("provenance", [])
+    if not segments or segments[-1] != code:
+        segments = [*segments, code]
     board = None
     if lead:
         write_history(out, history)
@@ -330,24 +331,28 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     stopped_early = meta.get("stopped_early", False)
     done = EpochProgress(**meta["epoch_progress"]) if "epoch_progress" in meta else None  # a mid-epoch checkpoint
 
-    def checkpoint_mid_epoch(progress: EpochProgress) -> None:
-        """The state after a step inside epoch ``epoch``: the last epoch-end meta plus how far
-        this epoch got; what rank 0 writes for the group, each rank its own method state."""
-        state = {"epoch": epoch, "train_seconds": train_seconds, "best_val": best_val, "stopped_early": False,
-                 "history": history, "provenance": segments, "epoch_progress": dataclasses.asdict(progress)}
+    def save_state(epochs_done: int, progress: EpochProgress | None = None) -> Path:
+        """Rank 0 writes the group's checkpoint (weights, optimiser, and the meta that commits the
+        history), every rank its own method state and RNG; ``progress``: how far the next epoch
+        got, for a checkpoint inside it. Returns this rank's file."""
         own = out / _rank_file(rank)
         if lead:
-            save_checkpoint(own, model, cfg.to_dict(), state, optimizer, method.state_dict(), torch.get_rng_state(),
+            meta = {"epoch": epochs_done, "train_seconds": train_seconds, "best_val": best_val,
+                    "stopped_early": stopped_early, "history": history, "provenance": segments,
+                    **({"epoch_progress": dataclasses.asdict(progress)} if progress else {})}
+            save_checkpoint(own, model, cfg.to_dict(), meta, optimizer, method.state_dict(), torch.get_rng_state(),
                             keep_previous=True)
         else:
-            save_checkpoint(own, None, {}, state, None, method.state_dict(), torch.get_rng_state())
+            save_checkpoint(own, None, {}, {"epoch": epochs_done}, None, method.state_dict(), torch.get_rng_state())
+        return own
 
     for epoch in range(start_epoch, 0 if stopped_early else t.epochs):
         try:
             stats = train_epoch(method, splits.train, epoch, t.epochs, set_lr, device, amp=t.amp,
                                 progress=progress and lead, channels_last=t.channels_last, pin_memory=d.pin_memory,
                                 world_size=group.world_size, progress_interval=t.progress_seconds,
-                                done=done, checkpoint_steps=t.checkpoint_steps, checkpoint=checkpoint_mid_epoch)
+                                done=done, checkpoint_steps=t.checkpoint_steps,
+                                checkpoint=lambda progress: save_state(epoch, progress))
             done = None
             check_finite_weights(model, epoch)
         except NonFiniteError as err:  # no checkpoint of this epoch: the last good one stays
@@ -368,18 +373,12 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         if improved:
             best_val = val["robust"]
         history.append(record)
-        meta = {"epoch": epoch + 1, "train_seconds": train_seconds, "best_val": best_val, "stopped_early": stopped_early,
-                "history": history, "provenance": segments}
-        own = out / _rank_file(rank)
+        if lead and improved:
+            save_checkpoint(best_path, model, cfg.to_dict(), {"epoch": epoch + 1, "val": val})
+        own = save_state(epoch + 1)  # the epoch's record is committed with it
         if lead:
-            if improved:
-                save_checkpoint(best_path, model, cfg.to_dict(), {"epoch": epoch + 1, "val": val})
-            save_checkpoint(own, model, cfg.to_dict(), meta, optimizer, method.state_dict(), torch.get_rng_state(),
-                            keep_previous=True)  # the epoch's record is committed with it
             write_history(out, history)
             board.epoch(record)
-        else:
-            save_checkpoint(own, None, {}, {"epoch": epoch + 1}, None, method.state_dict(), torch.get_rng_state())
         group.report(record, own)
         if lead:
             log.info("epoch %d/%d  %s", epoch + 1, t.epochs, "  ".join(

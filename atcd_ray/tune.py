@@ -81,23 +81,34 @@ def bundle_label(overrides: dict) -> str:
     return ", ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in overrides.items())
 
 
+def read_spec(path: Path, what: str) -> dict:
+    """A YAML file of a search space or a study, as a mapping, or one ConfigError line why not."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    return tree
+
+
+def check_keys(tree: dict, path: Path, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
+    """No key outside ``allowed``, every key of ``required``: the first offender, by name."""
+    unknown = sorted(set(tree) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key in {path.name}; allowed: {', '.join(allowed)}")
+    for key in required:
+        if key not in tree:
+            raise ConfigError(f"{key}: required in {path.name}")
+
+
 def load_study(path: str | Path, extra: list[tuple[str, Any]] = ()) -> Study:
     """Read and check a space file: every key and every value a trial can take is validated
     against the recipe's config, so a bad space fails here, with the key, before Ray starts."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search space {path} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping")
+    tree = read_spec(path, "search space")
     if "budgets" in tree:
         raise ConfigError(f"{path} is a budget study: run it with python -m atcd_ray.study {path}")
-    unknown = sorted(set(tree) - set(STUDY_KEYS))
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key in {path.name}; allowed: {', '.join(STUDY_KEYS)}")
-    for key in ("study", "dataset", "params"):
-        if key not in tree:
-            raise ConfigError(f"{key}: required in {path.name}")
+    check_keys(tree, path, STUDY_KEYS, ("study", "dataset", "params"))
     metric = tree.get("metric", "val_robust_acc")
     tree["metric"] = {metric: 1.0} if isinstance(metric, str) else metric
     study = Study(**tree)
@@ -119,7 +130,8 @@ def _check(study: Study, extra: list[tuple[str, Any]]) -> None:
         raise ConfigError(f"search: must be auto, basic or optuna, got {study.search!r}")
     if not isinstance(study.num_samples, int) or study.num_samples < 1:
         raise ConfigError(f"num_samples: must be an integer >= 1, got {study.num_samples!r}")
-    if study.search_seed is not None and (not isinstance(study.search_seed, int) or isinstance(study.search_seed, bool)):
+    seed = study.search_seed
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ConfigError(f"search_seed: must be an integer, got {study.search_seed!r}")
     scheduler = dict(study.scheduler or {})
     if scheduler.pop("name", None) not in ("asha", "fifo") or set(scheduler) - {"grace_period", "reduction_factor"}:

@@ -18,6 +18,18 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def worker_range(text: str) -> tuple[int, int]:
+    """``--workers``: N, or MIN-MAX for an elastic group; returned as (min, max)."""
+    low, dash, high = text.partition("-")
+    try:
+        workers = int(low), int(high if dash else low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--workers takes N or MIN-MAX, not {text!r}") from None
+    if workers[0] < 0 or workers[0] > workers[1] or (dash and workers[0] < 1):
+        raise argparse.ArgumentTypeError(f"--workers {text}: need 0 <= N, or 1 <= MIN <= MAX")
+    return workers
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
@@ -39,13 +51,13 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
 
 
 def check_launch(cfg, workers: int) -> None:
-    """Before any work (and before Ray starts): every worker takes an equal share of each
-    minibatch, and the data exist."""
+    """Before any work (and before Ray starts): every worker (at most ``workers``) gets rows of
+    each minibatch, and the data exist."""
     from .data.sources import check_available
 
-    if cfg.data.batch_size % workers:
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by --workers {workers} "
-                          "(each worker takes batch_size / workers of every global minibatch)")
+    if cfg.data.batch_size < workers:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is fewer rows than --workers {workers} "
+                          "(the workers split every global minibatch by rows)")
     check_available(cfg.dataset, cfg.data.dir, cfg.data.ffcv_dir)
 
 

@@ -81,11 +81,15 @@ class TrainConfig:
     # A checkpoint every N steps inside an epoch too (None: at epoch ends only); a resume continues
     # the epoch at the step after it, with the same batches and statistics.
     checkpoint_steps: int | None = None
+    # Under Ray: every N steps the workers ask Ray whether a node of theirs is being preempted
+    # (a collective, hence not every step); on a notice they checkpoint at once.
+    preemption_check_steps: int = 10
 
     def validate(self):
         _choice(self, "method", tuple(METHODS))
         _choice(self, "select_best", ("last", "robust_val"))
-        _positive(self, "epochs", "budget", "val_n", "progress_seconds", "checkpoint_steps")
+        _positive(self, "epochs", "budget", "val_n", "progress_seconds", "checkpoint_steps",
+                  "preemption_check_steps")
 
 
 @dataclass

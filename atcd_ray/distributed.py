@@ -8,7 +8,10 @@ persistent perturbation or ATCD chain, its RNG) is merged by Ray into one checkp
 
 Ray's run directory is the run directory itself (``storage_path`` = its parent, ``name`` = its
 name), so rerunning the same command resumes from the latest checkpoint, and a worker that
-dies makes Ray restart the group from it (``FailureConfig``).
+dies makes Ray restart the group from it (``FailureConfig``). Checkpoints inside an epoch
+(``train.checkpoint_steps``, and one on a preemption notice) are reported to Ray too, so a
+restart continues mid-epoch. With ``workers=(min, max)`` the group is elastic: a restart may
+have another size, and the trainer re-cuts the per-rank state for it (``trainer._resume``).
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from .config import Config, config_from_dict
-from .trainer import Group, check_not_diverged, fit
+from .core.methods.base import weighted_mean_hook
+from .trainer import Group, check_not_diverged, fit, log
 
 
 class RayGroup(Group):
@@ -31,13 +35,26 @@ class RayGroup(Group):
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.restored: Path | None = None  # a local copy of Ray's checkpoint, removed after the run
+        self.notice_answered = False
 
-    def wrap(self, model):
+    def wrap(self, model, rank_weight=1.0):
         # No buffer broadcast at each forward: a method may forward a different number of times
         # on different ranks (ATCD re-runs the forward after an M-H rejection), and a broadcast
         # there would deadlock. BatchNorm running statistics are therefore per rank; rank 0's
         # are the ones checkpointed and evaluated.
-        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+        if rank_weight != 1.0:  # ranks with different numbers of rows: a weighted mean of their gradients
+            model.register_comm_hook(rank_weight, weighted_mean_hook)
+        return model
+
+    def preempted(self) -> bool:
+        # Ray's answer is rank 0's, broadcast (a collective): every rank decides alike. One
+        # checkpoint per notice; Ray restarts the group from it once the node has gone.
+        if self.notice_answered or ray.train.get_preemption_info() is None:
+            return False
+        self.notice_answered = True
+        log.info("preemption notice: checkpointing now")
+        return True
 
     def restore_dir(self, out: Path) -> Path | None:
         checkpoint = ray.train.get_checkpoint()
@@ -87,28 +104,36 @@ def even_share_of_cpus(workers: int) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
 
 
-def fit_distributed(cfg: Config, out_dir: str | Path, workers: int, gpu: bool = False,
+def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, int], gpu: bool = False,
                     cpus_per_worker: float | None = None, max_failures: int = 3, callbacks: list | None = None,
-                    progress: bool = True) -> Path:
-    """Train through Ray Train; returns the run directory (holding summary.json). ``callbacks``:
-    Ray Train callbacks, e.g. the one that forwards reports to a Tune trial. ``cpus_per_worker``
-    None: ``even_share_of_cpus``."""
+                    progress: bool = True, resize_check_seconds: float = 60.0) -> Path:
+    """Train through Ray Train; returns the run directory (holding summary.json). ``workers``: a
+    number, or (min, max) for an elastic group, which Ray starts with what the cluster has and
+    resizes (from the latest checkpoint) as nodes come and go, looking every
+    ``resize_check_seconds``. ``callbacks``: Ray Train callbacks, e.g. the one that forwards
+    reports to a Tune trial. ``cpus_per_worker`` None: ``even_share_of_cpus`` of the most workers."""
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     init_ray()
-    cpus_per_worker = cpus_per_worker or even_share_of_cpus(workers)
+    low, high = (workers, workers) if isinstance(workers, int) else workers
+    if low < high and not cfg.train.checkpoint_steps:
+        log.warning("an elastic group resizes by restarting from the latest checkpoint: without "
+                    "train.checkpoint_steps each resize loses the epoch so far")
+    cpus_per_worker = cpus_per_worker or even_share_of_cpus(high)
     trainer = ray.train.torch.TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.to_dict(), "out": str(out), "threads": max(1, int(cpus_per_worker)),
                            "progress": progress},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
+        scaling_config=ScalingConfig(num_workers=high if low == high else (low, high), use_gpu=gpu,
+                                     elastic_resize_monitor_interval_s=resize_check_seconds,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}),
         run_config=RunConfig(
             name=out.name, storage_path=str(out.parent), callbacks=callbacks,
+            # A preemption is not a failure: Ray retries those without limit (max_preemption_failures).
             failure_config=FailureConfig(max_failures=max_failures),
-            # The best by validation robust accuracy and the latest (Ray always keeps the latest).
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_robust_acc",
-                                               checkpoint_score_order="max")),
+            # The latest only, the one a restart resumes from (inside an epoch too); the best by
+            # validation is the run directory's best.safetensors.
+            checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     try:
         result = trainer.fit()

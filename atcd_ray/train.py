@@ -7,7 +7,8 @@ Writes DIR/summary.json (clean and robust accuracy, training seconds, the checkp
 DIR/metrics.jsonl (one line per epoch) and TensorBoard events in DIR/tb/.
 
 ``--workers N`` (default 1) trains through Ray Train with N workers (DDP from 2), joining the
-cluster of RAY_ADDRESS or starting a local Ray; ``--workers 0`` trains in this process.
+cluster of RAY_ADDRESS or starting a local Ray; ``--workers MIN-MAX`` is an elastic group that
+Ray grows and shrinks as nodes come and go; ``--workers 0`` trains in this process.
 Rerunning a command with the same --out resumes its run.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import ArgumentParser, check_launch, markdown_table, run_main, setup_logging
+from .cli import ArgumentParser, check_launch, markdown_table, run_main, setup_logging, worker_range
 from .config import ConfigError, load_config, parse_override
 from .core.methods import METHODS
 from .data import DATASETS
@@ -32,8 +33,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="passes over the training data")
     p.add_argument("--subset", type=int, help="train on the first N training examples")
     p.add_argument("--eval-n", type=int, help="evaluate on the first N test examples")
-    p.add_argument("--workers", type=int, default=1,
-                   help="Ray Train workers (DDP from 2); 0: train in this process without Ray (default 1)")
+    p.add_argument("--workers", type=worker_range, default=(1, 1), metavar="N|MIN-MAX",
+                   help="Ray Train workers (DDP from 2); MIN-MAX: an elastic group that Ray grows and shrinks "
+                        "with the cluster; 0: train in this process without Ray (default 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
     p.add_argument("--cpus-per-worker", type=float,
                    help="CPUs reserved per Ray Train worker (default: the cluster's CPUs split evenly over the workers)")
@@ -57,20 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.dataset not in DATASETS:
         raise ConfigError(f"dataset: unknown dataset {args.dataset!r}; allowed: {', '.join(DATASETS)}")
-    if args.workers < 0 or (args.cpus_per_worker or 1) <= 0 or args.max_failures < 0:
-        raise ConfigError("--workers and --max-failures must be >= 0, --cpus-per-worker > 0")
-    if args.gpu and args.workers == 0:
+    if (args.cpus_per_worker or 1) <= 0 or args.max_failures < 0:
+        raise ConfigError("--max-failures must be >= 0, --cpus-per-worker > 0")
+    ray_workers = args.workers[1] > 0
+    if args.gpu and not ray_workers:
         raise ConfigError("--gpu reserves GPUs for Ray Train workers: give --workers N >= 1 "
                           "(with --workers 0 a visible GPU is used anyway)")
     cfg = load_config(args.dataset, args.recipe, overrides_from(args))
-    check_launch(cfg, max(args.workers, 1))
+    check_launch(cfg, max(args.workers[1], 1))
     out = Path(args.out or f"runs/{cfg.dataset}-{cfg.train.method}")
     from .trainer import check_launcher, check_resumable
 
     check_resumable(out, cfg)
-    check_launcher(out, "ray" if args.workers else "in-process")  # the first file of a new run
+    check_launcher(out, "ray" if ray_workers else "in-process")  # the first file of a new run
     setup_logging()
-    if args.workers:
+    if ray_workers:
         from .distributed import fit_distributed
         from .trainer import read_summary
 

@@ -129,6 +129,7 @@ def check_same_config(path: Path, old: dict, cfg: Config) -> None:
     Changing train.epochs alone gets its own answer: the learning-rate schedule is laid over the
     epochs, so a finished run cannot be extended without training something else."""
     new = json.loads(cfg.to_json())
+    old, new = _without_operational(old), _without_operational(new)
     if old == new:
         return
     epochs = old.get("train", {}).get("epochs")
@@ -139,6 +140,14 @@ def check_same_config(path: Path, old: dict, cfg: Config) -> None:
                           f"{new['train']['epochs']} epochs in another --out")
     raise ConfigError(f"{path} was written by another config{_config_difference(old, new)}; "
                       "resume with the same config or use a fresh --out directory")
+
+
+# Keys that change how often a run checkpoints or reports, not what it trains: a resume may change them.
+OPERATIONAL_KEYS = ("checkpoint_steps", "preemption_check_steps", "progress_seconds")
+
+
+def _without_operational(config: dict) -> dict:
+    return {**config, "train": {k: v for k, v in config.get("train", {}).items() if k not in OPERATIONAL_KEYS}}
 
 
 def check_launcher(out: Path, launcher: str) -> None:
@@ -207,11 +216,13 @@ class Group:
 
     The default is a single process that keeps its checkpoints in the run directory. The Ray
     Train worker (``atcd_ray.distributed``) overrides ``wrap`` (DDP), ``restore_dir`` (the
-    latest checkpoint Ray hands a restarted group) and ``report`` (the checkpoint to Ray)."""
+    latest checkpoint Ray hands a restarted group), ``report`` (the checkpoint to Ray) and
+    ``preempted`` (Ray's preemption notice)."""
 
     rank, world_size = 0, 1
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, rank_weight: float = 1.0) -> torch.nn.Module:
+        """The model the training loss goes through; ``rank_weight``: ``Method.rank_weight``."""
         return model
 
     def restore_dir(self, out: Path) -> Path | None:
@@ -220,7 +231,13 @@ class Group:
         return out if last.exists() or previous_path(last).exists() else None
 
     def report(self, record: dict, checkpoint_file: Path) -> None:
-        """Called on every rank after each epoch, once its checkpoint file is written."""
+        """Called on every rank at each checkpoint (after each epoch, and inside epochs), once its
+        checkpoint file is written; a record inside an epoch has no validation metrics."""
+
+    def preempted(self) -> bool:
+        """Whether a preemption notice has come that no checkpoint has answered yet. Called on
+        every rank at the same steps (every ``train.preemption_check_steps``)."""
+        return False
 
     def sum(self, values: list[float]) -> list[float]:
         if self.world_size == 1:
@@ -234,27 +251,65 @@ def _rank_file(rank: int) -> str:
     return "last.safetensors" if rank == 0 else f"rank{rank}.safetensors"
 
 
-def _resume(directory: Path | None, cfg: Config, model, optimizer, method, rank: int) -> dict:
-    """Load the checkpoint in ``directory`` if it belongs to this very config; returns its meta."""
+def _resume(directory: Path | None, cfg: Config, model, optimizer, method, group: Group) -> dict:
+    """Load the checkpoint in ``directory`` if it belongs to this very config; returns its meta.
+
+    Per-rank state (a persistent perturbation, an ATCD chain, the RNG) comes from this rank's own
+    file when the group has the checkpoint's size. After an elastic resize, the per-example state
+    of all the old ranks is re-cut by rows for the new ones (``reshard_rows``: the same global
+    rows, so a chain continues as it would have), and each rank's RNG is seeded afresh from
+    (seed, rank, position): random draws are the one thing a resize changes."""
     if directory is None:
         return {}
     ckpt = load_latest(directory / "last.safetensors")
     check_same_config(ckpt.path, ckpt.config, cfg)
     model.load_state_dict(ckpt.model_state())
     optimizer.load_state_dict(ckpt.optimizer_state())
-    own_path = directory / _rank_file(rank)
-    own = ckpt if rank == 0 else Checkpoint(own_path) if own_path.exists() else None
-    if own is not None:  # per-rank state: a persistent perturbation, an ATCD chain, the RNG
+    rank, old_world, per_example = group.rank, ckpt.meta.get("world_size", group.world_size), method.per_example_state
+    files = [ckpt.path] + [directory / _rank_file(r) for r in range(1, old_world)]
+    if old_world == group.world_size and files[rank].exists():
+        own = ckpt if rank == 0 else Checkpoint(files[rank])
         method.load_state_dict(own.method_state())
         if "rng.cpu" in own.tensors:
             torch.set_rng_state(own.tensors["rng.cpu"])
-    else:
-        log.warning("rank %d: no method state in %s (another number of workers?); its chain starts afresh",
-                    rank, directory)
+    else:  # resized, or this rank's file is missing
+        if per_example and all(f.exists() for f in files):
+            states = [ckpt.method_state()] + [Checkpoint(f).method_state() for f in files[1:]]
+            method.load_state_dict(reshard_rows(states, per_example, rank, group.world_size))
+        else:  # what every rank shares (Fast-FGSM's), from rank 0: ranks must take the same decisions
+            method.load_state_dict({k: v for k, v in ckpt.method_state().items() if k not in per_example})
+            if per_example:
+                log.warning("rank %d: no per-example state for it in %s; its chain starts afresh", rank, directory)
+        position = ckpt.meta["epoch"] * 1_000_003 + ckpt.meta.get("epoch_progress", {}).get("steps", 0)
+        torch.manual_seed(((cfg.seed * 7919 + rank) * 1_000_033 + position) % 2**63)
+        if rank == 0 and old_world != group.world_size:
+            log.info("resized from %d to %d workers%s", old_world, group.world_size,
+                     ": per-example method state re-cut by rows" if per_example else "")
     inside = ckpt.meta.get("epoch_progress")
     log.info("resuming from %s after epoch %d%s", ckpt.path, ckpt.meta["epoch"],
              f", step {inside['steps']} of epoch {ckpt.meta['epoch'] + 1}" if inside else "")
     return ckpt.meta
+
+
+def reshard_rows(states: list[dict[str, torch.Tensor]], per_example: tuple[str, ...], rank: int,
+                 world_size: int) -> dict[str, torch.Tensor]:
+    """Rank ``rank`` of ``world_size``'s method state from the states of the ranks of an earlier
+    group (in rank order). Old rank r held rows r, r + w, ... of the global minibatch
+    (``Sharded.rows``); the global rows are put back together and the new rank takes its own.
+    Other entries (the same on every rank, like Fast-FGSM's) come from old rank 0."""
+    old_world = len(states)
+    state = dict(states[0])
+    for key in per_example:
+        parts = [s.get(key) for s in states]
+        if any(p is None for p in parts):
+            state.pop(key, None)
+            continue
+        rows = sum(len(p) for p in parts)
+        whole = parts[0].new_empty((rows, *parts[0].shape[1:]))
+        for r, part in enumerate(parts):
+            whole[r::old_world] = part
+        state[key] = whole[rank::world_size].clone()
+    return state
 
 
 def _config_difference(old: dict, new: dict, prefix: str = "") -> str:
@@ -292,13 +347,14 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     # Fast-FGSM's end-of-epoch check: the same first training batch on every rank.
     splits.train.set_epoch(0)
     first_batch = tuple(tensor.to(device) for tensor in next(iter(splits.train)))
-    train_examples = splits.train.num_examples  # the whole training set, before it is sharded
     splits.shard(rank, group.world_size)
+    rank_weight = splits.train.local_batch_size * group.world_size / d.batch_size  # Method.rank_weight
     model = model_for(cfg, splits.spec).to(device, memory_format=_memory_format(t.channels_last))
     optimizer = build_optimizer(cfg, model)
     if t.compile:
         model.compile()  # in place: the module, its state_dict keys and the optimizer's parameters stay
-    method = METHODS[t.method](group.wrap(model), optimizer, cfg.eps, cfg.method_options)
+    method = METHODS[t.method](group.wrap(model, rank_weight), optimizer, cfg.eps, cfg.method_options)
+    method.rank_weight = rank_weight
     if rank:
         torch.manual_seed(cfg.seed + 7919 * rank)  # own random starts and chains per rank
 
@@ -306,7 +362,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     if lead:
         for orphan in out.glob(".*.tmp"):  # a write a kill interrupted; the file it was for is whole
             orphan.unlink()
-    meta = _resume(group.restore_dir(out), cfg, model, optimizer, method, rank)
+    meta = _resume(group.restore_dir(out), cfg, model, optimizer, method, group)
     check_not_diverged(out)
     start_epoch = meta.get("epoch", 0)
     train_seconds, best_val = meta.get("train_seconds", 0.0), meta.get("best_val", -1.0)
@@ -330,6 +386,8 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     passes = cfg.passes_per_minibatch
     stopped_early = meta.get("stopped_early", False)
     done = EpochProgress(**meta["epoch_progress"]) if "epoch_progress" in meta else None  # a mid-epoch checkpoint
+    if done is not None:  # this rank's images so far (every training batch is whole), on any number of ranks
+        done.images = done.steps * splits.train.local_batch_size
 
     def save_state(epochs_done: int, progress: EpochProgress | None = None) -> Path:
         """Rank 0 writes the group's checkpoint (weights, optimiser, and the meta that commits the
@@ -337,7 +395,8 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         got, for a checkpoint inside it. Returns this rank's file."""
         own = out / _rank_file(rank)
         if lead:
-            meta = {"epoch": epochs_done, "train_seconds": train_seconds, "best_val": best_val,
+            meta = {"epoch": epochs_done, "world_size": group.world_size, "train_seconds": train_seconds,
+                    "best_val": best_val, "preemption_notices": notices,
                     "stopped_early": stopped_early, "history": history, "provenance": segments,
                     **({"epoch_progress": dataclasses.asdict(progress)} if progress else {})}
             save_checkpoint(own, model, cfg.to_dict(), meta, optimizer, method.state_dict(), torch.get_rng_state(),
@@ -346,13 +405,31 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
             save_checkpoint(own, None, {}, {"epoch": epochs_done}, None, method.state_dict(), torch.get_rng_state())
         return own
 
+    def checkpoint_inside(epoch: int, progress: EpochProgress) -> None:
+        progress.stretches = stretches
+        record = {"epoch": epoch, "step_in_epoch": progress.steps, "train_seconds": train_seconds + progress.seconds}
+        group.report(record, save_state(epoch, progress))
+
+    notices = meta.get("preemption_notices", 0)  # checkpoints written on a preemption notice, over the run
+
+    def checkpoint_now(steps: int) -> bool:
+        nonlocal notices
+        if steps % t.preemption_check_steps or not group.preempted():
+            return False
+        notices += 1
+        return True
+
     for epoch in range(start_epoch, 0 if stopped_early else t.epochs):
+        # Which steps of this epoch ran on how many workers: [first step, workers] per stretch.
+        stretches = done.stretches if done and done.stretches[-1:] and done.stretches[-1][1] == group.world_size \
+            else [*(done.stretches if done else []), [done.steps if done else 0, group.world_size]]
         try:
             stats = train_epoch(method, splits.train, epoch, t.epochs, set_lr, device, amp=t.amp,
                                 progress=progress and lead, channels_last=t.channels_last, pin_memory=d.pin_memory,
                                 world_size=group.world_size, progress_interval=t.progress_seconds,
                                 done=done, checkpoint_steps=t.checkpoint_steps,
-                                checkpoint=lambda progress: save_state(epoch, progress))
+                                checkpoint=lambda progress: checkpoint_inside(epoch, progress),
+                                checkpoint_now=checkpoint_now)
             done = None
             check_finite_weights(model, epoch)
         except NonFiniteError as err:  # no checkpoint of this epoch: the last good one stays
@@ -368,7 +445,8 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
                                                channels_last=t.channels_last), splits.val.num_examples)
         record = {"epoch": epoch + 1, "budget_spent": (epoch + 1) * passes,
                   **{f"train_{k}": v for k, v in stats.items()},
-                  "val_clean_acc": val["clean"], "val_robust_acc": val["robust"], "train_seconds": train_seconds}
+                  "train_stretches": stretches, "val_clean_acc": val["clean"], "val_robust_acc": val["robust"],
+                  "train_seconds": train_seconds}
         improved = t.select_best == "robust_val" and val["robust"] > best_val
         if improved:
             best_val = val["robust"]
@@ -402,9 +480,10 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
         "epochs": len(history), "stopped_early": stopped_early, "checkpoint": chosen.name,
         "eval_n": int(group.sum([float(splits.test.num_examples)])[0]), "workers": group.world_size,
+        "preemption_notices": notices,
         "final_epoch": history[-1] if history else {},
         # Compute in natural-epoch equivalents: passes over the training set, epochs actually run.
-        "passes_per_minibatch": passes, "budget": len(history) * passes, "train_examples": train_examples,
+        "passes_per_minibatch": passes, "budget": len(history) * passes, "train_examples": splits.train.size,
         "hardware": hardware(), "provenance": {**segments[-1], "earlier": segments[:-1]} if len(segments) > 1
         else segments[-1],
     }

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .cli import ArgumentParser, check_launch, markdown_table, run_main, setup_logging
+from .cli import ArgumentParser, check_launch, markdown_table, run_main, setup_logging, worker_range
 from .config import ConfigError, load_config, parse_override
 
 log = logging.getLogger("atcd_ray.tune")
@@ -190,20 +190,27 @@ class Sizing:
     """How each trial runs: command-line overrides and the Ray Train worker group."""
 
     overrides: list[tuple[str, Any]]
-    workers: int = 1
+    workers: tuple[int, int] = (1, 1)  # (min, max): an elastic group where they differ
     gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # restarts of a trial's worker group, from its last checkpoint
 
+    def __post_init__(self):
+        if isinstance(self.workers, int):
+            self.workers = (self.workers, self.workers)
+
     def concurrent_trials(self, cpus: float, gpus: float) -> int:
-        """As many trials as the cluster holds worker groups, so no trial waits on resources."""
-        fit = math.floor(cpus / (self.workers * self.cpus_per_worker) + 1e-9)
-        if self.gpu:
-            fit = min(fit, math.floor(gpus / self.workers + 1e-9))
-        if fit < 1:
-            raise ConfigError(f"one trial needs {self.workers} workers x {self.cpus_per_worker} CPUs"
+        """As many trials as the cluster holds worker groups of the most workers, so no trial
+        waits on resources; at least one, which an elastic trial may start with its fewest."""
+        def groups(workers: int) -> int:
+            fit = math.floor(cpus / (workers * self.cpus_per_worker) + 1e-9)
+            return min(fit, math.floor(gpus / workers + 1e-9)) if self.gpu else fit
+
+        low, high = self.workers
+        if groups(low) < 1:
+            raise ConfigError(f"one trial needs {low} workers x {self.cpus_per_worker} CPUs"
                               f"{' and a GPU each' if self.gpu else ''}; the cluster has {cpus:g} CPUs, {gpus:g} GPUs")
-        return fit
+        return max(1, groups(high))  # an elastic trial starts smaller on a cluster that has not grown yet
 
 
 def _trial(config: dict, study: Study, sizing: Sizing, sweep_dir: str) -> None:
@@ -218,6 +225,8 @@ def _trial(config: dict, study: Study, sizing: Sizing, sweep_dir: str) -> None:
         """Rank 0's epoch record, plus the study's objective (a weighted sum of reported metrics)."""
 
         def after_report(self, run_context, metrics, checkpoint):
+            if "val_robust_acc" not in metrics[0]:
+                return  # a checkpoint inside an epoch: Tune's schedulers count epochs
             first = {**metrics[0], OBJECTIVE: sum(w * metrics[0][k] for k, w in study.metric.items())}
             super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
@@ -359,7 +368,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=int, help="train each trial on the first N training examples")
     p.add_argument("--eval-n", type=int, help="evaluate each trial on the first N test examples")
     p.add_argument("--num-samples", type=int, help="samples of the space (a grid is repeated this many times)")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial (DDP from 2)")
+    p.add_argument("--workers", type=worker_range, default=(1, 1), metavar="N|MIN-MAX",
+                   help="Ray Train workers per trial (DDP from 2); MIN-MAX: elastic")
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per Ray Train worker")
     p.add_argument("--max-failures", type=int, default=2, help="restarts of a trial's workers, from its checkpoint")
@@ -375,14 +385,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.workers < 1 or args.cpus_per_worker <= 0 or args.max_failures < 0 or \
+    if args.workers[0] < 1 or args.cpus_per_worker <= 0 or args.max_failures < 0 or \
             (args.num_samples or 1) < 1 or (args.max_concurrent or 1) < 1:
         raise ConfigError("--workers, --num-samples and --max-concurrent must be >= 1, --cpus-per-worker > 0, "
                           "--max-failures >= 0")
     flags = {"train.epochs": args.epochs, "data.subset": args.subset, "eval.n": args.eval_n}
     overrides = [(k, v) for k, v in flags.items() if v is not None] + [parse_override(s) for s in args.set]
     study = load_study(args.space, overrides)
-    check_launch(study.config(overrides), args.workers)  # before any trial starts
+    check_launch(study.config(overrides), args.workers[1])  # before any trial starts
     out = Path(args.out or f"runs/sweeps/{study.study}")
     setup_logging()
     sizing = Sizing(overrides, args.workers, args.gpu, args.cpus_per_worker, args.max_failures)

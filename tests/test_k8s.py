@@ -16,6 +16,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from atcd_ray.config import parse_override
+
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = Path(os.environ.get("KUBERAY_CRDS_DIR", ROOT / "third_party" / "kuberay-crds" / "v1.7.0"))
 IMAGE_ROOT = "/home/ray/atcd_ray/"  # where the Dockerfile puts the project
@@ -184,21 +186,29 @@ def test_job_entrypoints_run_modules_and_flags_that_exist(name, doc):
     args = [a.replace(IMAGE_ROOT, f"{ROOT}/") for a in argv[3:]]
     cli = importlib.import_module(module)
     parsed = cli.parser().parse_args(args)  # every flag exists (argparse exits otherwise)
-    overrides = [tuple(s.split("=", 1)) for s in parsed.set]
+    overrides = [parse_override(s) for s in parsed.set]
     if module == "atcd_ray.train":
         from atcd_ray.config import load_config
 
         cfg = load_config(parsed.dataset, None, overrides)
-        assert cfg.data.batch_size % parsed.workers == 0 and parsed.gpu
+        assert cfg.data.batch_size % parsed.workers[1] == 0 and parsed.gpu
     else:
         from atcd_ray.tune import load_study
 
         study = load_study(parsed.space, overrides)  # the space file exists and is valid
         assert study.dataset == "imagenet" and parsed.gpu and parsed.resume
-    groups = _cluster_specs(doc)[0]["workerGroupSpecs"]
-    gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["replicas"]
-               for g in groups)
-    assert gpus >= parsed.workers * (getattr(parsed, "max_concurrent", None) or 1)  # the job fits its cluster
+    spec = _cluster_specs(doc)[0]
+    low, high = parsed.workers
+    trials = getattr(parsed, "max_concurrent", None) or 1
+
+    def gpus(replicas: str) -> int:
+        return sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g[replicas]
+                   for g in spec["workerGroupSpecs"])
+
+    assert gpus("replicas") >= high * trials  # the job fits its cluster
+    if low < high:  # elastic: it starts on the fewest pods the group scales down to, and the group can scale
+        assert spec.get("enableInTreeAutoscaling") and gpus("minReplicas") >= low * trials and \
+            gpus("maxReplicas") >= high * trials
 
 
 @pytest.mark.parametrize("name, doc", RAY_DOCUMENTS, ids=[n for n, _ in RAY_DOCUMENTS])

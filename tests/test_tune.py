@@ -114,6 +114,12 @@ def test_concurrent_trials_fill_the_cluster_without_oversubscribing():
     assert Sizing([], workers=2, gpu=True, cpus_per_worker=4).concurrent_trials(cpus=64, gpus=4) == 2
     with pytest.raises(ConfigError, match="one trial needs 4 workers"):
         Sizing([], workers=4, cpus_per_worker=1).concurrent_trials(cpus=2, gpus=0)
+    # Elastic trials: sized for their most workers, and one may start with its fewest on a cluster
+    # that has not grown yet; not even the fewest fitting is refused.
+    assert Sizing([], workers=(4, 8), gpu=True, cpus_per_worker=1).concurrent_trials(cpus=64, gpus=16) == 2
+    assert Sizing([], workers=(4, 8), gpu=True, cpus_per_worker=1).concurrent_trials(cpus=64, gpus=4) == 1
+    with pytest.raises(ConfigError, match="one trial needs 4 workers"):
+        Sizing([], workers=(4, 8), gpu=True, cpus_per_worker=1).concurrent_trials(cpus=64, gpus=2)
 
 
 def _sweep_cmd(space, out, *extra):

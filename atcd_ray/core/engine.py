@@ -119,13 +119,17 @@ class EpochProgress:
     wait: float = 0.0
     seconds: float = 0.0
     totals: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Which steps ran on how many ranks: [first step, world size] per stretch (an elastic resize
+    # starts one); kept by the trainer, not read here.
+    stretches: list[list[int]] = dataclasses.field(default_factory=list)
 
 
 def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: Callable[[float], float],
                 device: torch.device, amp: bool = False, progress: bool = True, channels_last: bool = False,
                 pin_memory: bool = True, world_size: int = 1, progress_interval: float = 5.0,
                 done: EpochProgress | None = None, checkpoint_steps: int | None = None,
-                checkpoint: Callable[[EpochProgress], None] | None = None) -> dict[str, float]:
+                checkpoint: Callable[[EpochProgress], None] | None = None,
+                checkpoint_now: Callable[[int], bool] | None = None) -> dict[str, float]:
     """One pass over ``batches``; the learning rate follows fractional epochs. Returns means of
     the method's per-step statistics plus throughput. The statistics stay on the device until
     read (by the progress line, and at the end of the epoch). A non-finite loss raises
@@ -152,7 +156,10 @@ def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: 
         steps, images = steps + 1, images + len(y)
         guard.update(steps, stats["loss"])
         report.update(steps, images, totals)
-        if checkpoint_steps and steps % checkpoint_steps == 0 and steps < n:
+        # Asked at the same steps on every rank (a collective under Ray); not at the last step,
+        # where the epoch's own checkpoint follows.
+        asked = steps < n and checkpoint_now is not None and checkpoint_now(steps)
+        if steps < n and (asked or (checkpoint_steps and steps % checkpoint_steps == 0)):
             guard.check()  # never checkpoint a step past a non-finite loss
             checkpoint(EpochProgress(steps, images, lr_sum, wait, time.perf_counter() - start,
                                      {key: total.item() for key, total in totals.items()}))

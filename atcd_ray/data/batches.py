@@ -12,9 +12,12 @@ from .sources import DataError
 class Sharded:
     """What the batch iterators share: a seeded order per epoch, and a rank's shard of it.
 
-    ``shard(rank, world_size)`` gives rank r every world_size-th example of the epoch's order
-    (one permutation for all ranks, so the shards are disjoint) and batches of
-    ``batch_size // world_size``, so that the global minibatch stays ``batch_size``."""
+    Training steps are global minibatches of ``batch_size`` consecutive examples of the epoch's
+    order (one permutation for every number of ranks); ``shard(rank, world_size)`` gives rank r
+    rows r, r + w, r + 2w, ... of each, so ranks differ by at most one row where w does not divide
+    the batch. Step s is therefore the same examples whatever the number of workers, and a run
+    resumed on another number of workers (an elastic resize) continues the same order: no example
+    skipped or repeated. Evaluation splits take every w-th example (all of them, once)."""
 
     def __init__(self, batch_size: int, shuffle: bool, drop_last: bool, seed: int):
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
@@ -26,33 +29,42 @@ class Sharded:
         self.epoch, self.start_batch = epoch, start_batch
 
     def shard(self, rank: int, world_size: int) -> None:
-        if self.batch_size % world_size:
-            raise DataError(f"batch_size {self.batch_size} is not divisible by {world_size} workers")
+        if world_size > self.batch_size:
+            raise DataError(f"{world_size} workers is more than the batch size {self.batch_size}: a worker would "
+                            "train on no rows")
         self.rank, self.world_size = rank, world_size
 
     @property
     def local_batch_size(self) -> int:
-        return self.batch_size // self.world_size
+        return len(range(self.rank, self.batch_size, self.world_size))
 
-    def _size(self) -> int:
+    @property
+    def size(self) -> int:
+        """Examples in the whole split (every rank's)."""
         raise NotImplementedError
 
     @property
     def num_examples(self) -> int:
         """Examples this rank sees per epoch."""
-        n, w = self._size(), self.world_size
-        return n // w if self.drop_last else len(range(self.rank, n, w))
+        n = self.size
+        return n // self.batch_size * self.local_batch_size if self.drop_last else len(range(self.rank, n,
+                                                                                              self.world_size))
 
     def __len__(self) -> int:
-        n, b = self.num_examples, self.local_batch_size
-        return n // b if self.drop_last else -(-n // b)
+        return self.size // self.batch_size if self.drop_last else -(-self.num_examples // self.local_batch_size)
+
+    def rows(self, order: torch.Tensor) -> torch.Tensor:
+        """This rank's examples of ``order`` (the whole split's), in the order it trains on them."""
+        if not self.drop_last:
+            return order[self.rank::self.world_size]
+        steps = len(order) // self.batch_size
+        by_step = order[:steps * self.batch_size].reshape(steps, self.batch_size)  # torch or numpy
+        return by_step[:, self.rank::self.world_size].reshape(-1)
 
     def _order(self) -> tuple[torch.Tensor, torch.Generator]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        n, w = self._size(), self.world_size
-        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
-        stop = n // w * w if self.drop_last else n  # equal shards when training
-        order = order[self.rank:stop:w]
+        n = self.size
+        order = self.rows(torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n))
         return order[self.start_batch * self.local_batch_size:len(self) * self.local_batch_size], gen
 
 
@@ -64,7 +76,8 @@ class TensorBatches(Sharded):
         super().__init__(batch_size, shuffle, drop_last, seed)
         self.images, self.labels, self.augment = images, labels, augment
 
-    def _size(self) -> int:
+    @property
+    def size(self) -> int:
         return len(self.labels)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -72,18 +85,23 @@ class TensorBatches(Sharded):
         chunks = order.split(self.local_batch_size) if len(order) else ()  # split of nothing is one empty batch
         for batch, idx in enumerate(chunks, self.start_batch):
             x = self.images[idx].float().div_(255)
-            if self.augment == "crop_flip":  # seeded per batch, so a resume mid-epoch draws the same
-                key = ((self.seed * 100_003 + self.epoch) * 1_000_003 + batch) * 1_009 + self.rank
-                x = random_crop_flip(x, torch.Generator().manual_seed(key % 2**63))
+            if self.augment == "crop_flip":  # drawn per global batch: the same on a resume, on any number of ranks
+                key = (self.seed * 100_003 + self.epoch) * 1_000_003 + batch
+                x = random_crop_flip(x, torch.Generator().manual_seed(key % 2**63), self.batch_size,
+                                     slice(self.rank, None, self.world_size))
             yield x, self.labels[idx]
 
 
-def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """RandomCrop(size, padding=4) and RandomHorizontalFlip, per example, as the CIFAR-10 recipes."""
+def random_crop_flip(x: torch.Tensor, gen: torch.Generator, batch_size: int | None = None,
+                     rows: slice = slice(None), pad: int = 4) -> torch.Tensor:
+    """RandomCrop(size, padding=4) and RandomHorizontalFlip, per example, as the CIFAR-10 recipes.
+    ``x`` is ``rows`` of a global batch of ``batch_size`` (default: all of it); the draws are the
+    global batch's, so a row's crop does not depend on how the batch is split over ranks."""
     n, _, h, w = x.shape
+    total = batch_size or n
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
-    flips = torch.rand(n, generator=gen) < 0.5
+    offsets = torch.randint(0, 2 * pad + 1, (total, 2), generator=gen)[rows]
+    flips = (torch.rand(total, generator=gen) < 0.5)[rows]
     out = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
     out[flips] = out[flips].flip(-1)
     return out
@@ -103,7 +121,8 @@ class FolderBatches(Sharded):
             folder.transform = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor()])
         self.folder, self.indices, self.workers, self.pin_memory = folder, list(indices), workers, pin_memory
 
-    def _size(self) -> int:
+    @property
+    def size(self) -> int:
         return len(self.indices)
 
     def __iter__(self):

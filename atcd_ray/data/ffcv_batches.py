@@ -4,8 +4,9 @@ run sets ``data.ffcv_dir``. The .beton writer is ``atcd_ray.pipelines.write``.
 
 CIFAR-10 training: random crop (4 pixels of padding) and horizontal flip; ImageNet training:
 random-resized-crop decode and flip; ImageNet evaluation: centre crop (224/256). The 28x28
-datasets: none. ``distributed=True`` inside Ray Train workers (each rank its own shard); the
-order is seeded by (seed, epoch), so a resumed run continues the same sequence.
+datasets: none. The training order is FFCV's, seeded by (seed, epoch) and the same for any
+number of Ray Train workers, each of which takes its rows of every global batch
+(``Sharded.rows``): a resumed run, also on another number of workers, continues the same sequence.
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ class FFCVBatches(Sharded):
             raise DataError(f"{path} has {n} samples; indices up to {self.indices.max()} were asked for")
         self._loader: Loader | None = None
 
-    def _size(self) -> int:
+    @property
+    def size(self) -> int:
         return len(self.indices)
 
     def shard(self, rank: int, world_size: int) -> None:
@@ -84,20 +86,18 @@ class FFCVBatches(Sharded):
 
     def _make(self) -> Loader:
         if self._loader is None:
-            # Training shards through FFCV's distributed sampler (seeded, reshuffled per epoch);
-            # evaluation takes every world_size-th example, so that no example counts twice.
-            distributed = self.shuffle and self.world_size > 1
+            # Training: FFCV's seeded order of the whole split (the same for any number of ranks),
+            # of which this rank takes its rows of each global batch (``Sharded.rows``).
+            # Evaluation takes every world_size-th example, so that no example counts twice.
             indices = self.indices if self.shuffle else self.indices[self.rank::self.world_size]
             self._loader = CheckedLoader(
                 self.path, batch_size=self.local_batch_size, num_workers=self.workers,
                 order=OrderOption.RANDOM if self.shuffle else OrderOption.SEQUENTIAL, drop_last=self.drop_last,
-                distributed=distributed, seed=self.seed, indices=indices,
+                seed=self.seed, indices=indices,
                 pipelines={"image": image_pipeline(self.dataset, self.spec, self.shuffle, self.device),
                            "label": [IntDecoder(), ToTensor(), Squeeze(), *_to_device(self.device)]})
+            self._loader.rows = self.rows if self.shuffle else None
         return self._loader
-
-    def __len__(self) -> int:
-        return len(self._make())
 
     def __iter__(self):
         loader = self._make()
@@ -171,14 +171,18 @@ class CheckedEpochIterator(EpochIterator):
 
 class CheckedLoader(Loader):
     """FFCV's Loader with ``CheckedEpochIterator`` (the same steps as ``Loader.__iter__``), from
-    batch ``start_batch`` of the epoch's order on."""
+    batch ``start_batch`` of the epoch's order on; ``rows`` picks this rank's part of the order."""
 
     start_batch = 0
+    rows = None
 
     def __iter__(self):
         Compiler.set_num_threads(self.num_workers)
         order = self.next_traversal_order()
+        if self.rows is not None:
+            order = self.rows(order)
         self.next_epoch += 1
         if self.code is None or self.recompile:
             self.generate_code()
-        return CheckedEpochIterator(self, order[self.start_batch * self.batch_size:len(self) * self.batch_size])
+        stop = len(order) // self.batch_size * self.batch_size if self.drop_last else len(order)
+        return CheckedEpochIterator(self, order[self.start_batch * self.batch_size:stop])

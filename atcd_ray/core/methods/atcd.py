@@ -91,6 +91,7 @@ class Chain(NamedTuple):
 
 class ATCD(Method):
     Options = ATCDOptions
+    per_example_state = ("delta", "v", "pending_grad")
 
     def __init__(self, model, optimizer, eps, options):
         super().__init__(model, optimizer, eps, options)

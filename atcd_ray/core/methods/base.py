@@ -25,11 +25,18 @@ class Method:
     whose backwards stay local to the rank."""
 
     Options = NoOptions
+    # State entries that hold one row per example of this rank's minibatch (a persistent
+    # perturbation, a chain): an elastic resize re-cuts them by rows over the new ranks.
+    per_example_state: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, eps: float, options):
         self.loss_model = model
         self.model = model.module if isinstance(model, DistributedDataParallel) else model
         self.optimizer, self.eps, self.options = optimizer, eps, options
+        # This rank's rows of the global minibatch, times the number of ranks: 1 unless the ranks'
+        # shares differ (a batch that the workers do not divide), where gradients are averaged
+        # with these weights so that every example weighs the same (``weighted_mean_hook``).
+        self.rank_weight = 1.0
 
     def update(self, loss: torch.Tensor) -> None:
         """Stage 2 of every method: one optimiser step on ``loss``."""
@@ -44,6 +51,8 @@ class Method:
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         flat = torch._utils._flatten_dense_tensors(grads)
+        if self.rank_weight != 1.0:
+            flat *= self.rank_weight
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
         for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
@@ -69,6 +78,13 @@ class Method:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pass
+
+
+def weighted_mean_hook(rank_weight, bucket):  # unannotated: DDP refuses a string annotation of bucket
+    """DDP communication hook: the all-reduced mean of the ranks' gradients, each weighted by its
+    ``rank_weight`` (``Method.rank_weight``), for ranks that hold different numbers of rows."""
+    tensor = bucket.buffer().mul_(rank_weight / dist.get_world_size())
+    return dist.all_reduce(tensor, async_op=True).get_future().then(lambda done: done.value()[0])
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

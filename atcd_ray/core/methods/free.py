@@ -34,6 +34,7 @@ class FreeOptions:
 
 class Free(Method):
     Options = FreeOptions
+    per_example_state = ("delta", "pending_grad")
 
     def __init__(self, *args):
         super().__init__(*args)

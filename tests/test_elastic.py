@@ -143,9 +143,11 @@ def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_it(tmp
 
     monkeypatch.setattr(method_cls, "step", counting_step)
     out = tmp_path / "preempted"
-    kill_at = 8 + 4 + 3  # checks at steps 2, 4, ...: of epoch 1 (checks 1-4), then epoch 2's step 2 (5), 4 (6)
+    # Checks at steps 2, 4, 6 of epoch 1 (not at its last step, where the epoch's checkpoint
+    # follows), then at epoch 2's step 2 (the 4th) and 4 (the 5th).
+    kill_at = 8 + 4 + 3
     with pytest.raises(KeyboardInterrupt):
-        trainer.fit(cfg, out, group=NoticeAt(notice_at_check=6), progress=False)
+        trainer.fit(cfg, out, group=NoticeAt(notice_at_check=5), progress=False)
     ckpt = Checkpoint(out / "last.safetensors")
     assert ckpt.meta["epoch"] == 1 and ckpt.meta["epoch_progress"]["steps"] == 4
     steps_run.clear()

@@ -388,6 +388,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     done = EpochProgress(**meta["epoch_progress"]) if "epoch_progress" in meta else None  # a mid-epoch checkpoint
     if done is not None:  # this rank's images so far (every training batch is whole), on any number of ranks
         done.images = done.steps * splits.train.local_batch_size
+    notices = meta.get("preemption_notices", 0)  # checkpoints written on a preemption notice, over the run
 
     def save_state(epochs_done: int, progress: EpochProgress | None = None) -> Path:
         """Rank 0 writes the group's checkpoint (weights, optimiser, and the meta that commits the
@@ -410,8 +411,6 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         record = {"epoch": epoch, "step_in_epoch": progress.steps, "train_seconds": train_seconds + progress.seconds}
         group.report(record, save_state(epoch, progress))
 
-    notices = meta.get("preemption_notices", 0)  # checkpoints written on a preemption notice, over the run
-
     def checkpoint_now(steps: int) -> bool:
         nonlocal notices
         if steps % t.preemption_check_steps or not group.preempted():
@@ -421,8 +420,9 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
 
     for epoch in range(start_epoch, 0 if stopped_early else t.epochs):
         # Which steps of this epoch ran on how many workers: [first step, workers] per stretch.
-        stretches = done.stretches if done and done.stretches[-1:] and done.stretches[-1][1] == group.world_size \
-            else [*(done.stretches if done else []), [done.steps if done else 0, group.world_size]]
+        stretches = list(done.stretches) if done else []
+        if not stretches or stretches[-1][1] != group.world_size:
+            stretches.append([done.steps if done else 0, group.world_size])
         try:
             stats = train_epoch(method, splits.train, epoch, t.epochs, set_lr, device, amp=t.amp,
                                 progress=progress and lead, channels_last=t.channels_last, pin_memory=d.pin_memory,

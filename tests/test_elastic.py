@@ -16,7 +16,7 @@ from atcd_ray.data import TensorBatches
 from atcd_ray.trainer import reshard_rows
 from tests.test_checkpoint import quick_config
 from tests.test_distributed import _free_port, _model
-from tests.test_mid_epoch import _assert_same
+from tests.test_mid_epoch import CountedSteps, _assert_same
 
 B, N = 12, 70  # 5 whole global batches an epoch
 
@@ -124,38 +124,26 @@ class NoticeAt(trainer.Group):
 
 
 def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_it(tmp_path, monkeypatch, caplog):
-    """Notice at the second check (step 4 of epoch 2, checks every 2 steps; no periodic
-    checkpoints), the node gone 3 steps later: the rerun resumes at step 4 of epoch 2 and ends
+    """Notice at step 4 of epoch 2 (checks every 2 steps; no periodic checkpoints), the node
+    gone 3 steps later: the rerun resumes at step 4 of epoch 2 and ends
     bit for bit where an uninterrupted run ends."""
     cfg = quick_config(**{"train.preemption_check_steps": 2})
     cfg.data.batch_size = 32  # 8 steps an epoch
     trainer.fit(cfg, tmp_path / "straight", progress=False)
 
-    method_cls = trainer.METHODS[cfg.train.method]
-    real_step, steps_run = method_cls.step, []
-    kill_at = None
-
-    def counting_step(self, x, y):
-        steps_run.append(1)
-        if kill_at and len(steps_run) == kill_at:
-            raise KeyboardInterrupt("node reclaimed")
-        return real_step(self, x, y)
-
-    monkeypatch.setattr(method_cls, "step", counting_step)
-    out = tmp_path / "preempted"
+    out, steps = tmp_path / "preempted", CountedSteps(monkeypatch, trainer.METHODS[cfg.train.method])
     # Checks at steps 2, 4, 6 of epoch 1 (not at its last step, where the epoch's checkpoint
-    # follows), then at epoch 2's step 2 (the 4th) and 4 (the 5th).
-    kill_at = 8 + 4 + 3
+    # follows), then at epoch 2's step 2 (the 4th) and 4 (the 5th); the node goes 3 steps later.
+    steps.kill_at = 8 + 4 + 3
     with pytest.raises(KeyboardInterrupt):
         trainer.fit(cfg, out, group=NoticeAt(notice_at_check=5), progress=False)
     ckpt = Checkpoint(out / "last.safetensors")
     assert ckpt.meta["epoch"] == 1 and ckpt.meta["epoch_progress"]["steps"] == 4
-    steps_run.clear()
-    kill_at = None
+    steps.run, steps.kill_at = 0, None
     with caplog.at_level("INFO", logger="atcd_ray"):
         trainer.fit(cfg, out, progress=False)
     assert any("after epoch 1, step 4 of epoch 2" in r.getMessage() for r in caplog.records)
-    assert len(steps_run) == (8 - 4) + 8
+    assert steps.run == (8 - 4) + 8
     _assert_same(tmp_path / "straight", out)
 
 

@@ -21,6 +21,23 @@ def _state(out):
     return Checkpoint(out / "last.safetensors"), metrics, (summary["clean_acc"], summary["robust_acc"])
 
 
+class CountedSteps:
+    """Patches ``method_cls.step`` to count the steps run (``run``) and to raise KeyboardInterrupt,
+    a simulated kill, when the count reaches ``kill_at`` (None: never)."""
+
+    def __init__(self, monkeypatch, method_cls):
+        self.run, self.kill_at = 0, None
+        real_step = method_cls.step
+
+        def step(method, x, y):
+            self.run += 1
+            if self.kill_at and self.run == self.kill_at:
+                raise KeyboardInterrupt("simulated kill")
+            return real_step(method, x, y)
+
+        monkeypatch.setattr(method_cls, "step", step)
+
+
 def _assert_same(a_dir, b_dir):
     (a, metrics_a, test_a), (b, metrics_b, test_b) = _state(a_dir), _state(b_dir)
     assert set(a.tensors) == set(b.tensors)
@@ -39,27 +56,17 @@ def test_a_kill_inside_an_epoch_resumes_at_the_next_step_bit_exact(tmp_path, mon
     # Positive control of the comparison, and proof that checkpointing changes nothing.
     _assert_same(tmp_path / "straight", tmp_path / "plain")
 
-    out, method_cls = tmp_path / "crashed", trainer.METHODS[cfg.train.method]
-    real_step, steps_run = method_cls.step, []
-
-    def counting_step(self, x, y):
-        steps_run.append(1)
-        if crash_at and len(steps_run) == crash_at:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(self, x, y)
-
-    monkeypatch.setattr(method_cls, "step", counting_step)
-    crash_at = 8 + 5  # step 5 of epoch 2: its last checkpoint is after step 3
+    out, steps = tmp_path / "crashed", CountedSteps(monkeypatch, trainer.METHODS[cfg.train.method])
+    steps.kill_at = 8 + 5  # step 5 of epoch 2: its last checkpoint is after step 3
     with pytest.raises(KeyboardInterrupt):
         trainer.fit(cfg, out, progress=False)
     progress = Checkpoint(out / "last.safetensors").meta["epoch_progress"]
     assert progress["steps"] == 3 and Checkpoint(out / "last.safetensors").meta["epoch"] == 1
-    steps_run.clear()
-    crash_at = None
+    steps.run, steps.kill_at = 0, None
     with caplog.at_level("INFO", logger="atcd_ray"):
         trainer.fit(cfg, out, progress=False)
     assert any("after epoch 1, step 3 of epoch 2" in r.getMessage() for r in caplog.records)
-    assert len(steps_run) == (8 - 3) + 8  # the rest of epoch 2 and epoch 3: nothing repeated, nothing skipped
+    assert steps.run == (8 - 3) + 8  # the rest of epoch 2 and epoch 3: nothing repeated, nothing skipped
     _assert_same(tmp_path / "straight", out)
     assert "epoch_progress" not in Checkpoint(out / "last.safetensors").meta  # the last one is an epoch's end
 

@@ -174,6 +174,20 @@ def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: 
     return out
 
 
+def correct_per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Mapping[str, Attack],
+                        amp: bool = False) -> dict[str, torch.Tensor]:
+    """Which examples of one batch the model classifies correctly, clean and under each attack
+    (boolean per example, on the batch's device). The model is used as the caller set it."""
+    with autocast(amp, x.device):
+        with torch.no_grad():
+            correct = {"clean": model(x).argmax(1) == y}
+        for name, attack in attacks.items():
+            x_adv = attack(model, x, y)
+            with torch.no_grad():
+                correct[name] = model(x_adv).argmax(1) == y
+    return correct
+
+
 def evaluate(model: nn.Module, batches: Iterable, attacks: Mapping[str, Attack], device: torch.device,
              amp: bool = False, progress: bool = False, channels_last: bool = False) -> dict[str, float]:
     """Clean accuracy and accuracy under each attack, in eval mode (restored afterwards).
@@ -189,13 +203,8 @@ def evaluate(model: nn.Module, batches: Iterable, attacks: Mapping[str, Attack],
     try:
         for step, (x, y) in enumerate(batches, 1):
             x, y = to_device(x, y, device, channels_last)
-            with autocast(amp, device):
-                with torch.no_grad():
-                    correct["clean"] += (model(x).argmax(1) == y).sum()
-                for name, attack in attacks.items():
-                    x_adv = attack(model, x, y)
-                    with torch.no_grad():
-                        correct[name] += (model(x_adv).argmax(1) == y).sum()
+            for name, hits in correct_per_example(model, x, y, attacks, amp).items():
+                correct[name] += hits.sum()
             total += len(y)
             report.update(step, total, {})
     finally:

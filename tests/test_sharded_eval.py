@@ -1,0 +1,99 @@
+"""Sharded, resumable evaluation (``python -m atcd_ray.evaluate --workers N``): the per-example
+results on Ray actors, one of them killed mid-run, equal the single-process ones; an interrupted
+evaluation computes only the batches it lacks; stored batches of another evaluation are refused."""
+import json
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from atcd_ray import evaluate
+from atcd_ray.cli import run_main
+from atcd_ray.config import load_config
+from atcd_ray.core.checkpoint import save_checkpoint
+
+ATTACKS = "pgd10,autoattack"
+AA_EPS = "0.13"  # the digits model keeps a few examples under PGD-10 and AutoAttack; 36 s of AutoAttack here
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, trained_digits_model):
+    path = tmp_path_factory.mktemp("sharded") / "model.safetensors"
+    return save_checkpoint(path, trained_digits_model, load_config("digits").to_dict())
+
+
+def evaluated(checkpoint, out, *extra):
+    assert run_main(evaluate.main, [str(checkpoint), "--eval-n", "64", "--batch-size", "8", "--json", str(out),
+                                    *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def evaluator_actors(busy: bool) -> list[psutil.Process]:
+    """This machine's Ray actors of the evaluation; ``busy``: those running a batch now."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith("ray::BatchEvaluator") and (not busy or title.startswith("ray::BatchEvaluator.run")):
+            found.append(proc)
+    return found
+
+
+def test_sharded_autoattack_on_two_workers_with_one_killed_equals_one_process(checkpoint, tmp_path):
+    reference = evaluated(checkpoint, tmp_path / "one.json", "--attacks", ATTACKS, "--eps", AA_EPS)
+    sharded_json = tmp_path / "two.json"
+    proc = subprocess.Popen([sys.executable, "-m", "atcd_ray.evaluate", str(checkpoint), "--attacks", ATTACKS,
+                             "--eval-n", "64", "--batch-size", "8", "--json", str(sharded_json), "--workers", "2",
+                             "--eps", AA_EPS],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    parts = tmp_path / "two.json.parts"
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+        busy = evaluator_actors(busy=True)
+        if busy and any(parts.glob("batch-*.json")):  # one batch saved, another in flight: kill its actor
+            busy[0].kill()
+            killed = busy[0].pid
+        time.sleep(0.05)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    assert killed is not None, "no actor was caught running a batch"
+    sharded = json.loads(sharded_json.read_text())
+    assert sharded["workers"] == 2 and sharded["batches_computed"] == 8
+    assert sharded["correct"] == reference["correct"]  # every example, every attack, clean
+    assert (sharded["clean_acc"], sharded["robust_acc"]) == (reference["clean_acc"], reference["robust_acc"])
+    # "every attack" is the per-example conjunction, at most each attack's accuracy
+    bits = reference["correct"]
+    both = sum(a == b == "1" for a, b in zip(bits["pgd10"], bits["autoattack"])) / 64
+    assert reference["every_attack_acc"] == both <= min(reference["robust_acc"].values())
+    assert 0 < reference["robust_acc"]["autoattack"] <= reference["robust_acc"]["pgd10"] < reference["clean_acc"]
+
+
+def test_an_interrupted_evaluation_computes_only_the_batches_it_lacks(checkpoint, tmp_path, monkeypatch):
+    fresh = evaluated(checkpoint, tmp_path / "fresh.json", "--attacks", "pgd10,fgsm")
+    save = evaluate.Parts.save
+
+    def save_then_die(self, result):
+        save(self, result)
+        if len(list(self.dir.glob("batch-*.json"))) == 3:
+            raise KeyboardInterrupt  # a kill after the third batch was written
+
+    out = tmp_path / "resumed.json"
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate.Parts, "save", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            evaluated(checkpoint, out, "--attacks", "pgd10,fgsm")
+    assert not out.exists()
+    resumed = evaluated(checkpoint, out, "--attacks", "pgd10,fgsm")
+    assert resumed["batches_computed"] == 5  # of 8
+    assert resumed["correct"] == fresh["correct"] and resumed["robust_acc"] == fresh["robust_acc"]
+
+
+def test_stored_batches_of_another_evaluation_are_refused(checkpoint, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    evaluated(checkpoint, out, "--attacks", "fgsm")
+    args = [str(checkpoint), "--eval-n", "64", "--batch-size", "8", "--json", str(out), "--attacks", "pgd10"]
+    assert run_main(evaluate.main, args) == 2
+    assert "holds the batches of another evaluation (its attacks differ)" in capsys.readouterr().err
+    assert run_main(evaluate.main, [*args, "--parts-dir", str(tmp_path / "elsewhere")]) == 0

@@ -183,6 +183,21 @@ def run_batches(spec: EvalSpec, parts: Parts, workers: int, gpu: bool) -> int:
     return done
 
 
+def attack_versions(names) -> dict[str, str]:
+    """Which code each attack is: the library and its version for the borrowed ones (AutoAttack,
+    torchattacks'), this project's version (and the commit in the JSON's provenance) otherwise."""
+    from importlib.metadata import version
+
+    def library(name: str) -> str:
+        if name == "autoattack":
+            return f"pyautoattack {version('pyautoattack')} (AutoAttack, version='standard')"
+        if name.startswith(("tapgd", "square")):
+            return f"torchattacks {version('torchattacks')}"
+        return f"atcd_ray {version('atcd_ray')}"
+
+    return {name: library(name) for name in names}
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -260,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
               "n": n, "clean_acc": accuracy["clean"], "robust_acc": {name: accuracy[name] for name in attacks},
               "seconds": time.perf_counter() - start, "batches_computed": computed, "workers": args.workers,
               "batch_size": args.batch_size, "seed": args.seed, "parts_dir": str(parts_dir),
+              "model": cfg.model, "threat_model": "Linf", "attack_versions": attack_versions(attacks),
               "provenance": provenance()}
     if len(attacks) > 1:  # robust to every attack asked: exact, from the per-example results
         every = [all(bits[i] == "1" for name, bits in correct.items() if name != "clean") for i in range(n)]

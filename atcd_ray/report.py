@@ -6,7 +6,10 @@
 
 A run gives its accuracy curves per epoch (the paper's Figure 2), its test table, and robust
 accuracy against the number of PGD steps and against eps (Figures 4 and 5), measured on the
-first --eval-n test images and cached in the report directory. A sweep gives its results
+first --eval-n test images and cached in the report directory. A run evaluated with AutoAttack
+(``python -m atcd_ray.evaluate RUN/CHECKPOINT --attacks autoattack --json RUN/aa.json``) also
+gets a RobustBench-style entry, robustbench.json (clean and AutoAttack accuracy, eps, threat
+model, architecture, the AutoAttack code and version, the number of test images, the commit). A sweep gives its results
 table and one plot per searched parameter: validation (and test) accuracy against the value,
 averaged over repeats (Figures 3, 6 and 7). Files go to DIR/report/ unless --out says otherwise.
 """
@@ -97,26 +100,81 @@ def run_report(run: Path, out: Path, eval_n: int, steps: list[int], eps_scales: 
              for c in shown} for h in history]
     lines += ["## Per epoch", "", markdown_table(rows, shown), "", "![accuracy per epoch](curves.png)", ""]
 
+    evaluation = autoattack_evaluation(run)
+    if evaluation:
+        entry = robustbench_entry(evaluation, summary)
+        files.append(out / "robustbench.json")
+        (out / "robustbench.json").write_text(json.dumps(entry, indent=2) + "\n")
+        lines += ["## RobustBench-style entry", "",
+                  f"From {evaluation['_file']} (commit {entry['commit']}): written to robustbench.json.", "",
+                  markdown_table([{k: entry[k] for k in ENTRY_COLUMNS}], list(ENTRY_COLUMNS)), ""]
+
     checkpoint = run / (summary["checkpoint"] if summary else "last.safetensors")
     if eval_n and checkpoint.exists() and (steps or eps_scales):
         curves = attack_curves(checkpoint, out / "attack_curves.json", eval_n, steps, eps_scales)
         eps = curves["eps"]
         for key, xlabel, name in (("steps", "PGD steps (step eps/4)", "attack_steps"),
-                                  ("eps_scale", "eps / training eps (PGD-20)", "eps")):
+                                  ("eps_scale", "eps of the attack (PGD-20; 0: clean)", "eps")):
             points = curves[key]
             if not points:
                 continue
             fig, ax = plt.subplots(figsize=(5, 4))
+            if key == "eps_scale":  # absolute eps, from clean accuracy at 0
+                points = [{"x": 0.0, "acc": curves["clean"]}, *({"x": p["x"] * eps, "acc": p["acc"]} for p in points)]
+                ax.axvline(eps, color="grey", ls=":", lw=1, label=f"training eps {eps:.4g}")
+                if evaluation and abs(evaluation["eps"] - eps) < 1e-12:
+                    ax.plot([eps], [evaluation["robust_acc"]["autoattack"]], "r*", ms=10,
+                            label=f"AutoAttack (n={evaluation['n']})")
+                ax.legend(fontsize=8)
             ax.plot([p["x"] for p in points], [p["acc"] for p in points], marker="o")
-            ax.set(xlabel=xlabel, ylabel="robust accuracy",
-                   title=f"{run.name}: n={curves['n']}, eps={eps:.4g}")
+            ax.set(xlabel=xlabel, ylabel="accuracy", title=f"{run.name}: n={curves['n']}, eps={eps:.4g}")
             files.append(save_figure(fig, out / f"{name}.png"))
-            lines += [f"## Robust accuracy against {xlabel}", "",
-                      markdown_table([{"x": str(p["x"]), "robust": p["acc"]} for p in points], ["x", "robust"]), "",
-                      f"![{name}]({name}.png)", ""]
+            lines += [f"## Accuracy against {xlabel}", "",
+                      markdown_table([{"x": f"{p['x']:.4g}", "accuracy": p["acc"]} for p in points],
+                                     ["x", "accuracy"]), "", f"![{name}]({name}.png)", ""]
     files.append(out / "report.md")
     (out / "report.md").write_text("\n".join(lines))
     return files
+
+
+ENTRY_COLUMNS = ("architecture", "dataset", "threat_model", "eps", "clean_acc", "autoattack_acc", "n_examples",
+                 "attack")
+
+
+def autoattack_evaluation(run: Path) -> dict | None:
+    """The run's AutoAttack evaluation on the most images: a ``python -m atcd_ray.evaluate --json``
+    file in the run directory whose attacks include ``autoattack``."""
+    found = []
+    for path in sorted(run.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and "autoattack" in record.get("robust_acc", {}) and "n" in record:
+            found.append({**record, "_file": path.name})
+    return max(found, key=lambda r: r["n"], default=None)
+
+
+def eps_text(eps: float) -> str:
+    """RobustBench writes eps as k/255 where it is one."""
+    k = eps * 255
+    return f"{round(k)}/255" if eps and abs(k - round(k)) < 1e-6 else f"{eps:g}"
+
+
+def robustbench_entry(evaluation: dict, summary: dict | None) -> dict:
+    """RobustBench's model-info fields (percentages as strings with two decimals; the paper's own
+    fields left null), then what a reader needs to trust the figures: how many test images, which
+    AutoAttack, which commit."""
+    architecture = evaluation.get("model") or (summary or {}).get("model")
+    return {"link": None, "name": f"{evaluation['method']} {architecture} (atcd_ray)", "authors": None,
+            "additional_data": False, "number_forward_passes": 1, "dataset": evaluation["dataset"], "venue": None,
+            "architecture": architecture, "eps": eps_text(evaluation["eps"]),
+            "clean_acc": f"{100 * evaluation['clean_acc']:.2f}", "reported": None,
+            "autoattack_acc": f"{100 * evaluation['robust_acc']['autoattack']:.2f}",
+            "threat_model": evaluation.get("threat_model", "Linf"), "n_examples": evaluation["n"],
+            "attack": evaluation.get("attack_versions", {}).get("autoattack", "AutoAttack standard"),
+            "seed": evaluation.get("seed"), "checkpoint": Path(evaluation["checkpoint"]).name,
+            "commit": commit_label(evaluation)}
 
 
 def attack_curves(checkpoint: Path, cache: Path, eval_n: int, steps: list[int], eps_scales: list[float]) -> dict:

@@ -40,9 +40,12 @@ def test_run_report_has_curves_test_table_and_attack_curves(digits_run, capsys):
     assert f"| 2 | {history[1]['train_loss']:.4g} |" in text
     curves = json.loads((report / "attack_curves.json").read_text())
     assert curves["n"] == 64 and [p["x"] for p in curves["steps"]] == [1, 10]
-    for point in curves["steps"] + curves["eps_scale"]:
+    for point in curves["steps"]:
         assert f"| {point['x']} | {point['acc']:.2%} |" in text
+    for point in [{"x": 0.0, "acc": curves["clean"]}, *curves["eps_scale"]]:  # against the attack's eps
+        assert f"| {point['x'] * curves['eps']:.4g} | {point['acc']:.2%} |" in text
         assert 0 <= point["acc"] <= 1
+    assert not (report / "robustbench.json").exists()  # no AutoAttack evaluation in the run yet
     # Same settings: the cached curves are reused, not recomputed.
     stamp = (report / "attack_curves.json").stat().st_mtime
     assert report_main(args) == 0 and (report / "attack_curves.json").stat().st_mtime == stamp
@@ -81,3 +84,26 @@ def test_sweep_report_of_bundles_plots_categories(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| method=free, replays=8 | 80.00% | 70.00% |" in text
     _png_ok(tmp_path / "report" / "T__K.png")
+
+
+def test_a_run_evaluated_with_autoattack_gets_a_robustbench_entry(digits_run):
+    from atcd_ray import evaluate
+    from atcd_ray.cli import run_main
+    from atcd_ray.report import eps_text
+
+    checkpoint = digits_run / json.loads((digits_run / "summary.json").read_text())["checkpoint"]
+    # eps 0.3: AutoAttack breaks this model at once (APGD-CE), so FAB and Square have nothing left to do
+    assert run_main(evaluate.main, [str(checkpoint), "--attacks", "pgd10,autoattack", "--eval-n", "16", "--eps", "0.3",
+                                    "--json", str(digits_run / "aa.json")]) == 0
+    assert report_main([str(digits_run), "--eval-n", "0"]) == 0
+    evaluation = json.loads((digits_run / "aa.json").read_text())
+    entry = json.loads((digits_run / "report" / "robustbench.json").read_text())
+    assert (entry["dataset"], entry["architecture"], entry["threat_model"], entry["eps"]) == (
+        "digits", "smallcnn", "Linf", "0.3")
+    assert entry["clean_acc"] == f"{100 * evaluation['clean_acc']:.2f}"
+    assert entry["autoattack_acc"] == f"{100 * evaluation['robust_acc']['autoattack']:.2f}"
+    assert entry["n_examples"] == 16 and entry["attack"].startswith("pyautoattack 0.2.0")
+    assert entry["commit"] == evaluation["provenance"]["commit"][:10] + ("+dirty" if evaluation["provenance"]["dirty"]
+                                                                         else "")
+    assert "## RobustBench-style entry" in (digits_run / "report" / "report.md").read_text()
+    assert [eps_text(e) for e in (8 / 255, 4 / 255, 0.1, 0.3)] == ["8/255", "4/255", "0.1", "0.3"]

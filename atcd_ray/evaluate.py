@@ -52,8 +52,6 @@ def masking_suspected(robust_acc: dict[str, float]) -> bool:
     return bool(free and gradient) and min(free) < min(gradient) - MASKING_MARGIN
 
 
-
-
 @dataclass(frozen=True)
 class EvalSpec:
     """What an evaluation is; two runs of one spec give the same per-example results."""
@@ -137,9 +135,10 @@ class Parts:
         self.dir, self.spec, self.n = directory, spec, num_examples
         self.num_batches = -(-num_examples // spec.batch_size)
         manifest = directory / "evaluation.json"
+        identity = spec.identity()
         if manifest.exists():
             found = self._read(manifest)
-            differ = sorted(k for k in spec.identity() if found.get(k) != spec.identity()[k])
+            differ = sorted(k for k in identity if found.get(k) != identity[k])
             if differ:
                 raise ConfigError(f"--parts-dir {directory} holds the batches of another evaluation (its "
                                   f"{', '.join(differ)} differ): delete it or give another --parts-dir")
@@ -147,7 +146,7 @@ class Parts:
                 print(f"warning: {directory}'s batches so far were computed by other code ({found.get('code')}); "
                       f"this run is {code}", file=sys.stderr)
         else:
-            write_text_atomic(manifest, json.dumps({**spec.identity(), "code": code}, indent=2) + "\n")
+            write_text_atomic(manifest, json.dumps({**identity, "code": code}, indent=2) + "\n")
 
     @staticmethod
     def _read(path: Path) -> dict:
@@ -312,7 +311,8 @@ def evaluate_checkpoint(args: argparse.Namespace, local: Path) -> int:
 
     from .data.sources import check_available
 
-    check_available(dataset, args.data_dir or cfg.data.dir)
+    data_dir = args.data_dir or cfg.data.dir
+    check_available(dataset, data_dir)
 
     import torch
 
@@ -323,15 +323,15 @@ def evaluate_checkpoint(args: argparse.Namespace, local: Path) -> int:
     # Paths as every actor sees them, whatever its working directory.
     absolute = lambda path: path if path is None or is_uri(path) else str(Path(path).resolve())  # noqa: E731
     spec = EvalSpec(checkpoint=absolute(args.checkpoint), checkpoint_sha256=file_sha256(local),
-                    dataset=dataset, data_dir=absolute(args.data_dir or cfg.data.dir), attacks=tuple(attacks),
+                    dataset=dataset, data_dir=absolute(data_dir), attacks=tuple(attacks),
                     eps=eps, alpha=args.alpha, eval_n=args.eval_n, batch_size=args.batch_size, seed=args.seed,
                     device="cuda" if args.gpu else "cpu")
     n = eval_split(spec, cfg.data.loader_workers).num_examples
     key = hashlib.sha256(json.dumps(spec.identity(), sort_keys=True).encode()).hexdigest()[:12]
     beside = Path.cwd() if is_uri(args.checkpoint) else Path(args.checkpoint).parent
     parts_dir = Path(args.parts_dir or (f"{args.json}.parts" if args.json else beside / f"evaluate-{key}.parts"))
-    versions = attack_versions(attacks)
-    parts = Parts(parts_dir, spec, num_examples=n, code={"commit": provenance()["commit"], "attacks": versions})
+    versions, produced_by = attack_versions(attacks), provenance()  # provenance runs git: once
+    parts = Parts(parts_dir, spec, num_examples=n, code={"commit": produced_by["commit"], "attacks": versions})
     start = time.perf_counter()
     computed = run_batches(spec, parts, args.workers)
     correct = parts.merged()
@@ -341,7 +341,7 @@ def evaluate_checkpoint(args: argparse.Namespace, local: Path) -> int:
               "seconds": time.perf_counter() - start, "batches_computed": computed, "workers": args.workers,
               "batch_size": args.batch_size, "seed": args.seed, "parts_dir": str(parts_dir),
               "device": spec.device, "model": cfg.model, "threat_model": "Linf", "attack_versions": versions,
-              "provenance": provenance()}
+              "provenance": produced_by}
     if len(attacks) > 1:  # correct clean and under every attack asked: exact, from the per-example results
         result["every_attack_acc"] = sum(all(bits[i] == "1" for bits in correct.values()) for i in range(n)) / n
     result["correct"] = correct

@@ -101,6 +101,7 @@ def s3_server(tmp_path_factory):
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
+                log.close()
                 raise RuntimeError(f"the S3 server did not start: {(data / 'weed.log').read_text()[-2000:]}")
             time.sleep(0.5)
     yield env

@@ -179,7 +179,7 @@ def run_final(spec: BudgetStudy, out: Path) -> None:
                 aa_json = run / "autoattack.json"
                 if spec.autoattack_n[i] and not aa_json.exists():
                     summary = json.loads((run / "summary.json").read_text())
-                    # One single-threaded Ray actor per core, batches of 50: 1.28x faster than one
+                    # One single-threaded Ray actor per core, batches of 50: 1.27x faster than one
                     # actor with every core here (docs/PERFORMANCE.md), and a killed study resumes by
                     # batch. On a GPU machine, one process on its GPU.
                     import torch

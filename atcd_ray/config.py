@@ -84,12 +84,20 @@ class TrainConfig:
     # Under Ray: every N steps the workers ask Ray whether a node of theirs is being preempted
     # (a collective, hence not every step); on a notice they checkpoint at once.
     preemption_check_steps: int = 10
+    # Under Ray: each epoch's validation runs as a Ray task on the epoch's checkpoint (Ray Train's
+    # ValidationConfig), with val_cpus CPUs and val_gpus GPUs of its own, while the workers train
+    # on; off, and always in-process (--workers 0): the workers validate between epochs.
+    val_async: bool = False
+    val_cpus: float = 1.0
+    val_gpus: float = 0.0
 
     def validate(self):
         _choice(self, "method", tuple(METHODS))
         _choice(self, "select_best", ("last", "robust_val"))
         _positive(self, "epochs", "budget", "val_n", "progress_seconds", "checkpoint_steps",
-                  "preemption_check_steps")
+                  "preemption_check_steps", "val_cpus")
+        if self.val_gpus < 0:
+            raise ValueError(f"val_gpus must be >= 0, got {self.val_gpus}")
 
 
 @dataclass

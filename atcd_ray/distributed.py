@@ -12,6 +12,11 @@ dies makes Ray restart the group from it (``FailureConfig``). Checkpoints inside
 (``train.checkpoint_steps``, and one on a preemption notice) are reported to Ray too, so a
 restart continues mid-epoch. With ``workers=(min, max)`` the group is elastic: a restart may
 have another size, and the trainer re-cuts the per-rank state for it (``trainer._resume``).
+
+Under ``train.val_async`` each epoch's checkpoint is reported for validation (Ray Train's
+``ValidationConfig``): Ray's controller runs ``EpochValidator`` on it as a task with resources of
+its own, one at a time and in order, keeps the checkpoint until it is validated, and reruns the
+validations a restart interrupted; the workers train on meanwhile.
 """
 from __future__ import annotations
 
@@ -23,17 +28,18 @@ from pathlib import Path
 import ray
 import ray.train
 import ray.train.torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, ValidationConfig
 
-from .config import Config, config_from_dict
+from .config import Config, ConfigError, config_from_dict
 from .core.methods.base import weighted_mean_hook
-from .trainer import Group, check_not_diverged, fit, log
+from .trainer import Group, check_not_diverged, fit, log, validate_checkpoint
 
 
 class RayGroup(Group):
-    def __init__(self):
+    def __init__(self, validates_async: bool = False):
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.validates_async = validates_async
         self.restored: Path | None = None  # a local copy of Ray's checkpoint, removed after the run
         self.notice_answered = False
 
@@ -63,10 +69,42 @@ class RayGroup(Group):
         self.restored = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="atcd-restore-")))
         return self.restored
 
-    def report(self, record: dict, checkpoint_file: Path) -> None:
+    def report(self, record: dict, checkpoint_file: Path, validate: bool = False) -> None:
         with tempfile.TemporaryDirectory(prefix="atcd-report-") as staging:
             shutil.copy2(checkpoint_file, Path(staging) / checkpoint_file.name)
-            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(staging))
+            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(staging), validation=validate)
+
+    def wait_for_validations(self) -> None:
+        log.info("waiting for the last validations")
+        ray.train.get_all_reported_checkpoints()  # returns once none is pending validation
+
+
+class EpochValidator:
+    """Ray Train's validation function under ``train.val_async``: ``trainer.validate_checkpoint``
+    on an epoch's reported checkpoint, in a task with ``train.val_cpus`` CPUs (torch threads) and
+    ``train.val_gpus`` GPUs. ``on_validated``: called with the epoch's record, validation
+    included (a Tune trial passes it on to Tune). Returns the validation metrics, which Ray merges
+    into the checkpoint's."""
+
+    def __init__(self, cfg: Config, out: Path, on_validated=None):
+        self.cfg, self.out, self.on_validated = cfg.to_dict(), str(out), on_validated
+
+    def __call__(self, checkpoint: ray.train.Checkpoint, **_) -> dict:
+        import torch
+
+        from .cli import setup_logging
+
+        setup_logging()
+        cfg = config_from_dict(self.cfg)
+        torch.set_num_threads(max(1, int(cfg.train.val_cpus)))
+        device = torch.device("cuda" if cfg.train.val_gpus > 0 else "cpu")
+        with checkpoint.as_directory() as directory:
+            record = validate_checkpoint(cfg, Path(directory) / "last.safetensors", Path(self.out), device)
+        log.info("validated epoch %d: val_clean_acc=%.4g val_robust_acc=%.4g (%.0f s)", record["epoch"],
+                 record["val_clean_acc"], record["val_robust_acc"], record["val_seconds"])
+        if self.on_validated is not None:
+            self.on_validated(record)
+        return {key: record[key] for key in ("val_clean_acc", "val_robust_acc")}
 
 
 def _worker(config: dict) -> None:
@@ -76,7 +114,7 @@ def _worker(config: dict) -> None:
 
     setup_logging()
     torch.set_num_threads(config["threads"])  # the CPUs reserved for this worker, no more
-    group = RayGroup()
+    group = RayGroup(config["validates_async"])
     try:
         # Progress: rank 0 logs a line every few seconds, which Ray forwards to the driver.
         fit(config_from_dict(config["cfg"]), config["out"], progress=config["progress"],
@@ -98,20 +136,37 @@ def init_ray() -> None:
         ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True)
 
 
-def even_share_of_cpus(workers: int) -> int:
-    """The cluster's CPUs split evenly over the workers, at least one each: on one machine a
-    single worker gets every core (Ray would otherwise give it one, and torch one thread)."""
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+def even_share_of_cpus(workers: int, reserved: float = 0.0) -> int:
+    """The cluster's CPUs less ``reserved`` split evenly over the workers, at least one each: on
+    one machine a single worker gets every core (Ray would otherwise give it one, and torch one
+    thread)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1) - reserved) // workers)
+
+
+def check_room_for_validation(cfg: Config, workers: int, cpus_per_worker: float, gpu: bool) -> None:
+    """Under ``train.val_async`` the validation task needs resources beside the workers': at the
+    end the workers wait for it, and a task that could only start once they are gone would never
+    start."""
+    t, have = cfg.train, ray.cluster_resources()
+    need_cpus, need_gpus = workers * cpus_per_worker + t.val_cpus, (workers if gpu else 0) + t.val_gpus
+    if have.get("CPU", 0) + 1e-9 < need_cpus or have.get("GPU", 0) + 1e-9 < need_gpus:
+        gpus = " and a GPU" if gpu else ""
+        raise ConfigError(f"train.val_async: {workers} worker(s) x {cpus_per_worker:g} CPUs{gpus} "
+                          f"and a validation task of {t.val_cpus:g} CPUs, {t.val_gpus:g} GPUs need {need_cpus:g} CPUs, "
+                          f"{need_gpus:g} GPUs; the cluster has {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} "
+                          "GPUs. Lower train.val_cpus/val_gpus or the workers, or validate on the workers "
+                          "(train.val_async=false)")
 
 
 def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, int], gpu: bool = False,
                     cpus_per_worker: float | None = None, max_failures: int = 3, callbacks: list | None = None,
-                    progress: bool = True, resize_check_seconds: float = 60.0) -> Path:
+                    progress: bool = True, resize_check_seconds: float = 60.0, on_validated=None) -> Path:
     """Train through Ray Train; returns the run directory (holding summary.json). ``workers``: a
     number, or (min, max) for an elastic group, which Ray starts with what the cluster has and
     resizes (from the latest checkpoint) as nodes come and go, looking every
     ``resize_check_seconds``. ``callbacks``: Ray Train callbacks, e.g. the one that forwards
-    reports to a Tune trial. ``cpus_per_worker`` None: ``even_share_of_cpus`` of the most workers."""
+    reports to a Tune trial. ``cpus_per_worker`` None: ``even_share_of_cpus`` of the most workers
+    (less a validation task's, under ``train.val_async``). ``on_validated``: ``EpochValidator``'s."""
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     init_ray()
@@ -119,11 +174,20 @@ def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, 
     if low < high and not cfg.train.checkpoint_steps:
         log.warning("an elastic group resizes by restarting from the latest checkpoint: without "
                     "train.checkpoint_steps each resize loses the epoch so far")
-    cpus_per_worker = cpus_per_worker or even_share_of_cpus(high)
+    val_async = cfg.train.val_async
+    cpus_per_worker = cpus_per_worker or even_share_of_cpus(high, cfg.train.val_cpus if val_async else 0.0)
+    validation = None
+    if val_async:
+        check_room_for_validation(cfg, high, cpus_per_worker, gpu)
+        # "DEFAULT": outside any placement group; in a Tune trial the task would otherwise fall into
+        # the trial's (which holds no CPU: tune.run_sweep) and could never be scheduled.
+        validation = ValidationConfig(EpochValidator(cfg, out, on_validated), ray_remote_kwargs={
+            "num_cpus": cfg.train.val_cpus, "num_gpus": cfg.train.val_gpus, "max_retries": 3,
+            "scheduling_strategy": "DEFAULT"})
     trainer = ray.train.torch.TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.to_dict(), "out": str(out), "threads": max(1, int(cpus_per_worker)),
-                           "progress": progress},
+                           "progress": progress, "validates_async": val_async},
         scaling_config=ScalingConfig(num_workers=high if low == high else (low, high), use_gpu=gpu,
                                      elastic_resize_monitor_interval_s=resize_check_seconds,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}),
@@ -134,6 +198,7 @@ def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, 
             # The latest only, the one a restart resumes from (inside an epoch too); the best by
             # validation is the run directory's best.safetensors.
             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        validation_config=validation,
     )
     try:
         result = trainer.fit()

@@ -31,7 +31,8 @@ from .cli import ArgumentParser, check_launch, run_main, setup_logging
 from .config import ConfigError, load_config
 from .core.methods import METHODS
 from .core.models import MODELS
-from .tune import OBJECTIVE, Sizing, Study, _check, check_keys, read_spec, results_table, run_sweep
+from .tune import (OBJECTIVE, Sizing, Study, _check, check_keys, read_spec, results_table, run_sweep,
+                   validation_resources)
 
 log = logging.getLogger("atcd_ray.study")
 
@@ -125,13 +126,14 @@ def cell_dir(out: Path, stage: str, model: str, budget: float, method: str) -> P
 
 def run_search(spec: BudgetStudy, out: Path) -> None:
     """Every (network, budget, method) sweep not yet done, one after the other."""
-    sizing = Sizing(overrides=[], workers=1, cpus_per_worker=1.0)
     for model, budget, _ in spec.cells():
         for method in spec.methods:
             sweep_dir = cell_dir(out, "search", model, budget, method)
             if (sweep_dir / "done.json").exists():
                 continue
             study = spec.sweep(model, budget, method)
+            sizing = Sizing(overrides=[], workers=1, cpus_per_worker=1.0,
+                            validation=validation_resources(study.config()))
             sweep_dir.parent.mkdir(parents=True, exist_ok=True)
             grid = run_sweep(study, sizing, sweep_dir, resume=True)
             rows = results_table(grid, study, sweep_dir.resolve())

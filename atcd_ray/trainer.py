@@ -3,7 +3,10 @@
 Writes into ``out_dir``: ``last.safetensors`` every epoch (the one it replaces kept as
 ``last.previous.safetensors``), ``metrics.jsonl`` (one line per epoch), ``best.safetensors`` when
 ``select_best = robust_val``, and ``summary.json`` at the end. Rerunning with the same ``out_dir``
-and config resumes from ``last.safetensors``.
+and config resumes from ``last.safetensors``. When the group validates apart from training
+(``train.val_async`` under Ray), ``validate_checkpoint`` validates each epoch's checkpoint in a
+task of its own, records it in ``validation.jsonl`` and writes ``best.safetensors``; metrics.jsonl
+takes the validations in as they come, and the run waits for the last one before its test.
 
 Crash consistency: every file is written whole or not at all (``write_atomic``: temporary file,
 fsync, rename, directory fsync). The epoch's metrics record is committed inside its checkpoint
@@ -75,8 +78,9 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def read_history(out: Path) -> list[dict]:
-    """A run directory's metrics.jsonl, one record per epoch ([] before the first epoch). A torn
-    last line (a file not written by this version's atomic writer) is reported and left out."""
+    """A run directory's metrics.jsonl, one record per epoch ([] before the first epoch), with the
+    validations done apart from training so far. A torn last line (a file not written by this
+    version's atomic writer) is reported and left out."""
     path = out / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     records = []
@@ -87,12 +91,27 @@ def read_history(out: Path) -> list[dict]:
             if i + 1 < len(lines):
                 raise ValueError(f"{path}, line {i + 1}: not a JSON record") from None
             log.warning("%s: last line is torn (%d characters); ignored", path, len(line))
-    return records
+    return with_validations(out, records)
 
 
 def write_history(out: Path, history: list[dict]) -> None:
-    """metrics.jsonl from the records committed in the checkpoint (atomic, like every run file)."""
-    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    """metrics.jsonl from the records committed in the checkpoint (atomic, like every run file),
+    with the validations done apart from training so far (validation.jsonl) merged in."""
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in with_validations(out, history)))
+
+
+VALIDATIONS = "validation.jsonl"
+
+
+def read_validations(out: Path) -> dict[int, dict]:
+    """The epochs validated apart from training (``validate_checkpoint``), by epoch."""
+    path = out / VALIDATIONS
+    return {r["epoch"]: r for r in map(json.loads, path.read_text().splitlines())} if path.exists() else {}
+
+
+def with_validations(out: Path, history: list[dict]) -> list[dict]:
+    validated = read_validations(out)
+    return [{**record, **validated.get(record["epoch"], {})} for record in history]
 
 
 def check_finite_weights(model: torch.nn.Module, epoch: int) -> None:
@@ -142,12 +161,60 @@ def check_same_config(path: Path, old: dict, cfg: Config) -> None:
                       "resume with the same config or use a fresh --out directory")
 
 
-# Keys that change how often a run checkpoints or reports, not what it trains: a resume may change them.
-OPERATIONAL_KEYS = ("checkpoint_steps", "preemption_check_steps", "progress_seconds")
+# Keys that change how often a run checkpoints or reports, or where it validates, not what it
+# trains: a resume may change them.
+OPERATIONAL_KEYS = ("checkpoint_steps", "preemption_check_steps", "progress_seconds", "val_async", "val_cpus",
+                    "val_gpus")
 
 
 def _without_operational(config: dict) -> dict:
     return {**config, "train": {k: v for k, v in config.get("train", {}).items() if k not in OPERATIONAL_KEYS}}
+
+
+def build_splits_of(cfg: Config, device: torch.device):
+    d = cfg.data
+    return build_splits(cfg.dataset, d.dir, d.batch_size, d.val_size, d.subset, cfg.eval.n, cfg.train.val_n,
+                        cfg.seed, d.loader_workers, d.ffcv_dir, device=device, pin_memory=d.pin_memory)
+
+
+def validation_accuracy(cfg: Config, model: torch.nn.Module, splits, device: torch.device) -> dict[str, float]:
+    """Clean and robust (``train.val_attack``) accuracy on this process's share of the validation split."""
+    attacks = {"robust": build_attack(cfg.train.val_attack, cfg.eps)}
+    return evaluate(model, splits.val, attacks, device, cfg.eval.amp, channels_last=cfg.train.channels_last)
+
+
+def validate_checkpoint(cfg: Config, checkpoint_file: Path, out: Path, device: torch.device) -> dict:
+    """An epoch's validation apart from training (a Ray task under ``train.val_async``), on the
+    checkpoint the workers wrote after it: its record goes into DIR/validation.jsonl and
+    TensorBoard, and its weights into best.safetensors when it beats the earlier epochs (under
+    ``select_best = robust_val``). Ray runs these one at a time, in epoch order, so the files see
+    no concurrent writer. The attack's draws are seeded from (seed, epoch): rerunning a
+    validation gives the same record. Returns the epoch's whole record, validation included."""
+    started = time.time()
+    ckpt = Checkpoint(checkpoint_file)
+    epoch = ckpt.meta["epoch"]
+    splits = build_splits_of(cfg, device)
+    model = model_for(cfg, splits.spec).to(device, memory_format=_memory_format(cfg.train.channels_last))
+    model.load_state_dict(ckpt.model_state())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+        val = validation_accuracy(cfg, model, splits, device)
+    record = {"epoch": epoch, "val_clean_acc": val["clean"], "val_robust_acc": val["robust"],
+              "val_started_at": started, "val_finished_at": time.time()}
+    record["val_seconds"] = record["val_finished_at"] - started
+    validated = read_validations(out)
+    best = max((r["val_robust_acc"] for e, r in validated.items() if e < epoch), default=-1.0)
+    if cfg.train.select_best == "robust_val" and record["val_robust_acc"] > best:
+        save_checkpoint(out / "best.safetensors", model, cfg.to_dict(), {"epoch": epoch, "val": val})
+    validated[epoch] = record
+    write_text_atomic(out / VALIDATIONS, "".join(json.dumps(validated[e]) + "\n" for e in sorted(validated)))
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out / "tb"), filename_suffix=".validation") as writer:  # beside rank 0's events
+        for key in ("val_clean_acc", "val_robust_acc"):
+            writer.add_scalar(TensorBoard.SCALARS[key], record[key], epoch)
+    trained = ckpt.meta.get("history") or [{}]  # an epoch's checkpoint: its history ends with the epoch
+    return {**trained[-1], **record}
 
 
 def check_launcher(out: Path, launcher: str) -> None:
@@ -217,9 +284,11 @@ class Group:
     The default is a single process that keeps its checkpoints in the run directory. The Ray
     Train worker (``atcd_ray.distributed``) overrides ``wrap`` (DDP), ``restore_dir`` (the
     latest checkpoint Ray hands a restarted group), ``report`` (the checkpoint to Ray) and
-    ``preempted`` (Ray's preemption notice)."""
+    ``preempted`` (Ray's preemption notice); with ``validates_async`` it validates each epoch's
+    checkpoint apart from training (``report(..., validate=True)``, ``wait_for_validations``)."""
 
     rank, world_size = 0, 1
+    validates_async = False
 
     def wrap(self, model: torch.nn.Module, rank_weight: float = 1.0) -> torch.nn.Module:
         """The model the training loss goes through; ``rank_weight``: ``Method.rank_weight``."""
@@ -230,9 +299,13 @@ class Group:
         last = out / "last.safetensors"
         return out if last.exists() or previous_path(last).exists() else None
 
-    def report(self, record: dict, checkpoint_file: Path) -> None:
+    def report(self, record: dict, checkpoint_file: Path, validate: bool = False) -> None:
         """Called on every rank at each checkpoint (after each epoch, and inside epochs), once its
-        checkpoint file is written; a record inside an epoch has no validation metrics."""
+        checkpoint file is written; a record inside an epoch has no validation metrics, nor has an
+        epoch's under ``validates_async`` (``validate``: the checkpoint is to be validated)."""
+
+    def wait_for_validations(self) -> None:
+        """Under ``validates_async``: returns once every reported checkpoint is validated."""
 
     def preempted(self) -> bool:
         """Whether a preemption notice has come that no checkpoint has answered yet. Called on
@@ -342,8 +415,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     device = device or default_device()
     seed_everything(cfg.seed, device)  # same initial weights on every rank
     d, t, o = cfg.data, cfg.train, cfg.optim
-    splits = build_splits(cfg.dataset, d.dir, d.batch_size, d.val_size, d.subset, cfg.eval.n, t.val_n,
-                          cfg.seed, d.loader_workers, d.ffcv_dir, device=device, pin_memory=d.pin_memory)
+    splits = build_splits_of(cfg, device)
     # Fast-FGSM's end-of-epoch check: the same first training batch on every rank.
     splits.train.set_epoch(0)
     first_batch = tuple(tensor.to(device) for tensor in next(iter(splits.train)))
@@ -382,7 +454,6 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
             param_group["lr"] = lr
         return lr
 
-    val_attacks = {"robust": build_attack(t.val_attack, cfg.eps)}
     passes = cfg.passes_per_minibatch
     stopped_early = meta.get("stopped_early", False)
     done = EpochProgress(**meta["epoch_progress"]) if "epoch_progress" in meta else None  # a mid-epoch checkpoint
@@ -441,15 +512,18 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         with torch.random.fork_rng(devices=[]):  # same decision on every rank, same training stream
             torch.manual_seed(cfg.seed + epoch)
             stopped_early = method.end_epoch(first_batch)
-        val = _mean_over_ranks(group, evaluate(model, splits.val, val_attacks, device, cfg.eval.amp,
-                                               channels_last=t.channels_last), splits.val.num_examples)
         record = {"epoch": epoch + 1, "budget_spent": (epoch + 1) * passes,
                   **{f"train_{k}": v for k, v in stats.items()},
-                  "train_stretches": stretches, "val_clean_acc": val["clean"], "val_robust_acc": val["robust"],
-                  "train_seconds": train_seconds}
-        improved = t.select_best == "robust_val" and val["robust"] > best_val
-        if improved:
-            best_val = val["robust"]
+                  "train_stretches": stretches, "train_seconds": train_seconds, "finished_at": time.time()}
+        improved = False
+        if not group.validates_async:  # else a task validates the checkpoint reported below
+            started = time.perf_counter()
+            val = _mean_over_ranks(group, validation_accuracy(cfg, model, splits, device), splits.val.num_examples)
+            record.update(val_clean_acc=val["clean"], val_robust_acc=val["robust"],
+                          val_seconds=time.perf_counter() - started)
+            improved = t.select_best == "robust_val" and val["robust"] > best_val
+            if improved:
+                best_val = val["robust"]
         history.append(record)
         if lead and improved:
             save_checkpoint(best_path, model, cfg.to_dict(), {"epoch": epoch + 1, "val": val})
@@ -457,7 +531,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         if lead:
             write_history(out, history)
             board.epoch(record)
-        group.report(record, own)
+        group.report(record, own, validate=group.validates_async)
         if lead:
             log.info("epoch %d/%d  %s", epoch + 1, t.epochs, "  ".join(
                 f"{k}={v:.4g}" for k, v in record.items() if k in (
@@ -467,6 +541,14 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
             log.info("early stop after epoch %d (PGD accuracy on a training batch collapsed)", epoch + 1)
             break
 
+    if group.validates_async:  # the best checkpoint and the records need every validation
+        group.wait_for_validations()
+        history = with_validations(out, history)
+        missing = [r["epoch"] for r in history if "val_robust_acc" not in r]
+        if missing:  # a failed validation task (Ray logged why): the choice is among the others
+            log.warning("epochs %s have no validation; best.safetensors is chosen among the others", missing)
+        if lead:
+            write_history(out, history)
     chosen = best_path if t.select_best == "robust_val" and best_path.exists() else out / "last.safetensors"
     model.load_state_dict(Checkpoint(chosen).model_state())
     start = time.perf_counter()

@@ -194,22 +194,29 @@ class Sizing:
     gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # restarts of a trial's worker group, from its last checkpoint
+    validation: tuple[float, float] = (0.0, 0.0)  # (CPUs, GPUs) of a trial's validation task (train.val_async)
 
     def __post_init__(self):
         if isinstance(self.workers, int):
             self.workers = (self.workers, self.workers)
 
     def concurrent_trials(self, cpus: float, gpus: float) -> int:
-        """As many trials as the cluster holds worker groups of the most workers, so no trial
-        waits on resources; at least one, which an elastic trial may start with its fewest."""
+        """As many trials as the cluster holds worker groups of the most workers (and their
+        validation tasks), so no trial waits on resources; at least one, which an elastic trial
+        may start with its fewest."""
+        val_cpus, val_gpus = self.validation
+
         def groups(workers: int) -> int:
-            fit = math.floor(cpus / (workers * self.cpus_per_worker) + 1e-9)
-            return min(fit, math.floor(gpus / workers + 1e-9)) if self.gpu else fit
+            fit = math.floor(cpus / (workers * self.cpus_per_worker + val_cpus) + 1e-9)
+            return min(fit, math.floor(gpus / ((workers if self.gpu else 0) + val_gpus) + 1e-9)) \
+                if self.gpu or val_gpus else fit
 
         low, high = self.workers
         if groups(low) < 1:
+            validation = f" and a validation task of {val_cpus:g} CPUs, {val_gpus:g} GPUs" * any(self.validation)
             raise ConfigError(f"one trial needs {low} workers x {self.cpus_per_worker} CPUs"
-                              f"{' and a GPU each' if self.gpu else ''}; the cluster has {cpus:g} CPUs, {gpus:g} GPUs")
+                              f"{' and a GPU each' if self.gpu else ''}{validation}; "
+                              f"the cluster has {cpus:g} CPUs, {gpus:g} GPUs")
         return max(1, groups(high))  # an elastic trial starts smaller on a cluster that has not grown yet
 
 
@@ -226,15 +233,38 @@ def _trial(config: dict, study: Study, sizing: Sizing, sweep_dir: str) -> None:
 
         def after_report(self, run_context, metrics, checkpoint):
             if "val_robust_acc" not in metrics[0]:
-                return  # a checkpoint inside an epoch: Tune's schedulers count epochs
-            first = {**metrics[0], OBJECTIVE: sum(w * metrics[0][k] for k, w in study.metric.items())}
+                return  # inside an epoch, or not validated yet (train.val_async): Tune's schedulers count epochs
+            first = {**metrics[0], OBJECTIVE: objective(metrics[0], study.metric)}
             super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
     cfg = load_config(study.dataset, study.recipe, study.trial_overrides(config) + sizing.overrides)
     cfg.seed += config.get(REPEAT, 0)
     run_dir = Path(sweep_dir) / "runs" / tune.get_context().get_trial_id()
+    report = ReportObjective()
+    # Under train.val_async an epoch's record reaches Tune from its validation task, through the
+    # queue Ray's callback puts reports in (a private attribute of it: tests/test_tune.py checks it).
+    forward = ForwardToTune(report._training_actor_item_queue, study.metric) if cfg.train.val_async else None
     fit_distributed(cfg, run_dir, sizing.workers, sizing.gpu, sizing.cpus_per_worker, sizing.max_failures,
-                    callbacks=[ReportObjective()])
+                    callbacks=[report], on_validated=forward)
+
+
+def objective(record: dict, weights: dict[str, float]) -> float:
+    return sum(w * record[k] for k, w in weights.items())
+
+
+class ForwardToTune:
+    """An epoch's validated record, with the study's objective, to the trial's Tune session."""
+
+    def __init__(self, queue, weights: dict[str, float]):
+        self.queue, self.weights = queue, weights
+
+    def __call__(self, record: dict) -> None:
+        self.queue.put({**record, OBJECTIVE: objective(record, self.weights)})
+
+
+def validation_resources(cfg) -> tuple[float, float]:
+    """(CPUs, GPUs) a trial's validation task takes beside its workers: none unless train.val_async."""
+    return (cfg.train.val_cpus, cfg.train.val_gpus) if cfg.train.val_async else (0.0, 0.0)
 
 
 def param_space(study: Study, repeats: int = 1) -> dict:
@@ -340,7 +370,7 @@ def results_table(grid, study: Study, out: Path) -> list[dict]:
         last = history[-1] if history else {}
         row.update({OBJECTIVE: (result.metrics or {}).get(OBJECTIVE), "val_clean_acc": last.get("val_clean_acc"),
                     "val_robust_acc": last.get("val_robust_acc"),
-                    "best_val_robust_acc": max((h["val_robust_acc"] for h in history), default=None),
+                    "best_val_robust_acc": max((h["val_robust_acc"] for h in history if "val_robust_acc" in h), default=None),
                     "train_seconds": last.get("train_seconds")})
         if summary:
             row["test_clean_acc"] = summary["clean_acc"]
@@ -395,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     check_launch(study.config(overrides), args.workers[1])  # before any trial starts
     out = Path(args.out or f"runs/sweeps/{study.study}")
     setup_logging()
-    sizing = Sizing(overrides, args.workers, args.gpu, args.cpus_per_worker, args.max_failures)
+    sizing = Sizing(overrides, args.workers, args.gpu, args.cpus_per_worker, args.max_failures,
+                    validation=validation_resources(study.config(overrides)))
     grid = run_sweep(study, sizing, out, args.num_samples, args.resume, args.max_concurrent)
     rows = results_table(grid, study, out.resolve())
     shown = ["trial_id", *study.params, "status", "epochs", OBJECTIVE, "val_clean_acc", "val_robust_acc",

@@ -36,7 +36,7 @@ from atcd_ray.cli import run_main
 from atcd_ray.train import main
 sys.exit(run_main(main, sys.argv[1:]))
 """
-TIMING = ("seconds", "per_second", "wait_fraction")  # wall-clock fields differ between any two runs
+TIMING = ("seconds", "per_second", "wait_fraction", "started_at", "finished_at")  # wall-clock fields differ between any two runs
 
 
 def start(out: Path) -> subprocess.Popen:

@@ -11,7 +11,7 @@ from atcd_ray.core.checkpoint import Checkpoint
 from atcd_ray.data.batches import TensorBatches
 from tests.test_checkpoint import quick_config
 
-TIMING = ("seconds", "per_second", "wait_fraction")
+TIMING = ("seconds", "per_second", "wait_fraction", "started_at", "finished_at")
 
 
 def _state(out):

@@ -32,7 +32,12 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 
 from .config import Config, ConfigError, config_from_dict
 from .core.methods.base import weighted_mean_hook
-from .trainer import Group, check_not_diverged, fit, log, validate_checkpoint
+from .storage import RunUpload, download_run, is_uri
+from .trainer import Group, build_splits_of, check_not_diverged, fit, log, read_validations, validate_checkpoint
+
+# An EpochValidator's data, per worker process (config and device -> splits): Ray runs the tasks
+# of a run one after the other, mostly in the same process.
+_VALIDATION_SPLITS: dict = {}
 
 
 class RayGroup(Group):
@@ -88,6 +93,7 @@ class EpochValidator:
 
     def __init__(self, cfg: Config, out: Path, on_validated=None):
         self.cfg, self.out, self.on_validated = cfg.to_dict(), str(out), on_validated
+        self.cfg_json = cfg.to_json()
 
     def __call__(self, checkpoint: ray.train.Checkpoint, **_) -> dict:
         import torch
@@ -98,11 +104,17 @@ class EpochValidator:
         cfg = config_from_dict(self.cfg)
         torch.set_num_threads(max(1, int(cfg.train.val_cpus)))
         device = torch.device("cuda" if cfg.train.val_gpus > 0 else "cpu")
+        key = (self.cfg_json, str(device))
+        if key not in _VALIDATION_SPLITS:  # tasks reuse their worker process: load the data once there
+            _VALIDATION_SPLITS.clear()
+            _VALIDATION_SPLITS[key] = build_splits_of(cfg, device)
+        done_before = set(read_validations(Path(self.out)))
         with checkpoint.as_directory() as directory:
-            record = validate_checkpoint(cfg, Path(directory) / "last.safetensors", Path(self.out), device)
+            record = validate_checkpoint(cfg, Path(directory) / "last.safetensors", Path(self.out), device,
+                                         _VALIDATION_SPLITS[key])
         log.info("validated epoch %d: val_clean_acc=%.4g val_robust_acc=%.4g (%.0f s)", record["epoch"],
                  record["val_clean_acc"], record["val_robust_acc"], record["val_seconds"])
-        if self.on_validated is not None:
+        if self.on_validated is not None and record["epoch"] not in done_before:  # once per epoch, reruns too
             self.on_validated(record)
         return {key: record[key] for key in ("val_clean_acc", "val_robust_acc")}
 
@@ -115,13 +127,21 @@ def _worker(config: dict) -> None:
     setup_logging()
     torch.set_num_threads(config["threads"])  # the CPUs reserved for this worker, no more
     group = RayGroup(config["validates_async"])
+    out, publish = config["out"], None
+    if is_uri(out):  # the run's files are written here and copied there (rank 0)
+        out = Path(tempfile.mkdtemp(prefix="atcd-run-"))
+        if group.rank == 0:
+            download_run(config["out"], out)
+            publish = RunUpload(out, config["out"])
     try:
         # Progress: rank 0 logs a line every few seconds, which Ray forwards to the driver.
-        fit(config_from_dict(config["cfg"]), config["out"], progress=config["progress"],
-            device=ray.train.torch.get_device(), group=group)
+        fit(config_from_dict(config["cfg"]), out, progress=config["progress"],
+            device=ray.train.torch.get_device(), group=group, publish=publish)
     finally:
         if group.restored is not None:
             shutil.rmtree(group.restored, ignore_errors=True)
+        if out != config["out"]:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def init_ray() -> None:
@@ -160,15 +180,23 @@ def check_room_for_validation(cfg: Config, workers: int, cpus_per_worker: float,
 
 def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, int], gpu: bool = False,
                     cpus_per_worker: float | None = None, max_failures: int = 3, callbacks: list | None = None,
-                    progress: bool = True, resize_check_seconds: float = 60.0, on_validated=None) -> Path:
+                    progress: bool = True, resize_check_seconds: float = 60.0, on_validated=None) -> Path | str:
     """Train through Ray Train; returns the run directory (holding summary.json). ``workers``: a
     number, or (min, max) for an elastic group, which Ray starts with what the cluster has and
     resizes (from the latest checkpoint) as nodes come and go, looking every
     ``resize_check_seconds``. ``callbacks``: Ray Train callbacks, e.g. the one that forwards
     reports to a Tune trial. ``cpus_per_worker`` None: ``even_share_of_cpus`` of the most workers
-    (less a validation task's, under ``train.val_async``). ``on_validated``: ``EpochValidator``'s."""
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    (less a validation task's, under ``train.val_async``). ``on_validated``: ``EpochValidator``'s.
+    ``out_dir`` may be a URI (``s3://bucket/runs/name``): Ray keeps its checkpoints there, and rank 0
+    copies the run's files there as it writes them (``storage.RunUpload``)."""
+    remote = is_uri(out_dir)
+    if remote and cfg.train.val_async:
+        raise ConfigError("train.val_async writes the run directory from its own task: it needs a local or "
+                          "shared --out, not a URI")
+    out = out_dir.rstrip("/") if remote else Path(out_dir).resolve()
+    if not remote:
+        out.mkdir(parents=True, exist_ok=True)
+    storage_path, name = out.rsplit("/", 1) if remote else (str(out.parent), out.name)
     init_ray()
     low, high = (workers, workers) if isinstance(workers, int) else workers
     if low < high and not cfg.train.checkpoint_steps:
@@ -181,9 +209,13 @@ def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, 
         check_room_for_validation(cfg, high, cpus_per_worker, gpu)
         # "DEFAULT": outside any placement group; in a Tune trial the task would otherwise fall into
         # the trial's (which holds no CPU: tune.run_sweep) and could never be scheduled.
+        if gpu and not cfg.train.val_gpus:
+            log.warning("train.val_async: the workers have GPUs and the validation task none (train.val_gpus=0): "
+                        "it validates on %g CPUs, and the run waits for it at the end", cfg.train.val_cpus)
+        # retry_exceptions: a validation is seeded and its writes idempotent, so a rerun is safe.
         validation = ValidationConfig(EpochValidator(cfg, out, on_validated), ray_remote_kwargs={
             "num_cpus": cfg.train.val_cpus, "num_gpus": cfg.train.val_gpus, "max_retries": 3,
-            "scheduling_strategy": "DEFAULT"})
+            "retry_exceptions": True, "scheduling_strategy": "DEFAULT"})
     trainer = ray.train.torch.TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.to_dict(), "out": str(out), "threads": max(1, int(cpus_per_worker)),
@@ -192,7 +224,7 @@ def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, 
                                      elastic_resize_monitor_interval_s=resize_check_seconds,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}),
         run_config=RunConfig(
-            name=out.name, storage_path=str(out.parent), callbacks=callbacks,
+            name=name, storage_path=storage_path, callbacks=callbacks,
             # A preemption is not a failure: Ray retries those without limit (max_preemption_failures).
             failure_config=FailureConfig(max_failures=max_failures),
             # The latest only, the one a restart resumes from (inside an epoch too); the best by
@@ -205,6 +237,10 @@ def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, 
         if result.error:
             raise result.error
     except Exception:
-        check_not_diverged(out)  # a worker's non-finite loss: its one line, not Ray's traceback
+        if remote:
+            with tempfile.TemporaryDirectory() as copy:
+                check_not_diverged(download_run(out, Path(copy)))
+        else:
+            check_not_diverged(out)  # a worker's non-finite loss: its one line, not Ray's traceback
         raise
     return out

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .cli import ArgumentParser, markdown_table, run_main
 from .config import ConfigError
+from .storage import is_uri
 
 CURVES = {"train_train_acc": "train (adversarial batch)", "val_clean_acc": "validation clean",
           "val_robust_acc": "validation robust"}
@@ -395,7 +396,8 @@ def _numbers(text: str, kind):
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m atcd_ray.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", help="a run directory (metrics.jsonl) or a sweep directory (results.parquet)")
+    p.add_argument("dir", help="a run directory (metrics.jsonl; or its URI, s3://...) or a sweep directory "
+                               "(results.parquet)")
     p.add_argument("--out", help="where the report goes (default: DIR/report)")
     p.add_argument("--eval-n", type=int, default=500, help="test images for the attack curves; 0: none")
     p.add_argument("--steps", default="1,2,5,10,20,50", help="PGD steps for the steps curve")
@@ -409,6 +411,25 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if not is_uri(args.dir):
+        return report(args)
+    import tempfile
+
+    from .storage import RunUpload, download_run
+
+    # A run on object storage: reported from a local copy, and the report copied back beside it.
+    uri = args.dir.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="atcd-report-") as copy:
+        args.dir, out = download_run(uri, Path(copy)), args.out
+        args.out = out or str(Path(copy) / "report")
+        code = report(args)
+        if not out:
+            RunUpload(Path(args.out), f"{uri}/report")()
+            print(f"copied to {uri}/report/")
+        return code
+
+
+def report(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     steps, scales = _numbers(args.steps, int), _numbers(args.eps_scales, float)
     if args.eval_n < 0 or any(k < 1 for k in steps) or any(s <= 0 for s in scales):

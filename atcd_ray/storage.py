@@ -37,3 +37,56 @@ def local_copy(source: str | Path, directory: str | Path) -> Path:
     if not is_file:
         raise FileNotFoundError(f"{source}: no such file")
     return target
+
+
+def _filesystem(uri: str):
+    import pyarrow.fs
+
+    try:
+        return pyarrow.fs.FileSystem.from_uri(uri.rstrip("/"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{uri}: cannot be reached ({' '.join(str(err).split())})") from None
+
+
+def _run_file(relative: str) -> bool:
+    """A run directory's own files; Ray's checkpoint directories (Ray restores them itself) are not."""
+    return not relative.split("/", 1)[0].startswith("checkpoint_")
+
+
+def download_run(uri: str, directory: Path) -> Path:
+    """The run files under ``uri`` (none for a new run) copied into ``directory``."""
+    import pyarrow.fs
+
+    filesystem, root = _filesystem(uri)
+    found = filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+    for info in found:
+        relative = info.path[len(root):].lstrip("/")
+        if info.type == pyarrow.fs.FileType.File and _run_file(relative):
+            target = directory / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pyarrow.fs.copy_files(info.path, str(target), source_filesystem=filesystem,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return directory
+
+
+class RunUpload:
+    """Keeps ``uri`` up to date with a local run directory: ``__call__`` uploads the files that are
+    new or changed since the last call. An object is replaced whole (S3 writes are atomic per
+    object), checkpoints first and summary.json last, so a reader never finds metrics or a summary
+    ahead of the checkpoint they belong to."""
+
+    def __init__(self, directory: Path, uri: str):
+        self.directory, self.uri, self.sent = Path(directory), uri.rstrip("/"), {}
+
+    def __call__(self) -> None:
+        import pyarrow.fs
+
+        filesystem, root = _filesystem(self.uri)
+        files = [p for p in self.directory.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        for path in sorted(files, key=lambda p: (p.suffix != ".safetensors", p.name == "summary.json", str(p))):
+            relative = path.relative_to(self.directory).as_posix()
+            stamp = (path.stat().st_size, path.stat().st_mtime_ns)
+            if _run_file(relative) and self.sent.get(relative) != stamp:
+                pyarrow.fs.copy_files(str(path), f"{root}/{relative}", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                                      destination_filesystem=filesystem)
+                self.sent[relative] = stamp

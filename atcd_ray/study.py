@@ -31,6 +31,7 @@ from .cli import ArgumentParser, check_launch, run_main, setup_logging
 from .config import ConfigError, load_config
 from .core.methods import METHODS
 from .core.models import MODELS
+from .storage import is_uri
 from .tune import (OBJECTIVE, Sizing, Study, _check, check_keys, read_spec, results_table, run_sweep,
                    validation_resources)
 
@@ -210,6 +211,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     spec = load_budget_study(args.spec)
+    if is_uri(args.out):
+        raise ConfigError(f"--out {args.out}: a sweep's directory is a local or shared path; a URI is for one run "
+                          "(python -m atcd_ray.train --out s3://...)")
     out = Path(args.out or f"runs/{spec.study}").resolve()
     setup_logging()
     out.mkdir(parents=True, exist_ok=True)

@@ -9,18 +9,22 @@ DIR/metrics.jsonl (one line per epoch) and TensorBoard events in DIR/tb/.
 ``--workers N`` (default 1) trains through Ray Train with N workers (DDP from 2), joining the
 cluster of RAY_ADDRESS or starting a local Ray; ``--workers MIN-MAX`` is an elastic group that
 Ray grows and shrinks as nodes come and go; ``--workers 0`` trains in this process.
-Rerunning a command with the same --out resumes its run.
+Rerunning a command with the same --out resumes its run. ``--out s3://BUCKET/PATH`` keeps the run
+on object storage: Ray's checkpoints go there, and the run's files are written in a local scratch
+directory and copied there as they are written (``storage.RunUpload``).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from .cli import ArgumentParser, check_launch, markdown_table, run_main, setup_logging, worker_range
 from .config import ConfigError, load_config, parse_override
 from .core.methods import METHODS
 from .data import DATASETS
+from .storage import RunUpload, download_run, is_uri
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
                    help="CPUs reserved per Ray Train worker (default: the cluster's CPUs split evenly over the workers)")
     p.add_argument("--max-failures", type=int, default=3, help="restarts of the worker group after a failure")
     p.add_argument("--data-dir", help="where the dataset lives")
-    p.add_argument("--out", help="run directory (default: runs/<dataset>-<method>)")
+    p.add_argument("--out", help="run directory (default: runs/<dataset>-<method>), or a URI: s3://BUCKET/PATH")
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set methods.atcd.T=2 (repeatable)")
@@ -67,28 +71,34 @@ def main(argv: list[str] | None = None) -> int:
                           "(with --workers 0 a visible GPU is used anyway)")
     cfg = load_config(args.dataset, args.recipe, overrides_from(args))
     check_launch(cfg, max(args.workers[1], 1))
-    out = Path(args.out or f"runs/{cfg.dataset}-{cfg.train.method}")
-    from .trainer import check_launcher, check_resumable
+    uri = args.out if is_uri(args.out) else None
+    with tempfile.TemporaryDirectory(prefix="atcd-run-") as copy:
+        # A run on object storage is checked, and trained in-process, in a local copy of its files.
+        out = download_run(uri, Path(copy)) if uri else Path(args.out or f"runs/{cfg.dataset}-{cfg.train.method}")
+        from .trainer import check_launcher, check_resumable
 
-    check_resumable(out, cfg)
-    check_launcher(out, "ray" if ray_workers else "in-process")  # the first file of a new run
-    setup_logging()
-    if ray_workers:
-        from .distributed import fit_distributed
-        from .trainer import read_summary
+        check_resumable(out, cfg)
+        check_launcher(out, "ray" if ray_workers else "in-process")  # the first file of a new run
+        publish = RunUpload(out, uri) if uri else None
+        if publish:
+            publish()
+        setup_logging()
+        if ray_workers:
+            from .distributed import fit_distributed
+            from .trainer import read_summary
 
-        fit_distributed(cfg, out, args.workers, args.gpu, args.cpus_per_worker, args.max_failures,
-                        progress=not args.quiet)
-        summary = read_summary(out)
-    else:
-        from .trainer import fit  # torch-heavy imports only once the config is known to be good
+            fit_distributed(cfg, uri or out, args.workers, args.gpu, args.cpus_per_worker, args.max_failures,
+                            progress=not args.quiet)
+            summary = read_summary(download_run(uri, out) if uri else out)
+        else:
+            from .trainer import fit  # torch-heavy imports only once the config is known to be good
 
-        summary = fit(cfg, out, progress=not args.quiet)
+            summary = fit(cfg, out, progress=not args.quiet, publish=publish)
     robust = summary["robust_acc"]  # in the order of eval.attacks (summary.json sorts its keys)
     row = {"method": summary["method"], "clean": summary["clean_acc"], **{a: robust[a] for a in cfg.eval.attacks},
            "train s": f"{summary['train_seconds']:.0f}"}
     print(markdown_table([row], list(row)))
-    print(f"summary: {out / 'summary.json'}")
+    print(f"summary: {uri + '/summary.json' if uri else out / 'summary.json'}")
     return 0
 
 

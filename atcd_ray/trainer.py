@@ -5,8 +5,9 @@ Writes into ``out_dir``: ``last.safetensors`` every epoch (the one it replaces k
 ``select_best = robust_val``, and ``summary.json`` at the end. Rerunning with the same ``out_dir``
 and config resumes from ``last.safetensors``. When the group validates apart from training
 (``train.val_async`` under Ray), ``validate_checkpoint`` validates each epoch's checkpoint in a
-task of its own, records it in ``validation.jsonl`` and writes ``best.safetensors``; metrics.jsonl
-takes the validations in as they come, and the run waits for the last one before its test.
+task of its own, records it in ``validation.jsonl`` and writes ``best.safetensors``;
+metrics.jsonl takes in the validations done by each epoch's end (``read_history`` merges them on
+reading), and the run waits for the last one before its test.
 
 Crash consistency: every file is written whole or not at all (``write_atomic``: temporary file,
 fsync, rename, directory fsync). The epoch's metrics record is committed inside its checkpoint
@@ -27,6 +28,7 @@ import random
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -101,6 +103,7 @@ def write_history(out: Path, history: list[dict]) -> None:
 
 
 VALIDATIONS = "validation.jsonl"
+VALIDATION_WRITES = (f".{VALIDATIONS}.", ".best.safetensors.")  # temporary files of validate_checkpoint
 
 
 def read_validations(out: Path) -> dict[int, dict]:
@@ -161,10 +164,10 @@ def check_same_config(path: Path, old: dict, cfg: Config) -> None:
                       "resume with the same config or use a fresh --out directory")
 
 
-# Keys that change how often a run checkpoints or reports, or where it validates, not what it
-# trains: a resume may change them.
-OPERATIONAL_KEYS = ("checkpoint_steps", "preemption_check_steps", "progress_seconds", "val_async", "val_cpus",
-                    "val_gpus")
+# Keys that change how often a run checkpoints or reports, or what its validation task gets, not
+# what it trains: a resume may change them. Not train.val_async: the validation between epochs
+# draws PGD's random starts from the training stream, and the two keep their best differently.
+OPERATIONAL_KEYS = ("checkpoint_steps", "preemption_check_steps", "progress_seconds", "val_cpus", "val_gpus")
 
 
 def _without_operational(config: dict) -> dict:
@@ -183,17 +186,19 @@ def validation_accuracy(cfg: Config, model: torch.nn.Module, splits, device: tor
     return evaluate(model, splits.val, attacks, device, cfg.eval.amp, channels_last=cfg.train.channels_last)
 
 
-def validate_checkpoint(cfg: Config, checkpoint_file: Path, out: Path, device: torch.device) -> dict:
+def validate_checkpoint(cfg: Config, checkpoint_file: Path, out: Path, device: torch.device, splits=None) -> dict:
     """An epoch's validation apart from training (a Ray task under ``train.val_async``), on the
     checkpoint the workers wrote after it: its record goes into DIR/validation.jsonl and
     TensorBoard, and its weights into best.safetensors when it beats the earlier epochs (under
     ``select_best = robust_val``). Ray runs these one at a time, in epoch order, so the files see
     no concurrent writer. The attack's draws are seeded from (seed, epoch): rerunning a
-    validation gives the same record. Returns the epoch's whole record, validation included."""
+    validation gives the same record, which replaces the first; TensorBoard gets an epoch once.
+    ``splits``: ``build_splits_of``'s, when the caller keeps them between validations. Returns
+    the epoch's whole record, validation included."""
     started = time.time()
     ckpt = Checkpoint(checkpoint_file)
     epoch = ckpt.meta["epoch"]
-    splits = build_splits_of(cfg, device)
+    splits = splits or build_splits_of(cfg, device)
     model = model_for(cfg, splits.spec).to(device, memory_format=_memory_format(cfg.train.channels_last))
     model.load_state_dict(ckpt.model_state())
     with torch.random.fork_rng(devices=[]):
@@ -203,16 +208,19 @@ def validate_checkpoint(cfg: Config, checkpoint_file: Path, out: Path, device: t
               "val_started_at": started, "val_finished_at": time.time()}
     record["val_seconds"] = record["val_finished_at"] - started
     validated = read_validations(out)
+    repeated = epoch in validated
     best = max((r["val_robust_acc"] for e, r in validated.items() if e < epoch), default=-1.0)
     if cfg.train.select_best == "robust_val" and record["val_robust_acc"] > best:
         save_checkpoint(out / "best.safetensors", model, cfg.to_dict(), {"epoch": epoch, "val": val})
+    if not repeated:  # before the record: a kill in between may repeat a point, never lose one
+        from torch.utils.tensorboard import SummaryWriter
+
+        # A directory of its own: TensorBoard's loaders follow one growing events file per directory.
+        with SummaryWriter(str(out / "tb" / "validation")) as writer:
+            for key in ("val_clean_acc", "val_robust_acc"):
+                writer.add_scalar(TensorBoard.SCALARS[key], record[key], epoch)
     validated[epoch] = record
     write_text_atomic(out / VALIDATIONS, "".join(json.dumps(validated[e]) + "\n" for e in sorted(validated)))
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(out / "tb"), filename_suffix=".validation") as writer:  # beside rank 0's events
-        for key in ("val_clean_acc", "val_robust_acc"):
-            writer.add_scalar(TensorBoard.SCALARS[key], record[key], epoch)
     trained = ckpt.meta.get("history") or [{}]  # an epoch's checkpoint: its history ends with the epoch
     return {**trained[-1], **record}
 
@@ -312,6 +320,12 @@ class Group:
         every rank at the same steps (every ``train.preemption_check_steps``)."""
         return False
 
+    def share_weights(self, model: torch.nn.Module) -> None:
+        """Rank 0's weights (and buffers) on every rank."""
+        if self.world_size > 1:
+            for tensor in model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+
     def sum(self, values: list[float]) -> list[float]:
         if self.world_size == 1:
             return values
@@ -406,10 +420,13 @@ def _mean_over_ranks(group: Group, accuracy: dict[str, float], n: int) -> dict[s
 
 
 def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.device | None = None,
-        group: Group | None = None) -> dict:
+        group: Group | None = None, publish: Callable[[], None] | None = None) -> dict:
+    """Train and test; returns summary.json's contents. ``publish``: called on rank 0 whenever the
+    run directory's files have changed (a storage.RunUpload copies them to object storage)."""
     group = group or Group()
     code = provenance()  # now, not at the end: the checkout may move while the run trains
     rank, lead = group.rank, group.rank == 0
+    publish = publish if lead and publish is not None else lambda: None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = device or default_device()
@@ -433,7 +450,8 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     best_path = out / "best.safetensors"
     if lead:
         for orphan in out.glob(".*.tmp"):  # a write a kill interrupted; the file it was for is whole
-            orphan.unlink()
+            if not orphan.name.startswith(VALIDATION_WRITES):  # a validation task may be writing these now
+                orphan.unlink()
     meta = _resume(group.restore_dir(out), cfg, model, optimizer, method, group)
     check_not_diverged(out)
     start_epoch = meta.get("epoch", 0)
@@ -481,6 +499,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         progress.stretches = stretches
         record = {"epoch": epoch, "step_in_epoch": progress.steps, "train_seconds": train_seconds + progress.seconds}
         group.report(record, save_state(epoch, progress))
+        publish()
 
     def checkpoint_now(steps: int) -> bool:
         nonlocal notices
@@ -506,6 +525,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         except NonFiniteError as err:  # no checkpoint of this epoch: the last good one stays
             if lead:
                 write_json_atomic(out / "diverged.json", {"error": str(err)})
+                publish()
             raise
         stats["images_per_second"] = group.sum([stats["images_per_second"]])[0]
         train_seconds += stats["epoch_seconds"]
@@ -531,6 +551,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         if lead:
             write_history(out, history)
             board.epoch(record)
+            publish()
         group.report(record, own, validate=group.validates_async)
         if lead:
             log.info("epoch %d/%d  %s", epoch + 1, t.epochs, "  ".join(
@@ -550,7 +571,9 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         if lead:
             write_history(out, history)
     chosen = best_path if t.select_best == "robust_val" and best_path.exists() else out / "last.safetensors"
-    model.load_state_dict(Checkpoint(chosen).model_state())
+    if lead:
+        model.load_state_dict(Checkpoint(chosen).model_state())
+    group.share_weights(model)  # every rank tests rank 0's choice, without reading rank 0's files
     start = time.perf_counter()
     attacks = {name: build_attack(name, cfg.eps) for name in cfg.eval.attacks}
     test = _mean_over_ranks(group, evaluate(model, splits.test, attacks, device, cfg.eval.amp, progress and lead,
@@ -572,6 +595,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     if lead:
         board.close(summary)
         write_json_atomic(out / "summary.json", summary)
+        publish()
     return summary
 
 

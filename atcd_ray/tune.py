@@ -27,6 +27,7 @@ import yaml
 
 from .cli import ArgumentParser, check_launch, markdown_table, run_main, setup_logging, worker_range
 from .config import ConfigError, load_config, parse_override
+from .storage import is_uri
 
 log = logging.getLogger("atcd_ray.tune")
 
@@ -242,7 +243,8 @@ def _trial(config: dict, study: Study, sizing: Sizing, sweep_dir: str) -> None:
     run_dir = Path(sweep_dir) / "runs" / tune.get_context().get_trial_id()
     report = ReportObjective()
     # Under train.val_async an epoch's record reaches Tune from its validation task, through the
-    # queue Ray's callback puts reports in (a private attribute of it: tests/test_tune.py checks it).
+    # queue Ray's callback puts reports in (a private attribute of it: tests/test_async_validation.py
+    # fails if the records stop arriving).
     forward = ForwardToTune(report._training_actor_item_queue, study.metric) if cfg.train.val_async else None
     fit_distributed(cfg, run_dir, sizing.workers, sizing.gpu, sizing.cpus_per_worker, sizing.max_failures,
                     callbacks=[report], on_validated=forward)
@@ -315,7 +317,14 @@ def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None =
     resume = resume and existing  # --resume on a fresh directory starts the sweep (a retried job)
     init_ray()
     resources = ray.cluster_resources()
-    concurrent = max_concurrent or sizing.concurrent_trials(resources.get("CPU", 0), resources.get("GPU", 0))
+    concurrent = max_concurrent
+    if not max_concurrent or any(sizing.validation):
+        fits = sizing.concurrent_trials(resources.get("CPU", 0), resources.get("GPU", 0))
+        if (max_concurrent or 0) > fits:  # trials filling the cluster would wait at their ends, forever,
+            # for validation tasks with no room to start
+            raise ConfigError(f"--max-concurrent {max_concurrent}: with train.val_async at most {fits} trials "
+                              "fit beside their validation tasks on this cluster")
+        concurrent = max_concurrent or fits
     trainable = tune.with_parameters(_trial, study=study, sizing=sizing, sweep_dir=str(out))
     # The trial function only waits on its TorchTrainer, whose workers reserve the CPUs and GPUs.
     # Tune refuses an empty request, so the function reserves a token 1 MiB of memory, no CPU.
@@ -423,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [(k, v) for k, v in flags.items() if v is not None] + [parse_override(s) for s in args.set]
     study = load_study(args.space, overrides)
     check_launch(study.config(overrides), args.workers[1])  # before any trial starts
+    if is_uri(args.out):
+        raise ConfigError(f"--out {args.out}: a sweep's directory is a local or shared path; a URI is for one run "
+                          "(python -m atcd_ray.train --out s3://...)")
     out = Path(args.out or f"runs/sweeps/{study.study}")
     setup_logging()
     sizing = Sizing(overrides, args.workers, args.gpu, args.cpus_per_worker, args.max_failures,

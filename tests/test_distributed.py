@@ -118,8 +118,8 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes(tmp_path):
         while not (registered.exists() and list(out.glob("checkpoint_*/rank1.safetensors"))):
             assert proc.poll() is None and time.time() < deadline, "the run ended before its first epoch"
             time.sleep(0.5)
-        workers = sorted(p.pid for p in psutil.process_iter(["cmdline"])
-                         if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []))
+        workers = sorted(p.pid for p in psutil.Process(proc.pid).children(recursive=True)  # this run's only
+                         if "ray::RayTrainWorker" in " ".join(p.cmdline()))
         assert len(workers) == 2
         os.kill(workers[-1], signal.SIGKILL)
         log, _ = proc.communicate(timeout=800)

@@ -69,3 +69,82 @@ def test_a_missing_or_malformed_uri_is_one_clear_error(s3_env, capsys):
     assert run_main(evaluate.main, ["s3://runs/models/x.safetensors?bogus=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: s3://runs/models/x.safetensors?bogus=1: cannot be read") and err.count("\n") == 1
+
+
+def _objects(uri):
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
+    found = filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {info.path[len(root) + 1:] for info in found if info.type == pyarrow.fs.FileType.File}
+
+
+def _read(uri):
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+    with filesystem.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+@pytest.mark.timeout(900)
+def test_a_run_on_s3_survives_a_worker_kill_resumes_and_reports(s3_env, tmp_path):
+    """--out s3://...: Ray's checkpoints and the run's files (checkpoints, metrics, summary,
+    TensorBoard) go to the bucket; a killed worker's group restarts from Ray's checkpoint there;
+    the report reads the run from the bucket and puts its files beside it."""
+    import signal
+    import time
+
+    import psutil
+
+    uri = "s3://runs/train/digits-pgd"
+    env = {**os.environ, **s3_env}
+    cmd = [sys.executable, "-m", "atcd_ray.train", "digits", "--method", "pgd", "--workers", "1", "--epochs", "3",
+           "--eval-n", "100", "--seed", "1", "--out", uri, "--set", "eval.attacks=[pgd10]", "--set", "train.val_n=64",
+           "--set", "data.batch_size=32", "--set", "train.select_best=robust_val", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    try:
+        deadline = time.time() + 600
+        while not ({"checkpoint_manager_snapshot.json", "metrics.jsonl"} <= _objects(uri)):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first epoch"
+            time.sleep(1)
+        (worker,) = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)  # this run's, no other's
+                     if "ray::RayTrainWorker" in " ".join(p.cmdline())]
+        os.kill(worker, signal.SIGKILL)
+        log, _ = proc.communicate(timeout=800)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log[-4000:]
+    assert "resuming from" in log, "the restarted group resumes from Ray's checkpoint in the bucket"
+    assert not list(tmp_path.iterdir()), "nothing of the run is left on the local disk"
+    objects = _objects(uri)
+    assert {"summary.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "launch.json"} <= objects
+    assert any(o.startswith("tb/events.out.tfevents") for o in objects)
+    assert any(o.startswith("checkpoint_") for o in objects)  # Ray's own, in its storage path
+    summary = json.loads(_read(f"{uri}/summary.json"))
+    assert summary["epochs"] == 3 and summary["checkpoint"] == "best.safetensors"
+    assert [json.loads(line)["epoch"] for line in _read(f"{uri}/metrics.jsonl").splitlines()] == [1, 2, 3]
+
+    report = subprocess.run([sys.executable, "-m", "atcd_ray.report", uri, "--eval-n", "20", "--steps", "1,5",
+                             "--eps-scales", "1"], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert {"report/report.md", "report/curves.png"} <= _objects(uri)
+    assert "pgd on digits" in _read(f"{uri}/report/report.md")
+
+
+@pytest.mark.timeout(600)
+def test_an_in_process_run_on_s3_resumes_from_the_bucket(s3_env, tmp_path):
+    uri = "s3://runs/train/digits-natural"
+    env = {**os.environ, **s3_env}
+    cmd = [sys.executable, "-m", "atcd_ray.train", "digits", "--method", "natural", "--workers", "0", "--eval-n", "50",
+           "--out", uri, "--set", "eval.attacks=[pgd10]", "--set", "train.val_n=32", "--quiet"]
+    first = subprocess.run([*cmd, "--epochs", "1"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"summary: {uri}/summary.json" in first.stdout
+    assert {"summary.json", "metrics.jsonl", "last.safetensors", "launch.json"} <= _objects(uri)
+    # The same run again: resumed from the bucket's checkpoint, nothing trained twice.
+    again = subprocess.run([*cmd, "--epochs", "1"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0 and "resuming from" in again.stderr and "after epoch 1" in again.stderr, again.stderr
+    assert [json.loads(line)["epoch"] for line in _read(f"{uri}/metrics.jsonl").splitlines()] == [1]
+    # Its config is checked against the bucket's checkpoint, like a local run's
+    other = subprocess.run([*cmd, "--epochs", "1", "--seed", "5"], env=env, capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+    assert other.returncode == 2 and "seed: 0 there, 5 here" in other.stderr, other.stderr
+    assert not list(tmp_path.iterdir())

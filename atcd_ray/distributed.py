@@ -20,6 +20,7 @@ validations a restart interrupted; the workers train on meanwhile.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -129,7 +130,11 @@ def _worker(config: dict) -> None:
     group = RayGroup(config["validates_async"])
     out, publish = config["out"], None
     if is_uri(out):  # the run's files are written here and copied there (rank 0)
-        out = Path(tempfile.mkdtemp(prefix="atcd-run-"))
+        # One scratch directory per run and rank, emptied on start: a killed worker's is reused.
+        digest = hashlib.sha1(out.encode()).hexdigest()[:12]
+        out = Path(tempfile.gettempdir()) / f"atcd-run-{digest}-rank{group.rank}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
         if group.rank == 0:
             download_run(config["out"], out)
             publish = RunUpload(out, config["out"])

@@ -16,6 +16,7 @@ directory and copied there as they are written (``storage.RunUpload``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.dataset, args.recipe, overrides_from(args))
     check_launch(cfg, max(args.workers[1], 1))
     uri = args.out if is_uri(args.out) else None
-    with tempfile.TemporaryDirectory(prefix="atcd-run-") as copy:
+    with tempfile.TemporaryDirectory(prefix="atcd-run-") if uri else contextlib.nullcontext() as copy:
         # A run on object storage is checked, and trained in-process, in a local copy of its files.
         out = download_run(uri, Path(copy)) if uri else Path(args.out or f"runs/{cfg.dataset}-{cfg.train.method}")
         from .trainer import check_launcher, check_resumable

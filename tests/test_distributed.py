@@ -164,6 +164,26 @@ def _wait_for(url, seconds=120):
     raise AssertionError(f"{url} did not answer")
 
 
+def _stop_head(temp_dir: str) -> list:
+    """Stop the Ray head started with ``--temp-dir temp_dir`` and nothing else: ``ray stop`` would
+    stop every Ray on the machine. Its processes name the directory on their command lines; its
+    workers are their children."""
+    head = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    processes = set(head)
+    for process in head:
+        try:
+            processes.update(process.children(recursive=True))
+        except psutil.Error:
+            pass
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(processes), timeout=30)
+    return alive + [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+
+
 @pytest.mark.timeout(900)
 def test_ray_job_submit_trains_two_workers_and_writes_tensorboard(tmp_path):
     env = _env()
@@ -184,8 +204,9 @@ def test_ray_job_submit_trains_two_workers_and_writes_tensorboard(tmp_path):
              "--quiet"], env=env, capture_output=True, text=True, timeout=800)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        left = _stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not left, left
     summary = json.loads((out / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["epochs"] == 2 and 0 <= summary["robust_acc"]["pgd10"] <= summary["clean_acc"]
     checkpoints = sorted(p for p in out.glob("checkpoint_*") if p.is_dir())

@@ -9,11 +9,10 @@ def load_model(checkpoint):
     a path, or a URI such as ``s3://bucket/run/best.safetensors`` (``atcd_ray.storage``)."""
     import tempfile
 
-    from .core.checkpoint import Checkpoint
-    from .storage import local_copy
+    from .storage import local_copy, read_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:  # a remote file is copied here, read whole, dropped
-        return model_of(Checkpoint(local_copy(checkpoint, tmp)), checkpoint)
+        return model_of(read_checkpoint(local_copy(checkpoint, tmp), checkpoint), checkpoint)
 
 
 def model_of(ckpt, name) -> "torch.nn.Module":  # noqa: F821 - torch is imported lazily

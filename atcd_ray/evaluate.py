@@ -36,9 +36,9 @@ from . import __version__, model_of
 from .cli import ArgumentParser, markdown_table, run_main
 from .config import ConfigError, config_from_dict
 from .core.attacks import build_attack
-from .core.checkpoint import Checkpoint, CheckpointError, write_text_atomic
+from .core.checkpoint import CheckpointError, write_text_atomic
 from .data import DATASETS, DataError, build_splits
-from .storage import is_uri, local_copy
+from .storage import is_uri, local_copy, read_checkpoint
 
 
 MASKING_MARGIN = 0.03
@@ -98,7 +98,7 @@ class BatchEvaluator:
             local = local_copy(spec.checkpoint, tmp)
             if file_sha256(local) != spec.checkpoint_sha256:  # replaced since the evaluation began
                 raise CheckpointError(f"{spec.checkpoint} changed during the evaluation (sha256 differs)")
-            checkpoint = Checkpoint(local)
+            checkpoint = read_checkpoint(local, spec.checkpoint)
         self.device = torch.device(spec.device)
         self.model = model_of(checkpoint, spec.checkpoint).to(self.device)
         self.attacks = {name: build_attack(name, spec.eps, spec.alpha) for name in spec.attacks}
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate_checkpoint(args: argparse.Namespace, local: Path) -> int:
     """``local``: the checkpoint's file here (``args.checkpoint`` may be a URI)."""
-    ckpt = Checkpoint(local)
+    ckpt = read_checkpoint(local, args.checkpoint)
     cfg = config_from_dict(ckpt.config)
     dataset = args.dataset or cfg.dataset
     if dataset not in DATASETS:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .core.checkpoint import CheckpointError
+from .core.checkpoint import Checkpoint, CheckpointError
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -37,6 +37,14 @@ def local_copy(source: str | Path, directory: str | Path) -> Path:
     if not is_file:
         raise FileNotFoundError(f"{source}: no such file")
     return target
+
+
+def read_checkpoint(local: Path, source: str | Path) -> Checkpoint:
+    """``Checkpoint(local)``, its errors naming ``source`` (the URI ``local`` was copied from), not the copy."""
+    try:
+        return Checkpoint(local)
+    except CheckpointError as err:
+        raise CheckpointError(str(err).replace(str(local), str(source))) from None
 
 
 def _filesystem(uri: str):

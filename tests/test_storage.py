@@ -13,7 +13,7 @@ import atcd_ray
 from atcd_ray import evaluate
 from atcd_ray.cli import run_main
 from atcd_ray.config import load_config
-from atcd_ray.core.checkpoint import save_checkpoint
+from atcd_ray.core.checkpoint import CheckpointError, save_checkpoint
 from atcd_ray.core.models import build_model
 
 
@@ -63,12 +63,20 @@ def test_load_model_and_evaluate_read_a_checkpoint_from_s3(s3_env, trained_digit
     assert "(its checkpoint_sha256 differ)" in capsys.readouterr().err
 
 
-def test_a_missing_or_malformed_uri_is_one_clear_error(s3_env, capsys):
+def test_a_missing_or_malformed_uri_is_one_clear_error(s3_env, capsys, tmp_path):
     assert run_main(evaluate.main, ["s3://runs/models/none.safetensors"]) == 2
     assert "s3://runs/models/none.safetensors: no such file" in capsys.readouterr().err
     assert run_main(evaluate.main, ["s3://runs/models/x.safetensors?bogus=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: s3://runs/models/x.safetensors?bogus=1: cannot be read") and err.count("\n") == 1
+    torn = tmp_path / "torn.safetensors"  # an object that is no checkpoint: the error names it, not a local copy
+    torn.write_bytes(b"\x10not a checkpoint")
+    upload(torn, "s3://runs/models/torn.safetensors")
+    assert run_main(evaluate.main, ["s3://runs/models/torn.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: s3://runs/models/torn.safetensors is not a readable safetensors checkpoint"), err
+    with pytest.raises(CheckpointError, match="^s3://runs/models/torn.safetensors is not a readable"):
+        atcd_ray.load_model("s3://runs/models/torn.safetensors")
 
 
 def _objects(uri):

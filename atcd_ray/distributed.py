@@ -21,6 +21,7 @@ validations a restart interrupted; the workers train on meanwhile.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -93,8 +94,7 @@ class EpochValidator:
     into the checkpoint's."""
 
     def __init__(self, cfg: Config, out: Path, on_validated=None):
-        self.cfg, self.out, self.on_validated = cfg.to_dict(), str(out), on_validated
-        self.cfg_json = cfg.to_json()
+        self.cfg, self.out, self.on_validated = cfg.to_json(), str(out), on_validated
 
     def __call__(self, checkpoint: ray.train.Checkpoint, **_) -> dict:
         import torch
@@ -102,10 +102,10 @@ class EpochValidator:
         from .cli import setup_logging
 
         setup_logging()
-        cfg = config_from_dict(self.cfg)
+        cfg = config_from_dict(json.loads(self.cfg))
         torch.set_num_threads(max(1, int(cfg.train.val_cpus)))
         device = torch.device("cuda" if cfg.train.val_gpus > 0 else "cpu")
-        key = (self.cfg_json, str(device))
+        key = (self.cfg, str(device))
         if key not in _VALIDATION_SPLITS:  # tasks reuse their worker process: load the data once there
             _VALIDATION_SPLITS.clear()
             _VALIDATION_SPLITS[key] = build_splits_of(cfg, device)
@@ -212,12 +212,12 @@ def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, 
     validation = None
     if val_async:
         check_room_for_validation(cfg, high, cpus_per_worker, gpu)
-        # "DEFAULT": outside any placement group; in a Tune trial the task would otherwise fall into
-        # the trial's (which holds no CPU: tune.run_sweep) and could never be scheduled.
         if gpu and not cfg.train.val_gpus:
             log.warning("train.val_async: the workers have GPUs and the validation task none (train.val_gpus=0): "
                         "it validates on %g CPUs, and the run waits for it at the end", cfg.train.val_cpus)
         # retry_exceptions: a validation is seeded and its writes idempotent, so a rerun is safe.
+        # "DEFAULT": outside any placement group; in a Tune trial the task would otherwise fall into
+        # the trial's (which holds no CPU: tune.run_sweep) and could never be scheduled.
         validation = ValidationConfig(EpochValidator(cfg, out, on_validated), ray_remote_kwargs={
             "num_cpus": cfg.train.val_cpus, "num_gpus": cfg.train.val_gpus, "max_retries": 3,
             "retry_exceptions": True, "scheduling_strategy": "DEFAULT"})

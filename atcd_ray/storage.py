@@ -93,7 +93,8 @@ class RunUpload:
         files = [p for p in self.directory.rglob("*") if p.is_file() and not p.name.startswith(".")]
         for path in sorted(files, key=lambda p: (p.suffix != ".safetensors", p.name == "summary.json", str(p))):
             relative = path.relative_to(self.directory).as_posix()
-            stamp = (path.stat().st_size, path.stat().st_mtime_ns)
+            stat = path.stat()
+            stamp = (stat.st_size, stat.st_mtime_ns)
             if _run_file(relative) and self.sent.get(relative) != stamp:
                 pyarrow.fs.copy_files(str(path), f"{root}/{relative}", source_filesystem=pyarrow.fs.LocalFileSystem(),
                                       destination_filesystem=filesystem)

@@ -31,9 +31,8 @@ from .cli import ArgumentParser, check_launch, run_main, setup_logging
 from .config import ConfigError, load_config
 from .core.methods import METHODS
 from .core.models import MODELS
-from .storage import is_uri
-from .tune import (OBJECTIVE, Sizing, Study, _check, check_keys, read_spec, results_table, run_sweep,
-                   validation_resources)
+from .tune import (OBJECTIVE, Sizing, Study, _check, check_keys, check_not_uri, read_spec, results_table,
+                   run_sweep, validation_resources)
 
 log = logging.getLogger("atcd_ray.study")
 
@@ -211,9 +210,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     spec = load_budget_study(args.spec)
-    if is_uri(args.out):
-        raise ConfigError(f"--out {args.out}: a sweep's directory is a local or shared path; a URI is for one run "
-                          "(python -m atcd_ray.train --out s3://...)")
+    check_not_uri(args.out)
     out = Path(args.out or f"runs/{spec.study}").resolve()
     setup_logging()
     out.mkdir(parents=True, exist_ok=True)

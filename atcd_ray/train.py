@@ -25,7 +25,7 @@ from .cli import ArgumentParser, check_launch, markdown_table, run_main, setup_l
 from .config import ConfigError, load_config, parse_override
 from .core.methods import METHODS
 from .data import DATASETS
-from .storage import RunUpload, download_run, is_uri
+from .storage import RunUpload, download_run, is_uri, local_copy
 
 
 def parser() -> argparse.ArgumentParser:
@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
             fit_distributed(cfg, uri or out, args.workers, args.gpu, args.cpus_per_worker, args.max_failures,
                             progress=not args.quiet)
-            summary = read_summary(download_run(uri, out) if uri else out)
+            if uri:  # the summary only: the rest of the run stays in the bucket
+                local_copy(f"{uri}/summary.json", out)
+            summary = read_summary(out)
         else:
             from .trainer import fit  # torch-heavy imports only once the config is known to be good
 

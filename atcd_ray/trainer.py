@@ -564,11 +564,11 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
 
     if group.validates_async:  # the best checkpoint and the records need every validation
         group.wait_for_validations()
-        history = with_validations(out, history)
-        missing = [r["epoch"] for r in history if "val_robust_acc" not in r]
-        if missing:  # a failed validation task (Ray logged why): the choice is among the others
-            log.warning("epochs %s have no validation; best.safetensors is chosen among the others", missing)
-        if lead:
+        if lead:  # the other ranks test rank 0's choice (share_weights) and write nothing
+            history = with_validations(out, history)
+            missing = [r["epoch"] for r in history if "val_robust_acc" not in r]
+            if missing:  # a failed validation task (Ray logged why): the choice is among the others
+                log.warning("epochs %s have no validation; best.safetensors is chosen among the others", missing)
             write_history(out, history)
     chosen = best_path if t.select_best == "robust_val" and best_path.exists() else out / "last.safetensors"
     if lead:

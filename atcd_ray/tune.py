@@ -264,6 +264,13 @@ class ForwardToTune:
         self.queue.put({**record, OBJECTIVE: objective(record, self.weights)})
 
 
+def check_not_uri(out: str | None) -> None:
+    """A sweep's directory (its trials' run directories with it) is a local or shared path."""
+    if is_uri(out):
+        raise ConfigError(f"--out {out}: a sweep's directory is a local or shared path; a URI is for one run "
+                          "(python -m atcd_ray.train --out s3://...)")
+
+
 def validation_resources(cfg) -> tuple[float, float]:
     """(CPUs, GPUs) a trial's validation task takes beside its workers: none unless train.val_async."""
     return (cfg.train.val_cpus, cfg.train.val_gpus) if cfg.train.val_async else (0.0, 0.0)
@@ -379,7 +386,8 @@ def results_table(grid, study: Study, out: Path) -> list[dict]:
         last = history[-1] if history else {}
         row.update({OBJECTIVE: (result.metrics or {}).get(OBJECTIVE), "val_clean_acc": last.get("val_clean_acc"),
                     "val_robust_acc": last.get("val_robust_acc"),
-                    "best_val_robust_acc": max((h["val_robust_acc"] for h in history if "val_robust_acc" in h), default=None),
+                    "best_val_robust_acc": max((h["val_robust_acc"] for h in history if "val_robust_acc" in h),
+                                               default=None),
                     "train_seconds": last.get("train_seconds")})
         if summary:
             row["test_clean_acc"] = summary["clean_acc"]
@@ -432,9 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [(k, v) for k, v in flags.items() if v is not None] + [parse_override(s) for s in args.set]
     study = load_study(args.space, overrides)
     check_launch(study.config(overrides), args.workers[1])  # before any trial starts
-    if is_uri(args.out):
-        raise ConfigError(f"--out {args.out}: a sweep's directory is a local or shared path; a URI is for one run "
-                          "(python -m atcd_ray.train --out s3://...)")
+    check_not_uri(args.out)
     out = Path(args.out or f"runs/sweeps/{study.study}")
     setup_logging()
     sizing = Sizing(overrides, args.workers, args.gpu, args.cpus_per_worker, args.max_failures,

@@ -85,10 +85,11 @@ def eval_split(spec: EvalSpec, loader_workers: int):
 
 class BatchEvaluator:
     """The checkpoint's model, the test split and the attacks, loaded once (in this process or
-    in a Ray actor); ``results(batches)`` evaluates the given batches of the split."""
+    in a Ray actor); ``results(batches)`` evaluates the given batches of the split. ``test``: the
+    split, where the caller has it already (in this process)."""
 
-    def __init__(self, spec: EvalSpec):
-        self.spec, self.model = spec, None  # loaded by the first batch: its errors are a task's, with their cause
+    def __init__(self, spec: EvalSpec, test=None):
+        self.spec, self.test, self.model = spec, test, None  # loaded by the first batch: its errors are a task's
 
     def _load(self) -> None:
         import torch
@@ -102,7 +103,8 @@ class BatchEvaluator:
         self.device = torch.device(spec.device)
         self.model = model_of(checkpoint, spec.checkpoint).to(self.device)
         self.attacks = {name: build_attack(name, spec.eps, spec.alpha) for name in spec.attacks}
-        self.test = eval_split(spec, config_from_dict(checkpoint.config).data.loader_workers)
+        if self.test is None:
+            self.test = eval_split(spec, config_from_dict(checkpoint.config).data.loader_workers)
 
     def results(self, batches: list[int]):
         """Per batch of ``batches`` (ascending): its index and, per column, one '1' or '0' per
@@ -179,9 +181,10 @@ class Parts:
         return {name: "".join(bits) for name, bits in merged.items()}
 
 
-def run_batches(spec: EvalSpec, parts: Parts, workers: int) -> int:
-    """Evaluate the batches ``parts`` lacks, in this process (``workers`` 0) or on Ray actors;
-    each batch is saved as it arrives. Returns how many batches were computed."""
+def run_batches(spec: EvalSpec, parts: Parts, workers: int, test=None) -> int:
+    """Evaluate the batches ``parts`` lacks, in this process (``workers`` 0, on ``test`` where
+    given) or on Ray actors (each loads the split); each batch is saved as it arrives. Returns
+    how many batches were computed."""
     pending = parts.pending()
     done, start = 0, time.perf_counter()
 
@@ -196,7 +199,7 @@ def run_batches(spec: EvalSpec, parts: Parts, workers: int) -> int:
     if not pending:
         return 0
     if workers == 0:
-        for result in BatchEvaluator(spec).results(pending):
+        for result in BatchEvaluator(spec, test).results(pending):
             saved(result)
         return done
     import ray
@@ -326,14 +329,15 @@ def evaluate_checkpoint(args: argparse.Namespace, local: Path) -> int:
                     dataset=dataset, data_dir=absolute(data_dir), attacks=tuple(attacks),
                     eps=eps, alpha=args.alpha, eval_n=args.eval_n, batch_size=args.batch_size, seed=args.seed,
                     device="cuda" if args.gpu else "cpu")
-    n = eval_split(spec, cfg.data.loader_workers).num_examples
+    test = eval_split(spec, cfg.data.loader_workers)
+    n = test.num_examples
     key = hashlib.sha256(json.dumps(spec.identity(), sort_keys=True).encode()).hexdigest()[:12]
     beside = Path.cwd() if is_uri(args.checkpoint) else Path(args.checkpoint).parent
     parts_dir = Path(args.parts_dir or (f"{args.json}.parts" if args.json else beside / f"evaluate-{key}.parts"))
     versions, produced_by = attack_versions(attacks), provenance()  # provenance runs git: once
     parts = Parts(parts_dir, spec, num_examples=n, code={"commit": produced_by["commit"], "attacks": versions})
     start = time.perf_counter()
-    computed = run_batches(spec, parts, args.workers)
+    computed = run_batches(spec, parts, args.workers, test)
     correct = parts.merged()
     accuracy = {name: bits.count("1") / n for name, bits in correct.items()}
     result = {"checkpoint": str(args.checkpoint), "dataset": dataset, "eps": eps, "method": cfg.train.method,

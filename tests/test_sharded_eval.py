@@ -96,6 +96,14 @@ def test_an_interrupted_evaluation_computes_only_the_batches_it_lacks(checkpoint
     assert resumed["correct"] == fresh["correct"] and resumed["robust_acc"] == fresh["robust_acc"]
 
 
+def test_an_evaluation_in_this_process_loads_the_test_split_once(checkpoint, tmp_path, monkeypatch):
+    loads = []
+    load = evaluate.eval_split
+    monkeypatch.setattr(evaluate, "eval_split", lambda *args: loads.append(args) or load(*args))
+    assert evaluated(checkpoint, tmp_path / "once.json", "--attacks", "fgsm")["n"] == 64
+    assert len(loads) == 1  # the driver counts its examples on the split the evaluation then runs on
+
+
 def test_stored_batches_of_another_evaluation_are_refused(checkpoint, tmp_path, capsys):
     out = tmp_path / "r.json"
     evaluated(checkpoint, out, "--attacks", "fgsm")

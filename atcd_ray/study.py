@@ -11,8 +11,8 @@ knobs (and the knobs every method shares), each trial spending the budget on the
 the trial with the best validation robust accuracy wins, the test split plays no part. Natural
 training is the one-run reference, at the recipe's settings. The winners are trained again on
 the whole training set, ``final_seeds`` seeds per budget, one run at a time in this process so
-that their wall seconds compare, and tested on the whole test set, plus AutoAttack on the first
-``autoattack_n`` test images. Everything resumes: a finished sweep, run or evaluation is not
+that their wall seconds compare, and tested on the whole test set; then every run gets AutoAttack
+on the first ``autoattack_n`` test images. Everything resumes: a finished sweep, run or evaluation is not
 redone, an interrupted one continues (rerun the same command).
 """
 from __future__ import annotations
@@ -163,8 +163,10 @@ def winner(spec: BudgetStudy, out: Path, model: str, budget: float, method: str)
 
 
 def run_final(spec: BudgetStudy, out: Path) -> None:
-    """Each winner (and the reference) on the whole training set, then its AutoAttack images."""
-    winners = {}
+    """Each winner (and the reference) on the whole training set, then the AutoAttack images of
+    every run: all the training first, so that nothing else (an evaluation, another job beside it,
+    since the evaluations can share the machine) need run while wall seconds are being measured."""
+    winners, runs = {}, []
     for model, budget, i in spec.cells():
         for method in [spec.reference, *spec.methods]:
             reference = method == spec.reference
@@ -172,25 +174,26 @@ def run_final(spec: BudgetStudy, out: Path) -> None:
             winners[f"{model}/budget{budget:g}/{method}"] = chosen
             for seed_index in range(spec.final_seeds[i]):
                 run = cell_dir(out, "final", model, budget, method) / f"seed{seed_index}"
+                runs.append((run, spec.autoattack_n[i]))
                 overrides = final_overrides(spec, model, budget, method, chosen["overrides"], seed_index)
                 if not (run / "summary.json").exists():
                     check_launch(load_config(spec.dataset, spec.recipe, overrides), 1)  # one line, not a traceback
                     _python("atcd_ray.train", spec.dataset, "--workers", "0", "--quiet", "--out", str(run),
                             *(["--recipe", spec.recipe] if spec.recipe else []),
                             *[a for k, v in overrides for a in ("--set", f"{k}={json.dumps(v)}")])
-                aa_json = run / "autoattack.json"
-                if spec.autoattack_n[i] and not aa_json.exists():
-                    summary = json.loads((run / "summary.json").read_text())
-                    # One single-threaded Ray actor per core, batches of 50: 1.27x faster than one
-                    # actor with every core here (docs/PERFORMANCE.md), and a killed study resumes by
-                    # batch. On a GPU machine, one process on its GPU.
-                    import torch
-
-                    device = ["--gpu"] if torch.cuda.is_available() else ["--workers", str(len(os.sched_getaffinity(0)))]
-                    _python("atcd_ray.evaluate", str(run / summary["checkpoint"]), "--attacks", "pgd20,autoattack",
-                            "--eval-n", str(spec.autoattack_n[i]), "--json", str(aa_json), "--batch-size", "50",
-                            *device)
     (out / "winners.json").write_text(json.dumps(winners, indent=2) + "\n")
+    import torch
+
+    # One single-threaded Ray actor per core, batches of 50: 1.27x faster than one actor with
+    # every core here (docs/PERFORMANCE.md), and a killed study resumes by batch. On a GPU
+    # machine, one process on its GPU.
+    device = ["--gpu"] if torch.cuda.is_available() else ["--workers", str(len(os.sched_getaffinity(0)))]
+    for run, autoattack_n in runs:
+        aa_json = run / "autoattack.json"
+        if autoattack_n and not aa_json.exists():
+            summary = json.loads((run / "summary.json").read_text())
+            _python("atcd_ray.evaluate", str(run / summary["checkpoint"]), "--attacks", "pgd20,autoattack",
+                    "--eval-n", str(autoattack_n), "--json", str(aa_json), "--batch-size", "50", *device)
 
 
 def _python(module: str, *args: str) -> None:

@@ -232,7 +232,8 @@ def test_study_report_tables_time_to_target_and_refuses_mixed_commits(tmp_path):
 
 def test_study_runs_search_and_finals_through_ray_and_resumes(tmp_path):
     """The whole driver on the digits: a 2-trial Ray Tune search of Fast-FGSM at one budget,
-    the winner and the natural reference retrained, AutoAttack on 16 images; a rerun redoes nothing."""
+    the winner and the natural reference retrained, then AutoAttack on 16 images of each; a rerun
+    redoes nothing."""
     spec = _spec_file(tmp_path, budgets=[2], final_seeds=[1], autoattack_n=[16])
     out = tmp_path / "study"
     command = [sys.executable, "-m", "atcd_ray.study", str(spec), "--out", str(out)]
@@ -250,6 +251,9 @@ def test_study_runs_search_and_finals_through_ray_and_resumes(tmp_path):
         summary = json.loads((run / "summary.json").read_text())
         assert summary["method"] == method and summary["budget"] == 2 and summary["eval_n"] == 64
         assert json.loads((run / "autoattack.json").read_text())["n"] == 16
+    # Every training ran before the first AutoAttack, so that no evaluation ran beside a run timed
+    trained = max((run / "summary.json").stat().st_mtime_ns for run in finals.values())
+    assert trained < min((run / "autoattack.json").stat().st_mtime_ns for run in finals.values())
     lr = dict(map(tuple, winners["compactcnn/budget2/fast"]["overrides"]))["optim.lr"]
     assert json.loads((finals["fast"] / "summary.json").read_text())["config"]["optim"]["lr"] == lr
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name in ("summary.json", "autoattack.json")}

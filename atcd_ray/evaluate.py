@@ -37,7 +37,7 @@ from .cli import ArgumentParser, markdown_table, run_main
 from .config import ConfigError, config_from_dict
 from .core.attacks import build_attack
 from .core.checkpoint import CheckpointError, write_text_atomic
-from .data import DATASETS, DataError, build_splits
+from .data import DATASETS, DataError, build_test_split
 from .storage import is_uri, local_copy, read_checkpoint
 
 
@@ -79,8 +79,8 @@ def batch_seed(seed: int, batch: int) -> int:
 
 
 def eval_split(spec: EvalSpec, loader_workers: int):
-    return build_splits(spec.dataset, spec.data_dir, batch_size=spec.batch_size, val_size=0, subset=None,
-                        eval_n=spec.eval_n, val_n=None, seed=spec.seed, loader_workers=loader_workers).test
+    return build_test_split(spec.dataset, spec.data_dir, batch_size=spec.batch_size, eval_n=spec.eval_n,
+                            seed=spec.seed, loader_workers=loader_workers)
 
 
 class BatchEvaluator:
@@ -315,7 +315,7 @@ def evaluate_checkpoint(args: argparse.Namespace, local: Path) -> int:
     from .data.sources import check_available
 
     data_dir = args.data_dir or cfg.data.dir
-    check_available(dataset, data_dir)
+    check_available(dataset, data_dir, test_only=True)
 
     import torch
 

@@ -195,13 +195,12 @@ def attack_curves(checkpoint: Path, cache: Path, eval_n: int, steps: list[int], 
     from .core.attacks import build_attack
     from .core.checkpoint import Checkpoint
     from .core.engine import evaluate
-    from .data import build_splits
+    from .data import build_test_split
 
     cfg = config_from_dict(Checkpoint(checkpoint).config)
     torch.manual_seed(0)
     model = load_model(checkpoint)
-    test = build_splits(cfg.dataset, cfg.data.dir, cfg.eval.batch_size, 0, None, eval_n, None, 0,
-                        cfg.data.loader_workers).test
+    test = build_test_split(cfg.dataset, cfg.data.dir, cfg.eval.batch_size, eval_n, 0, cfg.data.loader_workers)
     attacks = {f"steps={k}": build_attack(f"pgd{k}", cfg.eps) for k in steps}
     attacks |= {f"eps_scale={s}": build_attack("pgd20", cfg.eps * s) for s in eps_scales}
     acc = evaluate(model, test, attacks, torch.device("cpu"))

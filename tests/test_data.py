@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from atcd_ray.data import DataError, TensorBatches, build_splits, split_indices
+from atcd_ray.data import DataError, TensorBatches, build_splits, build_test_split, split_indices
 from atcd_ray.data.sources import FASHION_MNIST_DIR, read_idx
 
 
@@ -124,6 +124,31 @@ def test_imagenet_folder(tmp_path):
     assert len(splits.train) == 15 // 4 and splits.val.num_examples == 3 and splits.test.num_examples == 18
     xt, _ = next(iter(splits.test))
     assert xt.shape == (4, 3, 224, 224)
+
+
+def test_the_test_split_alone_reads_no_training_data(tmp_path):
+    """What an evaluation loads: the same examples as build_splits' test split, from a directory
+    that holds the test files only (so nothing of the training set is read)."""
+    from atcd_ray.data.sources import check_available
+
+    write_mnist_like(tmp_path / "both")
+    both = build_splits("fashion-mnist", str(tmp_path / "both"), 32, 50, None, 60, None, 0).test
+    (tmp_path / "test").mkdir()
+    for f in (tmp_path / "both").glob("t10k-*"):
+        f.rename(tmp_path / "test" / f.name)
+    alone = build_test_split("fashion-mnist", str(tmp_path / "test"), 32, 60)
+    assert torch.equal(alone.images, both.images) and torch.equal(alone.labels, both.labels)
+    with pytest.raises(DataError):  # positive control: the whole splits need the training files
+        build_splits("fashion-mnist", str(tmp_path / "test"), 32, 50, None, 60, None, 0)
+    make_image_folder(tmp_path / "imagenet")
+    whole = build_splits("imagenet", str(tmp_path / "imagenet"), 4, 3, None, 10, None, 0, loader_workers=0).test
+    (tmp_path / "imagenet" / "train").rename(tmp_path / "train-elsewhere")
+    check_available("imagenet", str(tmp_path / "imagenet"), test_only=True)
+    with pytest.raises(DataError, match="ImageFolder"):
+        check_available("imagenet", str(tmp_path / "imagenet"))
+    test = build_test_split("imagenet", str(tmp_path / "imagenet"), 4, 10, loader_workers=0)
+    assert test.num_examples == whole.num_examples == 10
+    assert all(torch.equal(a, b) for (xa, ya), (xb, yb) in zip(test, whole) for a, b in ((xa, xb), (ya, yb)))
 
 
 def test_imagenet_missing_tree(tmp_path):

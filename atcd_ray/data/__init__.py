@@ -14,7 +14,8 @@ import torch
 from .batches import FolderBatches, Sharded, TensorBatches
 from .sources import IN_MEMORY, DataError, beton_files, imagenet_folder
 
-__all__ = ["DATASETS", "DatasetSpec", "DataError", "Sharded", "Splits", "TensorBatches", "build_splits"]
+__all__ = ["DATASETS", "DatasetSpec", "DataError", "Sharded", "Splits", "TensorBatches", "build_splits",
+           "build_test_split"]
 
 
 @dataclass(frozen=True)
@@ -85,16 +86,14 @@ def build_splits(dataset: str, data_dir: str | None, batch_size: int, val_size: 
         train_folder = imagenet_folder(data_dir, train=True)
         train_idx, val_idx = split_indices(len(train_folder), val_size)
         val_folder = imagenet_folder(data_dir, train=True)  # own copy: it gets the evaluation transform
-        test_folder = imagenet_folder(data_dir, train=False)
-        test_idx = torch.arange(len(test_folder))
         make = lambda folder, idx, train: FolderBatches(  # noqa: E731
             folder, idx.tolist(), batch_size, train, spec.image_size, loader_workers, seed,
             pin_memory=pin_memory and device is not None and torch.device(device).type == "cuda")
         return Splits(make(train_folder, train_idx[:subset], True), make(val_folder, val_idx[:val_n], False),
-                      make(test_folder, test_idx[:eval_n], False), spec)
+                      build_test_split(dataset, data_dir, batch_size, eval_n, seed, loader_workers, device,
+                                       pin_memory), spec)
 
     images, labels = IN_MEMORY[dataset](data_dir, train=True)
-    test_images, test_labels = IN_MEMORY[dataset](data_dir, train=False)
     train_idx, val_idx = split_indices(len(labels), val_size)
     train_idx, val_idx = train_idx[:subset], val_idx[:val_n]
     if len(train_idx) < batch_size:
@@ -103,6 +102,21 @@ def build_splits(dataset: str, data_dir: str | None, batch_size: int, val_size: 
         TensorBatches(images[train_idx], labels[train_idx], batch_size, shuffle=True, drop_last=True,
                       seed=seed, augment=spec.augment),
         TensorBatches(images[val_idx], labels[val_idx], batch_size),
-        TensorBatches(test_images[:eval_n], test_labels[:eval_n], batch_size),
+        build_test_split(dataset, data_dir, batch_size, eval_n, seed),
         spec,
     )
+
+
+def build_test_split(dataset: str, data_dir: str | None, batch_size: int, eval_n: int | None, seed: int = 0,
+                     loader_workers: int = 4, device: torch.device | None = None, pin_memory: bool = True) -> Sharded:
+    """The first ``eval_n`` test examples (all: None), in order, from the data directory (not
+    FFCV); nothing of the training set is read: an evaluation needs none of it (on ImageNet that
+    saves a scan of 1.28M files)."""
+    spec = DATASETS[dataset]
+    if dataset == "imagenet":
+        test_folder = imagenet_folder(data_dir, train=False)
+        return FolderBatches(test_folder, list(range(len(test_folder)))[:eval_n], batch_size, False, spec.image_size,
+                             loader_workers, seed,
+                             pin_memory=pin_memory and device is not None and torch.device(device).type == "cuda")
+    test_images, test_labels = IN_MEMORY[dataset](data_dir, train=False)
+    return TensorBatches(test_images[:eval_n], test_labels[:eval_n], batch_size)

@@ -131,15 +131,17 @@ def beton_files(directory: str, dataset: str) -> tuple[Path, Path]:
     return files
 
 
-def check_available(dataset: str, data_dir: str | None, ffcv_dir: str | None = None) -> None:
-    """Raise DataError now if the dataset is missing, before workers are started to read it."""
+def check_available(dataset: str, data_dir: str | None, ffcv_dir: str | None = None, test_only: bool = False) -> None:
+    """Raise DataError now if the dataset is missing, before workers are started to read it.
+    ``test_only``: an evaluation's check (its test split is all it reads)."""
     if ffcv_dir is not None:
         if importlib.util.find_spec("ffcv") is None:
             raise DataError("data.ffcv_dir is set but FFCV is not installed: install the ffcv extra "
                             "(scripts/setup.sh) or leave data.ffcv_dir unset")
         beton_files(ffcv_dir, dataset)
     if dataset == "imagenet":
-        imagenet_folder(data_dir, train=True)
+        if not test_only:
+            imagenet_folder(data_dir, train=True)
         imagenet_folder(data_dir, train=False)
     else:
         IN_MEMORY[dataset](data_dir, train=False)

@@ -12,12 +12,14 @@ the trial with the best validation robust accuracy wins, the test split plays no
 training is the one-run reference, at the recipe's settings. The winners are trained again on
 the whole training set, ``final_seeds`` seeds per budget, one run at a time in this process so
 that their wall seconds compare, and tested on the whole test set; then every run gets AutoAttack
-on the first ``autoattack_n`` test images. Everything resumes: a finished sweep, run or evaluation is not
+on the first ``autoattack_n`` test images (``--stage autoattack`` alone: on a GPU machine, where
+neither Ray nor the search's results need be). Everything resumes: a finished sweep, run or evaluation is not
 redone, an interrupted one continues (rerun the same command).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import logging
 import os
@@ -162,11 +164,18 @@ def winner(spec: BudgetStudy, out: Path, model: str, budget: float, method: str)
     return {"trial_id": best["trial_id"], "params": params, "overrides": overrides, OBJECTIVE: best[OBJECTIVE]}
 
 
+def final_runs(spec: BudgetStudy, out: Path) -> list[tuple[Path, int]]:
+    """Every final run of the study, in order: (its directory, its AutoAttack images)."""
+    return [(cell_dir(out, "final", model, budget, method) / f"seed{seed_index}", spec.autoattack_n[i])
+            for model, budget, i in spec.cells() for method in [spec.reference, *spec.methods]
+            for seed_index in range(spec.final_seeds[i])]
+
+
 def run_final(spec: BudgetStudy, out: Path) -> None:
     """Each winner (and the reference) on the whole training set, then the AutoAttack images of
     every run: all the training first, so that nothing else (an evaluation, another job beside it,
     since the evaluations can share the machine) need run while wall seconds are being measured."""
-    winners, runs = {}, []
+    winners = {}
     for model, budget, i in spec.cells():
         for method in [spec.reference, *spec.methods]:
             reference = method == spec.reference
@@ -174,7 +183,6 @@ def run_final(spec: BudgetStudy, out: Path) -> None:
             winners[f"{model}/budget{budget:g}/{method}"] = chosen
             for seed_index in range(spec.final_seeds[i]):
                 run = cell_dir(out, "final", model, budget, method) / f"seed{seed_index}"
-                runs.append((run, spec.autoattack_n[i]))
                 overrides = final_overrides(spec, model, budget, method, chosen["overrides"], seed_index)
                 if not (run / "summary.json").exists():
                     check_launch(load_config(spec.dataset, spec.recipe, overrides), 1)  # one line, not a traceback
@@ -182,18 +190,32 @@ def run_final(spec: BudgetStudy, out: Path) -> None:
                             *(["--recipe", spec.recipe] if spec.recipe else []),
                             *[a for k, v in overrides for a in ("--set", f"{k}={json.dumps(v)}")])
     (out / "winners.json").write_text(json.dumps(winners, indent=2) + "\n")
+    run_autoattack(spec, out)
+
+
+def run_autoattack(spec: BudgetStudy, out: Path, jobs: int = 1, data_dir: str | None = None) -> None:
+    """AutoAttack (and PGD-20, on the same images) on every trained final run that lacks it. On
+    the CPU one run at a time, its batches over one single-threaded Ray actor per core in batches
+    of 50 (1.27x faster than one actor with every core here, docs/PERFORMANCE.md; a killed study
+    resumes by batch); on a GPU machine ``jobs`` runs at once, each in its own process on the GPU
+    in batches of 500 (AutoAttack's small networks leave an H100 mostly idle one at a time).
+    Needs neither Ray on a GPU nor the search's results: ``--stage autoattack`` runs this alone."""
     import torch
 
-    # One single-threaded Ray actor per core, batches of 50: 1.27x faster than one actor with
-    # every core here (docs/PERFORMANCE.md), and a killed study resumes by batch. On a GPU
-    # machine, one process on its GPU.
-    device = ["--gpu"] if torch.cuda.is_available() else ["--workers", str(len(os.sched_getaffinity(0)))]
-    for run, autoattack_n in runs:
+    gpu = torch.cuda.is_available()
+    device = ["--gpu", "--batch-size", "500"] if gpu else \
+        ["--workers", str(len(os.sched_getaffinity(0))), "--batch-size", "50"]
+    commands = []
+    for run, autoattack_n in final_runs(spec, out):
         aa_json = run / "autoattack.json"
-        if autoattack_n and not aa_json.exists():
+        if autoattack_n and (run / "summary.json").exists() and not aa_json.exists():
             summary = json.loads((run / "summary.json").read_text())
-            _python("atcd_ray.evaluate", str(run / summary["checkpoint"]), "--attacks", "pgd20,autoattack",
-                    "--eval-n", str(autoattack_n), "--json", str(aa_json), "--batch-size", "50", *device)
+            commands.append([str(run / summary["checkpoint"]), "--attacks", "pgd20,autoattack", "--eval-n",
+                             str(autoattack_n), "--json", str(aa_json), *device,
+                             *(["--data-dir", data_dir] if data_dir else [])])
+    with concurrent.futures.ThreadPoolExecutor(jobs if gpu else 1) as pool:
+        for done in concurrent.futures.as_completed([pool.submit(_python, "atcd_ray.evaluate", *c) for c in commands]):
+            done.result()  # the first failure ends the stage (the others finish first); a rerun resumes
 
 
 def _python(module: str, *args: str) -> None:
@@ -205,8 +227,11 @@ def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m atcd_ray.study", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", help="budget study YAML (tune_spaces/fashion-mnist_budget.yaml)")
-    p.add_argument("--stage", choices=["search", "final", "all"], default="all")
+    p.add_argument("--stage", choices=["search", "final", "all", "autoattack"], default="all",
+                   help="autoattack: only the AutoAttack of the final runs trained so far (no Ray on a GPU machine)")
     p.add_argument("--out", help="study directory (default: runs/<study>)")
+    p.add_argument("--jobs", type=int, default=1, help="--stage autoattack on a GPU: runs evaluated at once")
+    p.add_argument("--data-dir", help="--stage autoattack: the test data's directory (default: the checkpoints')")
     return p
 
 
@@ -225,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         run_search(spec, out)
     if args.stage in ("final", "all"):
         run_final(spec, out)
+    if args.stage == "autoattack":
+        if args.jobs < 1:
+            raise ConfigError("--jobs must be >= 1")
+        run_autoattack(spec, out, args.jobs, args.data_dir)
     print(f"study: {out}; python -m atcd_ray.report {out}")
     return 0
 

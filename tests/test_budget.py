@@ -280,3 +280,82 @@ def test_the_winner_is_the_best_completed_trial_never_a_diverged_one(tmp_path):
     (sweep / "done.json").write_text("{}")
     best = winner(spec, tmp_path / "study", "compactcnn", 2, "fast")
     assert best["trial_id"] == "t2" and best["overrides"] == [("optim.lr", 0.05), ("methods.fast.alpha_factor", 0.9)]
+
+
+def test_weights_only_copy_holds_the_model_and_config_and_loads(tmp_path):
+    from atcd_ray import load_model
+    from atcd_ray.core.checkpoint import Checkpoint, save_checkpoint, save_weights_only
+
+    cfg = load_config("fashion-mnist", overrides=[("model", "compactcnn")])
+    model = build_model("compactcnn", in_channels=1, num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(2, 1, 28, 28)).sum().backward()
+    optimizer.step()  # momentum buffers: optimizer state as large as the model
+    full = save_checkpoint(tmp_path / "last.safetensors", model, cfg.to_dict(), meta={"epoch": 3},
+                           optimizer=optimizer, rng_state=torch.get_rng_state())
+    slim = save_weights_only(full, tmp_path / "weights.safetensors")
+    original, copy = Checkpoint(full), Checkpoint(slim)
+    assert copy.config == original.config and copy.meta == original.meta
+    assert set(copy.tensors) == {k for k in original.tensors if k.startswith("model.")}
+    assert slim.stat().st_size < 0.6 * full.stat().st_size
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(load_model(slim)(x), load_model(full)(x))
+
+
+def test_gpu_autoattack_stages_runs_evaluates_them_alone_and_collects(tmp_path, monkeypatch):
+    """scripts/gpu_autoattack.py and --stage autoattack, as on a GPU machine without Ray: the
+    staged runs are weights-only copies; the stage evaluates each run lacking autoattack.json,
+    `--jobs` at a time, on the staged test files alone; collect brings each result back, naming
+    the checkpoint it was copied from."""
+    import importlib.util
+
+    from atcd_ray import evaluate, study
+    from atcd_ray.core.checkpoint import save_checkpoint
+
+    loaded = importlib.util.spec_from_file_location("gpu_autoattack", ROOT / "scripts" / "gpu_autoattack.py")
+    gpu_autoattack = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(gpu_autoattack)
+    spec_file = _spec_file(tmp_path, dataset="fashion-mnist", budgets=[2], final_seeds=[1], autoattack_n=[8])
+    spec = load_budget_study(spec_file)
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "budget_study.json").write_text(json.dumps(vars(spec), indent=2) + "\n")
+    cfg = load_config("fashion-mnist", overrides=[("model", "compactcnn")])
+    for method in ("natural", "fast"):
+        run = out / "final" / "compactcnn" / "budget2" / method / "seed0"
+        run.mkdir(parents=True)
+        torch.manual_seed(len(method))
+        save_checkpoint(run / "last.safetensors", build_model("compactcnn", in_channels=1, num_classes=10),
+                        cfg.to_dict())
+        (run / "summary.json").write_text(json.dumps({"checkpoint": "last.safetensors", "method": method}))
+    (out / "final" / "compactcnn" / "budget2" / "natural" / "seed0" / "autoattack.json").write_text("{}")
+    staged = tmp_path / "stage"
+    assert gpu_autoattack.main(["stage", str(out), str(staged)]) == 0
+    assert sorted(p.parent.parent.name for p in staged.glob("final/*/*/*/seed0/weights.safetensors")) == ["fast"]
+    assert sorted(p.name for p in (staged / "data").iterdir()) == ["t10k-images-idx3-ubyte.gz",
+                                                                    "t10k-labels-idx1-ubyte.gz"]
+
+    # The GPU machine, played on the CPU: study passes --gpu (CUDA is there), and the evaluation
+    # runs in this process with the staged packages' versions recorded.
+    commands = []
+
+    def evaluate_here(module, *args):
+        assert module == "atcd_ray.evaluate" and "--gpu" in args and "--workers" not in args
+        commands.append(args)
+        assert evaluate.main([a for a in args if a != "--gpu"] + ["--workers", "0"]) == 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(study, "_python", evaluate_here)
+    study.main([str(spec_file), "--stage", "autoattack", "--out", str(staged), "--jobs", "2",
+                "--data-dir", str(staged / "data")])
+    assert len(commands) == 1 and commands[0][commands[0].index("--eval-n") + 1] == "8"
+    result = json.loads((staged / "final/compactcnn/budget2/fast/seed0/autoattack.json").read_text())
+    assert result["n"] == 8 and set(result["robust_acc"]) == {"pgd20", "autoattack"}
+
+    assert gpu_autoattack.main(["collect", str(staged), str(out)]) == 0
+    back = json.loads((out / "final/compactcnn/budget2/fast/seed0/autoattack.json").read_text())
+    source = out / "final/compactcnn/budget2/fast/seed0/last.safetensors"
+    assert back["evaluated_copy_of"] == {"checkpoint": str(source.resolve()), "sha256": evaluate.file_sha256(source)}
+    assert back["correct"] == result["correct"] and back["staged_code"]["commit"] == provenance()["commit"]
+    with pytest.raises(SystemExit, match="exists; not replaced"):
+        gpu_autoattack.main(["collect", str(staged), str(out)])

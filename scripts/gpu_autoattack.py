@@ -1,0 +1,115 @@
+"""A budget study's AutoAttack on a GPU machine that shares no filesystem with this one and has
+no Ray: what this project's lent GPU machines are (their own torch; at most 64 MiB travels).
+
+    python scripts/gpu_autoattack.py stage runs/fashion-mnist-budget data/aa-stage
+    # on the GPU machine, from the repository root (data/aa-stage travels with the tree):
+    PYTHONPATH=data/aa-stage/site python3 -m atcd_ray.study tune_spaces/fashion-mnist_budget.yaml \\
+        --stage autoattack --out data/aa-stage --jobs 6 --data-dir data/aa-stage/data
+    # back here, with data/aa-stage as it came back:
+    python scripts/gpu_autoattack.py collect data/aa-stage runs/fashion-mnist-budget
+
+``stage`` writes, for every final run that has a summary and no ``autoattack.json``, a
+weights-only copy of its checkpoint (``save_weights_only``: a third of the size) and its
+summary, with ``source.json`` naming the checkpoint it was copied from and that file's sha256;
+beside them the study's spec record, the test files of the dataset (IDX datasets only:
+Fashion-MNIST, MNIST) and the pure-Python packages the evaluation needs beyond torch. ``collect``
+copies each ``autoattack.json`` back into its run, adding ``evaluated_copy_of`` (source.json):
+the weights evaluated are the run's, bit for bit, which ``stage`` checks; and ``staged_code``,
+the commit of the tree that was staged (commit first: the tree travels as it is).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from atcd_ray.core.checkpoint import Checkpoint, save_weights_only
+from atcd_ray.data.sources import FASHION_MNIST_DIR
+from atcd_ray.evaluate import file_sha256
+from atcd_ray.trainer import provenance
+
+# What atcd_ray.evaluate imports beyond torch and numpy (AutoAttack: pyautoattack; torchattacks'
+# PGD; checkpoints: safetensors; configs: PyYAML), as import name -> distribution name.
+PACKAGES = {"pyautoattack": "pyautoattack", "torchattacks": "torchattacks", "safetensors": "safetensors",
+            "yaml": "PyYAML"}
+IDX_DIRS = {"fashion-mnist": FASHION_MNIST_DIR}
+
+
+def stage(study: Path, to: Path, runs_glob: str) -> int:
+    runs = 0
+    for summary_path in sorted((study / "final").glob(f"{runs_glob}/summary.json")):
+        run = summary_path.parent
+        if (run / "autoattack.json").exists():
+            continue
+        summary = json.loads(summary_path.read_text())
+        source = run / summary["checkpoint"]
+        staged = to / run.relative_to(study)
+        staged.mkdir(parents=True, exist_ok=True)
+        save_weights_only(source, staged / "weights.safetensors")
+        original, copy = Checkpoint(source).model_state(), Checkpoint(staged / "weights.safetensors").model_state()
+        if original.keys() != copy.keys() or not all(torch.equal(original[k], copy[k]) for k in original):
+            raise RuntimeError(f"{staged}: the weights-only copy differs from {source}")
+        (staged / "summary.json").write_text(json.dumps({**summary, "checkpoint": "weights.safetensors"}, indent=2))
+        (staged / "source.json").write_text(json.dumps({"checkpoint": str(source.resolve()),
+                                                        "sha256": file_sha256(source)}, indent=2) + "\n")
+        runs += 1
+    shutil.copy(study / "budget_study.json", to / "budget_study.json")
+    # The code that will evaluate is this tree as it travels: its commit, recorded here (a copy of
+    # the tree elsewhere may carry stale git metadata, which evaluate's own provenance would read).
+    (to / "stage.json").write_text(json.dumps({"code": provenance()}, indent=2) + "\n")
+    dataset = json.loads((study / "budget_study.json").read_text())["dataset"]
+    if dataset not in IDX_DIRS:
+        raise SystemExit(f"stage: {dataset}'s test files are not IDX files; copy them to {to / 'data'} yourself")
+    (to / "data").mkdir(exist_ok=True)
+    for f in Path(IDX_DIRS[dataset]).glob("t10k-*"):
+        shutil.copy(f, to / "data" / f.name)
+    for name, distribution in PACKAGES.items():
+        module = Path(importlib.import_module(name).__file__).parent
+        shutil.copytree(module, to / "site" / name, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "examples"))  # pyautoattack's: 44 MB
+        files = importlib.metadata.distribution(distribution).files  # its dist-info: evaluate records the version
+        info = next(Path(f.locate()).parent for f in files if f.name == "METADATA")
+        shutil.copytree(info, to / "site" / info.name, dirs_exist_ok=True)
+    size = sum(f.stat().st_size for f in to.rglob("*") if f.is_file())
+    print(f"stage: {runs} runs, {size / 2**20:.1f} MiB in {to}")
+    return 0
+
+
+def collect(staged_study: Path, study: Path) -> int:
+    copied = 0
+    for aa_json in sorted((staged_study / "final").glob("*/*/*/seed*/autoattack.json")):
+        target = study / aa_json.parent.relative_to(staged_study) / "autoattack.json"
+        if target.exists():
+            raise SystemExit(f"collect: {target} exists; not replaced")
+        result = json.loads(aa_json.read_text())
+        result["evaluated_copy_of"] = json.loads((aa_json.parent / "source.json").read_text())
+        result["staged_code"] = json.loads((staged_study / "stage.json").read_text())["code"]
+        target.write_text(json.dumps(result, indent=2) + "\n")
+        copied += 1
+    print(f"collect: {copied} AutoAttack results into {study}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, first, second in [("stage", "study", "to"), ("collect", "staged_study", "study")]:
+        command = sub.add_parser(name)
+        command.add_argument(first, type=Path)
+        command.add_argument(second, type=Path)
+        if name == "stage":  # 36 runs of the Fashion-MNIST study come to about 61 MiB of the 64 that travel
+            command.add_argument("--runs", default="*/*/*/seed*",
+                                 help="which final runs, as MODEL/budgetB/METHOD/seedS (default: all)")
+    args = p.parse_args(argv)
+    if args.command == "stage":
+        return stage(args.study, args.to, args.runs)
+    return collect(args.staged_study, args.study)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -138,3 +138,20 @@ def test_fixed_capacity_equals_rejected_rows_until_it_overflows():
     torch.testing.assert_close(fitting[1], counted[1], rtol=1e-4, atol=1e-7)
     assert fitting[2].sum().item() == 0 and overflowing[2].sum().item() == 1
     assert not torch.allclose(overflowing[0], counted[0])
+
+
+def test_rerun_defaults_to_rows_on_the_cpu_and_batch_on_cuda():
+    """mh_rerun unset: the row re-run on the CPU, where its bookkeeping costs nothing measurable;
+    the whole minibatch on CUDA, where the bookkeeping costs more than the forward it saves."""
+    from types import SimpleNamespace
+
+    model = build_model("preactresnet18", 10, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    default = ATCD(model, optimizer, EPS, ATCDOptions())
+    assert default._rerun_mode(torch.zeros(1)) == "rows"
+    assert default._rerun_mode(SimpleNamespace(is_cuda=True)) == "batch"
+    for chosen in ("rows", "batch"):  # an explicit choice holds on both
+        method = ATCD(model, optimizer, EPS, ATCDOptions(mh_rerun=chosen))
+        assert {method._rerun_mode(x) for x in (torch.zeros(1), SimpleNamespace(is_cuda=True))} == {chosen}
+    with pytest.raises(ValueError, match="mh_rerun must be one of"):
+        ATCDOptions(mh_rerun="some").validate()

@@ -56,7 +56,10 @@ class ATCDOptions:
     # After an M-H rejection the update needs the logits at the reverted rows. "rows": run only
     # those rows again (BatchNorm layers normalise them with the proposal forward's statistics);
     # "batch": run the whole corrected minibatch again (exact with BatchNorm, one more forward).
-    mh_rerun: str = "rows"
+    # None: "batch" on CUDA, where the row re-run's bookkeeping costs more than the forward it
+    # saves (1.4-1.9x the bare loop in bf16 on an H100 against 1.1-1.2x), "rows" on the CPU, where
+    # it costs nothing measurable (docs/PERFORMANCE.md).
+    mh_rerun: str | None = None
     # Rows re-run per replay, as a fraction of the minibatch. None: exactly the rejected rows on
     # the CPU, 1/4 of the minibatch on CUDA, where reading how many were rejected would make the
     # step wait for the GPU; rejected rows beyond it train at their proposal (mh_rerun_overflow).
@@ -75,8 +78,8 @@ class ATCDOptions:
             raise ValueError("init must be one of: carry, uniform")
         if self.cd_target not in ("cached", "exact"):
             raise ValueError("cd_target must be one of: cached, exact")
-        if self.mh_rerun not in ("rows", "batch"):
-            raise ValueError("mh_rerun must be one of: rows, batch")
+        if self.mh_rerun not in (None, "rows", "batch"):
+            raise ValueError("mh_rerun must be one of: rows, batch (or null: batch on CUDA, rows on the CPU)")
         if self.rerun_capacity is not None and not 0 < self.rerun_capacity <= 1:
             raise ValueError("rerun_capacity must be in (0, 1] (or null)")
 
@@ -158,7 +161,7 @@ class ATCD(Method):
         """The update's forward at the proposal (through DDP). Its logits give H_new; with
         mh_rerun = rows, BatchNorm inputs are kept for re-running rejected rows."""
         x_adv = (x + proposal.delta).detach().requires_grad_(self.options.reuse_grad)
-        recording = self.options.mh and self.options.mh_rerun == "rows"
+        recording = self.options.mh and self._rerun_mode(x) == "rows"
         with self.batch_stats.record() if recording else contextlib.nullcontext():
             return x_adv, self.loss_model(x_adv)
 
@@ -183,7 +186,7 @@ class ATCD(Method):
         normalised by the proposal forward's batch statistics (core/batchnorm.py; the deviation
         from the exact re-run is bounded in tests/test_methods.py). Returns (logits, overflow):
         rejected rows left at their proposal for want of capacity, or None when there is none."""
-        if self.options.mh_rerun == "batch":
+        if self._rerun_mode(x_adv) == "batch":
             return self.loss_model(x_adv + shift), None
         capacity = self.options.rerun_capacity or (0.25 if rejected.is_cuda else None)
         rejected_first = torch.argsort(rejected.to(torch.uint8), descending=True, stable=True)
@@ -196,6 +199,9 @@ class ATCD(Method):
             rerun = self.loss_model(x_adv[rows] + shift[rows])
         # Rows re-run only to fill the capacity were accepted: they keep the proposal's logits.
         return logits.index_put((rows,), torch.where(rejected[rows, None], rerun, logits[rows])), overflow
+
+    def _rerun_mode(self, x):
+        return self.options.mh_rerun or ("batch" if x.is_cuda else "rows")
 
     def _update(self, x_adv, logits, y):
         """Stage 2, lines 11-13: one optimiser step on CE at the corrected chain; w~ <- w.

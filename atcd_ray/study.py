@@ -215,7 +215,7 @@ def run_autoattack(spec: BudgetStudy, out: Path, jobs: int = 1, data_dir: str | 
                              *(["--data-dir", data_dir] if data_dir else [])])
     with concurrent.futures.ThreadPoolExecutor(jobs if gpu else 1) as pool:
         for done in concurrent.futures.as_completed([pool.submit(_python, "atcd_ray.evaluate", *c) for c in commands]):
-            done.result()  # the first failure ends the stage (the others finish first); a rerun resumes
+            done.result()  # a failure fails the stage once the others have run; a rerun retries it
 
 
 def _python(module: str, *args: str) -> None:

@@ -213,9 +213,23 @@ def run_autoattack(spec: BudgetStudy, out: Path, jobs: int = 1, data_dir: str | 
             commands.append([str(run / summary["checkpoint"]), "--attacks", "pgd20,autoattack", "--eval-n",
                              str(autoattack_n), "--json", str(aa_json), *device,
                              *(["--data-dir", data_dir] if data_dir else [])])
-    with concurrent.futures.ThreadPoolExecutor(jobs if gpu else 1) as pool:
-        for done in concurrent.futures.as_completed([pool.submit(_python, "atcd_ray.evaluate", *c) for c in commands]):
-            done.result()  # a failure fails the stage once the others have run; a rerun retries it
+    if not gpu or jobs == 1:
+        for command in commands:  # the first failure (or Ctrl-C) stops the stage; a rerun resumes
+            _python("atcd_ray.evaluate", *command)
+        return
+    failed = []
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(_python, "atcd_ray.evaluate", *c): c[c.index("--json") + 1] for c in commands}
+        try:
+            for done in concurrent.futures.as_completed(futures):
+                if done.exception() is not None:
+                    failed.append(f"{futures[done]}: {done.exception()}")
+                    pool.shutdown(wait=False, cancel_futures=True)  # the running ones finish; no new one starts
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    if failed:
+        raise RuntimeError("AutoAttack failed for " + "; ".join(failed) + " (rerun to retry)")
 
 
 def _python(module: str, *args: str) -> None:
@@ -237,6 +251,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.stage != "autoattack" and (args.jobs != 1 or args.data_dir):
+        raise ConfigError("--jobs and --data-dir belong to --stage autoattack")
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be >= 1")
     spec = load_budget_study(args.spec)
     check_not_uri(args.out)
     out = Path(args.out or f"runs/{spec.study}").resolve()
@@ -251,8 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("final", "all"):
         run_final(spec, out)
     if args.stage == "autoattack":
-        if args.jobs < 1:
-            raise ConfigError("--jobs must be >= 1")
         run_autoattack(spec, out, args.jobs, args.data_dir)
     print(f"study: {out}; python -m atcd_ray.report {out}")
     return 0

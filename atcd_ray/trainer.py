@@ -171,7 +171,12 @@ OPERATIONAL_KEYS = ("checkpoint_steps", "preemption_check_steps", "progress_seco
 
 
 def _without_operational(config: dict) -> dict:
-    return {**config, "train": {k: v for k, v in config.get("train", {}).items() if k not in OPERATIONAL_KEYS}}
+    """What a resume must keep: all but OPERATIONAL_KEYS, and of the methods' options only the
+    trained method's (another method's, a default changed by an upgrade say, trains nothing here)."""
+    train = config.get("train", {})
+    methods = config.get("methods", {})
+    return {**config, "train": {k: v for k, v in train.items() if k not in OPERATIONAL_KEYS},
+            "methods": {k: v for k, v in methods.items() if k == train.get("method")}}
 
 
 def build_splits_of(cfg: Config, device: torch.device):

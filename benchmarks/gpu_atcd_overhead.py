@@ -1,6 +1,7 @@
 """Where ATCD's time goes beyond its passes on a GPU: ATCD-2-2 on PreActResNet18 (batch 512) with
-its M-H correction's row re-run (the CPU default), with fewer re-run rows, with the whole batch re-run, and with
-M-H off, each beside the bare loop; then torch.profiler's top operations of one default step.
+its M-H correction's row re-run (the CPU default), with fewer re-run rows, with the whole batch
+re-run (the CUDA default), and with M-H off, each beside the bare loop; then torch.profiler's top
+operations of one step with the row re-run.
 
     python benchmarks/gpu_atcd_overhead.py --out runs/gpu-atcd-overhead     # on a CUDA machine
 """
@@ -19,7 +20,7 @@ from atcd_ray.core.models import build_model  # noqa: E402
 
 VARIANTS = {  # label: ATCD-2-2 options
     "atcd-2-2": {"mh_rerun": "rows"},  # the row re-run, a quarter of the minibatch on CUDA
-    "atcd-2-2 capacity 0.05": {"rerun_capacity": 0.05},
+    "atcd-2-2 capacity 0.05": {"mh_rerun": "rows", "rerun_capacity": 0.05},
     "atcd-2-2 mh_rerun=batch": {"mh_rerun": "batch"},
     "atcd-2-2 mh off": {"mh": False},
 }
@@ -51,7 +52,7 @@ def main(argv=None):
     size, batch, classes, eps = gt.SHAPES["preactresnet18"]
     model = build_model("preactresnet18", classes, 3, (0.5,) * 3, (0.25,) * 3).to(device, memory_format=torch.channels_last)
     method = METHODS["atcd"](model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), eps,
-                             METHODS["atcd"].Options(T=2, K=2))
+                             METHODS["atcd"].Options(T=2, K=2, mh_rerun="rows"))
     x = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (batch,), device=device)
     for _ in range(3):

@@ -336,7 +336,7 @@ def test_gpu_autoattack_stages_runs_evaluates_them_alone_and_collects(tmp_path, 
                                                                     "t10k-labels-idx1-ubyte.gz"]
 
     # The GPU machine, played on the CPU: study passes --gpu (CUDA is there), and the evaluation
-    # runs in this process with the staged packages' versions recorded.
+    # runs in this process (with this machine's packages, not the staged copies).
     commands = []
 
     def evaluate_here(module, *args):
@@ -356,6 +356,13 @@ def test_gpu_autoattack_stages_runs_evaluates_them_alone_and_collects(tmp_path, 
     back = json.loads((out / "final/compactcnn/budget2/fast/seed0/autoattack.json").read_text())
     source = out / "final/compactcnn/budget2/fast/seed0/last.safetensors"
     assert back["evaluated_copy_of"] == {"checkpoint": str(source.resolve()), "sha256": evaluate.file_sha256(source)}
-    assert back["correct"] == result["correct"] and back["staged_code"]["commit"] == provenance()["commit"]
+    assert back["correct"] == result["correct"] and back["device_provenance"] == result["provenance"]
+    assert back["provenance"]["commit"] == provenance()["commit"]  # the staged tree's, not the device's
     with pytest.raises(SystemExit, match="exists; not replaced"):
         gpu_autoattack.main(["collect", str(staged), str(out)])
+    (out / "final/compactcnn/budget2/fast/seed0/autoattack.json").unlink()
+    torch.manual_seed(99)  # the run trained again since it was staged: its result is not this one
+    save_checkpoint(source, build_model("compactcnn", in_channels=1, num_classes=10), cfg.to_dict())
+    with pytest.raises(SystemExit, match="is not the checkpoint that was staged"):
+        gpu_autoattack.main(["collect", str(staged), str(out)])
+    assert not (out / "final/compactcnn/budget2/fast/seed0/autoattack.json").exists()

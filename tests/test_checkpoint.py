@@ -1,5 +1,7 @@
 """Checkpoints: safetensors, atomic, no pickle; load_model; bit-exact resume after a crash."""
+import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +109,25 @@ def test_resume_refuses_another_config(tmp_path):
     trainer.fit(quick_config(**{"train.epochs": 1}), tmp_path, progress=False)
     with pytest.raises(ConfigError, match=r"another config \(eps: 0.1 there, 0.2 here\)"):
         trainer.fit(quick_config(**{"train.epochs": 1, "eps": 0.2}), tmp_path, progress=False)
+
+
+def test_resume_ignores_the_options_of_methods_not_trained():
+    """Another method's options changed between start and resume (a default changed by an
+    upgrade, say): the run resumes; a change to the trained method's own options is refused."""
+    cfg = quick_config()
+    started = json.loads(cfg.to_json())
+
+    def changed(method):
+        config = copy.deepcopy(started)
+        name, value = next((k, v) for k, v in config["methods"][method].items() if isinstance(v, (int, float)))
+        config["methods"][method][name] = value + 1
+        return config, name
+
+    other = next(m for m, options in started["methods"].items() if m != cfg.train.method and options)
+    trainer.check_same_config(Path("run/last.safetensors"), changed(other)[0], cfg)
+    own, name = changed(cfg.train.method)
+    with pytest.raises(ConfigError, match=rf"another config \(methods\.{cfg.train.method}\.{name}:"):
+        trainer.check_same_config(Path("run/last.safetensors"), own, cfg)
 
 
 def test_load_model_gives_eval_mode_logits(tmp_path):

@@ -88,7 +88,7 @@ def build_splits(dataset: str, data_dir: str | None, batch_size: int, val_size: 
         val_folder = imagenet_folder(data_dir, train=True)  # own copy: it gets the evaluation transform
         make = lambda folder, idx, train: FolderBatches(  # noqa: E731
             folder, idx.tolist(), batch_size, train, spec.image_size, loader_workers, seed,
-            pin_memory=pin_memory and device is not None and torch.device(device).type == "cuda")
+            pin_memory=_pins(device, pin_memory))
         return Splits(make(train_folder, train_idx[:subset], True), make(val_folder, val_idx[:val_n], False),
                       build_test_split(dataset, data_dir, batch_size, eval_n, seed, loader_workers, device,
                                        pin_memory), spec)
@@ -116,7 +116,11 @@ def build_test_split(dataset: str, data_dir: str | None, batch_size: int, eval_n
     if dataset == "imagenet":
         test_folder = imagenet_folder(data_dir, train=False)
         return FolderBatches(test_folder, list(range(len(test_folder)))[:eval_n], batch_size, False, spec.image_size,
-                             loader_workers, seed,
-                             pin_memory=pin_memory and device is not None and torch.device(device).type == "cuda")
+                             loader_workers, seed, pin_memory=_pins(device, pin_memory))
     test_images, test_labels = IN_MEMORY[dataset](data_dir, train=False)
     return TensorBatches(test_images[:eval_n], test_labels[:eval_n], batch_size)
+
+
+def _pins(device: torch.device | None, pin_memory: bool) -> bool:
+    """Whether the ImageFolder loader pins its batches: only for a CUDA device."""
+    return pin_memory and device is not None and torch.device(device).type == "cuda"

@@ -15,6 +15,12 @@ that their wall seconds compare, and tested on the whole test set; then every ru
 on the first ``autoattack_n`` test images (``--stage autoattack`` alone: on a GPU machine, where
 neither Ray nor the search's results need be). Everything resumes: a finished sweep, run or evaluation is not
 redone, an interrupted one continues (rerun the same command).
+
+``--record DIR`` keeps the study's outcome where a rerun on another machine finds it (the project
+keeps results/fashion-mnist-budget in git, since a session's machine keeps nothing): each finished
+sweep's results table, each final run's summary and a weights-only copy of its checkpoint, each
+AutoAttack result. A rerun first copies into ``--out`` what the record has and ``--out`` lacks, so
+a study resumes from the record alone, and ``python -m atcd_ray.report DIR`` reads it as a study.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -31,6 +38,7 @@ from typing import Any
 
 from .cli import ArgumentParser, check_launch, run_main, setup_logging
 from .config import ConfigError, load_config
+from .core.checkpoint import save_weights_only, write_text_atomic
 from .core.methods import METHODS
 from .core.models import MODELS
 from .tune import (OBJECTIVE, Sizing, Study, _check, check_keys, check_not_uri, read_spec, results_table,
@@ -126,7 +134,7 @@ def cell_dir(out: Path, stage: str, model: str, budget: float, method: str) -> P
     return out / stage / model / f"budget{budget:g}" / method
 
 
-def run_search(spec: BudgetStudy, out: Path) -> None:
+def run_search(spec: BudgetStudy, out: Path, record: Path | None = None) -> None:
     """Every (network, budget, method) sweep not yet done, one after the other."""
     for model, budget, _ in spec.cells():
         for method in spec.methods:
@@ -143,6 +151,7 @@ def run_search(spec: BudgetStudy, out: Path) -> None:
             if failed:
                 raise RuntimeError(f"{sweep_dir}: trials {', '.join(failed)} did not complete; rerun to retry them")
             (sweep_dir / "done.json").write_text(json.dumps({"trials": len(rows)}) + "\n")
+            save_record(out, record)
             log.info("%s: best %s = %.4f", study.study, OBJECTIVE, rows[0][OBJECTIVE])
 
 
@@ -171,7 +180,7 @@ def final_runs(spec: BudgetStudy, out: Path) -> list[tuple[Path, int]]:
             for seed_index in range(spec.final_seeds[i])]
 
 
-def run_final(spec: BudgetStudy, out: Path) -> None:
+def run_final(spec: BudgetStudy, out: Path, record: Path | None = None) -> None:
     """Each winner (and the reference) on the whole training set, then the AutoAttack images of
     every run: all the training first, so that nothing else (an evaluation, another job beside it,
     since the evaluations can share the machine) need run while wall seconds are being measured."""
@@ -189,11 +198,14 @@ def run_final(spec: BudgetStudy, out: Path) -> None:
                     _python("atcd_ray.train", spec.dataset, "--workers", "0", "--quiet", "--out", str(run),
                             *(["--recipe", spec.recipe] if spec.recipe else []),
                             *[a for k, v in overrides for a in ("--set", f"{k}={json.dumps(v)}")])
+                    save_record(out, record)
     (out / "winners.json").write_text(json.dumps(winners, indent=2) + "\n")
-    run_autoattack(spec, out)
+    save_record(out, record)
+    run_autoattack(spec, out, record=record)
 
 
-def run_autoattack(spec: BudgetStudy, out: Path, jobs: int = 1, data_dir: str | None = None) -> None:
+def run_autoattack(spec: BudgetStudy, out: Path, jobs: int = 1, data_dir: str | None = None,
+                   record: Path | None = None) -> None:
     """AutoAttack (and PGD-20, on the same images) on every trained final run that lacks it. On
     the CPU one run at a time, its batches over one single-threaded Ray actor per core in batches
     of 50 (1.27x faster than one actor with every core here, docs/PERFORMANCE.md; a killed study
@@ -216,6 +228,7 @@ def run_autoattack(spec: BudgetStudy, out: Path, jobs: int = 1, data_dir: str | 
     if not gpu or jobs == 1:
         for command in commands:  # the first failure (or Ctrl-C) stops the stage; a rerun resumes
             _python("atcd_ray.evaluate", *command)
+            save_record(out, record)
         return
     failed = []
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
@@ -228,8 +241,58 @@ def run_autoattack(spec: BudgetStudy, out: Path, jobs: int = 1, data_dir: str | 
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+    save_record(out, record)
     if failed:
         raise RuntimeError("AutoAttack failed for " + "; ".join(failed) + " (rerun to retry)")
+
+
+# What a record keeps (--record): all the report and a resumed study read, and no trial's files.
+RECORDED = ("budget_study.json", "winners.json", "search/*/*/*/done.json", "search/*/*/*/results.parquet",
+            "final/*/*/*/seed*/summary.json", "final/*/*/*/seed*/weights.safetensors",
+            "final/*/*/*/seed*/autoattack.json")
+
+
+def save_record(out: Path, record: Path | None) -> None:
+    """Copy into ``record`` what it lacks or holds older: final runs as their summary and a
+    weights-only copy of the checkpoint it names (``recorded_from``: that checkpoint), which the
+    summary then names, so that the record's runs evaluate as they are."""
+    if record is None:
+        return
+    for summary_path in sorted(out.glob("final/*/*/*/seed*/summary.json")):
+        kept = record / summary_path.relative_to(out)
+        summary = json.loads(summary_path.read_text())
+        if kept.exists() or summary["checkpoint"] == "weights.safetensors":  # recorded, or restored from one
+            continue
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        save_weights_only(summary_path.parent / summary["checkpoint"], kept.parent / "weights.safetensors")
+        write_text_atomic(kept, json.dumps({**summary, "checkpoint": "weights.safetensors",
+                                            "recorded_from": summary["checkpoint"]}, indent=2) + "\n")
+    for pattern in RECORDED:
+        if pattern.startswith("final/") and not pattern.endswith("autoattack.json"):
+            continue  # above
+        for path in sorted(out.glob(pattern)):
+            kept = record / path.relative_to(out)
+            if not kept.exists() or kept.read_bytes() != path.read_bytes():
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, kept)
+
+
+def restore_record(record: Path, out: Path) -> int:
+    """Copy into ``out`` what ``record`` has and ``out`` lacks; the number of files copied. A final
+    run comes back whole or not at all: one that ``out`` holds (trained here, or half trained and
+    resuming) is left as it is."""
+    copied = 0
+    for pattern in RECORDED:
+        for path in sorted(record.glob(pattern)):
+            target = out / path.relative_to(record)
+            summary = target.parent / "summary.json"
+            if target.exists() or (pattern.startswith("final/") and target.parent.exists() and not (
+                    summary.exists() and summary.read_bytes() == (path.parent / "summary.json").read_bytes())):
+                continue  # a final run is restored into no directory, or into one restored from this record
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            copied += 1
+    return copied
 
 
 def _python(module: str, *args: str) -> None:
@@ -244,6 +307,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=["search", "final", "all", "autoattack"], default="all",
                    help="autoattack: only the AutoAttack of the final runs trained so far (no Ray on a GPU machine)")
     p.add_argument("--out", help="study directory (default: runs/<study>)")
+    p.add_argument("--record", help="a directory that keeps the study's outcome across machines (results/STUDY in "
+                                     "git): read first, then written as the study goes")
     p.add_argument("--jobs", type=int, default=1, help="--stage autoattack on a GPU: runs evaluated at once")
     p.add_argument("--data-dir", help="--stage autoattack: the test data's directory (default: the checkpoints')")
     return p
@@ -263,13 +328,20 @@ def main(argv: list[str] | None = None) -> int:
     recorded = out / "budget_study.json"
     if recorded.exists() and json.loads(recorded.read_text()) != vars(spec):
         raise ConfigError(f"{out} holds a study with another spec; give another --out")
+    record = Path(args.record).resolve() if args.record else None
+    if record and (record / "budget_study.json").exists() and \
+            json.loads((record / "budget_study.json").read_text()) != vars(spec):
+        raise ConfigError(f"{record} records a study with another spec; give another --record")
     recorded.write_text(json.dumps(vars(spec), indent=2) + "\n")
+    if record:
+        log.info("%d files restored from %s", restore_record(record, out), record)
+        save_record(out, record)
     if args.stage in ("search", "all"):
-        run_search(spec, out)
+        run_search(spec, out, record)
     if args.stage in ("final", "all"):
-        run_final(spec, out)
+        run_final(spec, out, record)
     if args.stage == "autoattack":
-        run_autoattack(spec, out, args.jobs, args.data_dir)
+        run_autoattack(spec, out, args.jobs, args.data_dir, record)
     print(f"study: {out}; python -m atcd_ray.report {out}")
     return 0
 

@@ -3,6 +3,7 @@
 summary.json says which commit, versions, hardware, passes and budget made it; tables refuse to
 mix commits; the study's spec is checked and its report built from its runs."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -233,10 +234,11 @@ def test_study_report_tables_time_to_target_and_refuses_mixed_commits(tmp_path):
 def test_study_runs_search_and_finals_through_ray_and_resumes(tmp_path):
     """The whole driver on the digits: a 2-trial Ray Tune search of Fast-FGSM at one budget,
     the winner and the natural reference retrained, then AutoAttack on 16 images of each; a rerun
-    redoes nothing."""
+    redoes nothing; a rerun from the record alone (another machine) trains nothing again."""
     spec = _spec_file(tmp_path, budgets=[2], final_seeds=[1], autoattack_n=[16])
     out = tmp_path / "study"
-    command = [sys.executable, "-m", "atcd_ray.study", str(spec), "--out", str(out)]
+    command = [sys.executable, "-m", "atcd_ray.study", str(spec), "--out", str(out),
+               "--record", str(tmp_path / "record")]
     subprocess.run(command, check=True, env=_env(), timeout=900, capture_output=True)
     trials = list((out / "search" / "compactcnn" / "budget2" / "fast" / "runs").glob("*/summary.json"))
     assert len(trials) == 2
@@ -259,6 +261,31 @@ def test_study_runs_search_and_finals_through_ray_and_resumes(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name in ("summary.json", "autoattack.json")}
     rerun = subprocess.run(command, check=True, env=_env(), timeout=300, capture_output=True, text=True)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, rerun.stderr[-2000:]
+
+    # The record: no trial's files, each final run as its summary and a weights-only checkpoint.
+    record = tmp_path / "record"
+    assert not list(record.rglob("runs")) and (record / "search/compactcnn/budget2/fast/done.json").exists()
+    for method, run in finals.items():
+        kept = record / run.relative_to(out)
+        summary = json.loads((kept / "summary.json").read_text())
+        assert summary["checkpoint"] == "weights.safetensors" and summary["recorded_from"]
+        assert (kept / "autoattack.json").read_bytes() == (run / "autoattack.json").read_bytes()
+    # Another machine holds the record only (and one AutoAttack result is missing): the study
+    # resumes from it, trains nothing, and AutoAttack on the recorded weights gives the same result.
+    aa_kept = record / finals["fast"].relative_to(out) / "autoattack.json"
+    first = json.loads(aa_kept.read_text())
+    aa_kept.unlink()
+    shutil.rmtree(out)
+    elsewhere = subprocess.run(command, check=True, env=_env(), timeout=600, capture_output=True, text=True)
+    assert not list(out.rglob("runs")) and not list(out.rglob("metrics.jsonl")), elsewhere.stderr[-2000:]
+    assert not list(out.rglob("last.safetensors"))
+    again = json.loads(aa_kept.read_text())
+    assert (again["clean_acc"], again["robust_acc"]) == (first["clean_acc"], first["robust_acc"])
+    assert json.loads((finals["natural"] / "autoattack.json").read_text()) == \
+        json.loads((record / finals["natural"].relative_to(out) / "autoattack.json").read_text())
+    (tmp_path / "record-report").mkdir()
+    budget_study_report(record, tmp_path / "record-report")
+    assert "| fast |" in (tmp_path / "record-report" / "report.md").read_text()
 
 
 def test_the_winner_is_the_best_completed_trial_never_a_diverged_one(tmp_path):

@@ -70,6 +70,26 @@ def check_one_commit(records: list[dict], allow_mixed: bool) -> list[str] | None
     return labels
 
 
+def machine_label(summary: dict) -> str:
+    """The machine a summary's seconds were measured on: a CPU's name, generation and cores."""
+    hw = summary.get("hardware", {})
+    return f"{hw.get('cpu')}, {hw.get('cpu_id') or 'generation not recorded'}, {hw.get('cpu_count')} cores" + \
+        (f", {hw['gpu']}" if hw.get("gpu") else "")
+
+
+def check_one_machine(summaries: list[dict], allow_mixed: bool) -> bool:
+    """False when every run's seconds come from one kind of machine; True when they do not and
+    ``allow_mixed`` (the table then names each row's); otherwise a ConfigError: seconds measured
+    on two CPU generations do not compare."""
+    machines = list(dict.fromkeys(machine_label(s) for s in summaries))
+    if len(machines) <= 1:
+        return False
+    if not allow_mixed:
+        raise ConfigError(f"these runs were timed on different machines: {'; '.join(machines)}; their seconds do not "
+                          "compare: rerun them on one, or pass --allow-mixed-machines to name each row's")
+    return True
+
+
 def run_report(run: Path, out: Path, eval_n: int, steps: list[int], eps_scales: list[float]) -> list[Path]:
     from .trainer import read_history, read_summary
 
@@ -257,7 +277,7 @@ def sweep_report(sweep: Path, out: Path) -> list[Path]:
 
 
 def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, target_clean: float = 0.85,
-                        target_robust: float = 0.74) -> list[Path]:
+                        target_robust: float = 0.74, allow_mixed_machines: bool = False) -> list[Path]:
     """The study's tables and plots: the search per cell, the finals (mean over seeds), time to
     the target accuracies, and PGD-20 and AutoAttack accuracy against budget and wall seconds."""
     import pyarrow.parquet as pq
@@ -287,10 +307,15 @@ def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, t
                                          summaries, evaluations))
     records = [r for row in finals for r in row["_records"]]  # summaries and AutoAttack evaluations
     labels = check_one_commit(records, allow_mixed)
+    summaries = [s for row in finals for s in row["_summaries"]]
+    mixed_machines = check_one_machine(summaries, allow_mixed_machines)
+    machines = "; ".join(dict.fromkeys(machine_label(s) for s in summaries))
     for row in finals:
         if labels:  # mixed, and allowed: each row names the commits of its runs
             row["commit"] = ", ".join(sorted({commit_label(r) for r in row["_records"]}))
-        del row["_records"]
+        if mixed_machines:
+            row["machine"] = "; ".join(sorted({machine_label(s) for s in row["_summaries"]}))
+        del row["_records"], row["_summaries"]
     lines = [f"# Budget study {spec.study} ({spec.dataset})", "",
              f"Budgets {', '.join(f'{b:g}' for b in spec.budgets)} natural-epoch equivalents (forward+backward passes "
              f"over the training set); {spec.trials} trials per searched method, network and budget, selected by "
@@ -300,8 +325,7 @@ def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, t
         first = records[0]
         commits = ", ".join(dict.fromkeys(commit_label(r) for r in records))
         torch_version = first["provenance"].get("versions", {}).get("torch")
-        lines += [f"Finals: commit {commits}, {first['hardware']['cpu']} "
-                  f"({first['hardware']['cpu_count']} cores, torch {torch_version}); "
+        lines += [f"Finals: commit {commits}, timed on {machines} (torch {torch_version}); "
                   f"{first['train_examples']} training images, {first['eval_n']} test images.", "",
                   f"## Time to {target_robust:.0%} PGD-20 and {target_clean:.0%} clean accuracy (whole test set)", ""]
         reached = [r for r in finals if r["clean"] >= target_clean and r["pgd20"] >= target_robust]
@@ -311,7 +335,8 @@ def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, t
         lines += [markdown_table(list(fastest.values()), ["method", "network", "budget", "train s", "clean", "pgd20"])
                   if fastest else "No recipe reached both.", ""]
         columns = ["network", "budget", "method", "knobs", "passes", "epochs", "seeds", "train s", "clean", "pgd20",
-                   "tapgd20", "autoattack", "pgd20 (AA images)", "AA n", "AA seeds", *(["commit"] if labels else [])]
+                   "tapgd20", "autoattack", "pgd20 (AA images)", "AA n", "AA seeds", *(["commit"] if labels else []),
+                   *(["machine"] if mixed_machines else [])]
         lines += ["## Winners on the whole training set (mean over seeds)", "", markdown_table(finals, columns), ""]
         plt = pyplot()
         for model in spec.models:
@@ -355,7 +380,7 @@ def _final_row(model, budget, method, chosen, summaries, evaluations) -> dict:
             "autoattack": _mean([e["robust_acc"]["autoattack"] for e in evaluations]),
             "pgd20 (AA images)": _mean([e["robust_acc"]["pgd20"] for e in evaluations]),
             "AA n": evaluations[0]["n"] if evaluations else None, "AA seeds": len(evaluations),
-            "_records": [*summaries, *evaluations]}
+            "_records": [*summaries, *evaluations], "_summaries": summaries}
 
 
 def _knob(key: str, value) -> str:
@@ -403,6 +428,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eps-scales", default="0.25,0.5,1,1.5,2", help="multiples of the training eps (PGD-20)")
     p.add_argument("--allow-mixed-commits", action="store_true",
                    help="a study's table may mix runs of different commits (each row is then marked)")
+    p.add_argument("--allow-mixed-machines", action="store_true",
+                   help="a study's table may mix runs timed on different machines (each row is then marked)")
     p.add_argument("--target-clean", type=float, default=0.85, help="a study's 'time to' target, clean accuracy")
     p.add_argument("--target-robust", type=float, default=0.74, help="a study's 'time to' target, PGD-20 accuracy")
     return p
@@ -436,7 +463,8 @@ def report(args: argparse.Namespace) -> int:
     out = Path(args.out or directory / "report")
     if (directory / "budget_study.json").exists():
         out.mkdir(parents=True, exist_ok=True)
-        files = budget_study_report(directory, out, args.allow_mixed_commits, args.target_clean, args.target_robust)
+        files = budget_study_report(directory, out, args.allow_mixed_commits, args.target_clean, args.target_robust,
+                                    args.allow_mixed_machines)
     elif (directory / "results.parquet").exists():
         out.mkdir(parents=True, exist_ok=True)
         files = sweep_report(directory, out)

@@ -283,8 +283,23 @@ def provenance(root: Path | None = None) -> dict:
     return {"commit": commit, "dirty": dirty, "versions": versions}
 
 
+def cpu_id() -> str | None:
+    """Vendor, family, model and stepping from /proc/cpuinfo: a cloud VM's model name ("AMD EPYC")
+    hides the generation, and with it the speed of the seconds a summary records."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
+    except OSError:
+        return None
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    if "vendor_id" not in fields:
+        return None
+    return f"{fields['vendor_id']} family {fields.get('cpu family')} model {fields.get('model')} " \
+           f"stepping {fields.get('stepping')}"
+
+
 def hardware() -> dict:
-    info = {"torch": torch.__version__, "cpu": cpu_name(),
+    info = {"torch": torch.__version__, "cpu": cpu_name(), "cpu_id": cpu_id(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

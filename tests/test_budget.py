@@ -3,6 +3,7 @@
 summary.json says which commit, versions, hardware, passes and budget made it; tables refuse to
 mix commits; the study's spec is checked and its report built from its runs."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -117,6 +118,8 @@ def test_summary_records_commit_versions_hardware_passes_and_budget(tmp_path):
     versions = summary["provenance"]["versions"]
     assert versions["ray"] and versions["torch"] and versions["python"].startswith("3.")
     assert summary["hardware"]["cpu_count"] >= 1 and summary["hardware"]["cpu"]
+    if Path("/proc/cpuinfo").exists():  # the CPU's generation, which a VM's model name hides
+        assert re.fullmatch(r"\S+ family \d+ model \d+ stepping \d+", summary["hardware"]["cpu_id"])
     assert summary["passes_per_minibatch"] == 2 and summary["epochs"] == 2 and summary["budget"] == 4
     assert summary["train_examples"] == 1100  # the digits' training split, val held out
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -193,12 +196,12 @@ def test_bad_study_specs_are_refused_with_the_key(tmp_path, changes, message):
         load_budget_study(_spec_file(tmp_path, **changes))
 
 
-def _write_final(directory, budget, method, seed, commit, clean, pgd20, seconds, aa=None):
+def _write_final(directory, budget, method, seed, commit, clean, pgd20, seconds, aa=None, cpu_id=None):
     run = directory / "final" / "compactcnn" / f"budget{budget}" / method / f"seed{seed}"
     run.mkdir(parents=True)
     (run / "summary.json").write_text(json.dumps({
         "provenance": {"commit": commit, "dirty": False, "versions": {"torch": "2.14.1"}},
-        "hardware": {"cpu": "AMD EPYC", "cpu_count": 2}, "train_examples": 1100, "eval_n": 597,
+        "hardware": {"cpu": "AMD EPYC", "cpu_count": 2, "cpu_id": cpu_id}, "train_examples": 1100, "eval_n": 597,
         "passes_per_minibatch": 2 if method == "fast" else 1, "epochs": 1, "train_seconds": seconds,
         "clean_acc": clean, "robust_acc": {"pgd20": pgd20}}))
     if aa is not None:
@@ -229,6 +232,13 @@ def test_study_report_tables_time_to_target_and_refuses_mixed_commits(tmp_path):
         budget_study_report(directory, directory / "report")
     budget_study_report(directory, directory / "report", allow_mixed=True)
     assert "cccccccccc, dddddddddd |" in (directory / "report" / "report.md").read_text()
+    # Seconds from another CPU generation do not compare: refused, or each row names its machine.
+    _write_final(directory, 4, "natural", 2, "c" * 40, 0.96, 0.02, 8.0, cpu_id="AuthenticAMD family 26 model 2")
+    with pytest.raises(ConfigError, match="timed on different machines"):
+        budget_study_report(directory, directory / "report", allow_mixed=True)
+    budget_study_report(directory, directory / "report", allow_mixed=True, allow_mixed_machines=True)
+    text = (directory / "report" / "report.md").read_text()
+    assert "| AMD EPYC, AuthenticAMD family 26 model 2, 2 cores; AMD EPYC, generation not recorded, 2 cores |" in text
 
 
 def test_study_runs_search_and_finals_through_ray_and_resumes(tmp_path):

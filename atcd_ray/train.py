@@ -35,7 +35,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help=f"one of: {', '.join(METHODS)} (default: the recipe's)")
     p.add_argument("--recipe", help="YAML recipe (default: pipelines/<dataset>_<model>.yaml)")
     p.add_argument("--eps", type=float, help="L-inf radius for inputs in [0, 1]")
-    p.add_argument("--epochs", type=int, help="passes over the training data")
+    p.add_argument("--epochs", type=int, help="passes over the training data (replaces the recipe's train.budget)")
+    p.add_argument("--budget", type=float, help="compute in natural-epoch equivalents (forward+backward passes over "
+                                                "the training set): the most whole epochs of the method within it")
     p.add_argument("--subset", type=int, help="train on the first N training examples")
     p.add_argument("--eval-n", type=int, help="evaluate on the first N test examples")
     p.add_argument("--workers", type=worker_range, default=(1, 1), metavar="N|MIN-MAX",
@@ -55,9 +57,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def overrides_from(args: argparse.Namespace) -> list[tuple[str, object]]:
-    flags = {"train.method": args.method, "eps": args.eps, "train.epochs": args.epochs,
+    if args.epochs is not None and args.budget is not None:
+        raise ConfigError("--epochs or --budget, not both: a budget sets the epochs")
+    flags = {"train.method": args.method, "eps": args.eps, "train.epochs": args.epochs, "train.budget": args.budget,
              "data.subset": args.subset, "eval.n": args.eval_n, "data.dir": args.data_dir, "seed": args.seed}
-    return [(k, v) for k, v in flags.items() if v is not None] + [parse_override(s) for s in args.set]
+    budget = [("train.budget", None)] if args.epochs is not None else []  # else a recipe's budget would set them
+    return [(k, v) for k, v in flags.items() if v is not None] + budget + [parse_override(s) for s in args.set]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -403,3 +403,22 @@ def test_gpu_autoattack_stages_runs_evaluates_them_alone_and_collects(tmp_path, 
     with pytest.raises(SystemExit, match="is not the checkpoint that was staged"):
         gpu_autoattack.main(["collect", str(staged), str(out)])
     assert not (out / "final/compactcnn/budget2/fast/seed0/autoattack.json").exists()
+
+
+def test_train_cli_epochs_replace_a_recipes_budget_and_budget_sets_epochs(tmp_path):
+    from atcd_ray.train import overrides_from, parser
+
+    tree = yaml.safe_load((ROOT / "pipelines" / "fashion-mnist_smallcnn.yaml").read_text())
+    tree["train"]["budget"] = 12
+    recipe = tmp_path / "budget.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+
+    def config(*flags):
+        args = parser().parse_args(["fashion-mnist", "--recipe", str(recipe), "--method", "fast", *flags])
+        return load_config(args.dataset, args.recipe, overrides_from(args)).train
+
+    assert (config().budget, config().epochs) == (12, 6)  # Fast-FGSM: 2 passes a minibatch
+    assert (config("--epochs", "7").budget, config("--epochs", "7").epochs) == (None, 7)  # not 6: the flag wins
+    assert config("--budget", "4").epochs == 2
+    with pytest.raises(ConfigError, match="not both"):
+        config("--epochs", "7", "--budget", "4")

@@ -422,3 +422,24 @@ def test_train_cli_epochs_replace_a_recipes_budget_and_budget_sets_epochs(tmp_pa
     assert config("--budget", "4").epochs == 2
     with pytest.raises(ConfigError, match="not both"):
         config("--epochs", "7", "--budget", "4")
+
+
+def test_the_compactcnn_recipe_holds_the_budget_studys_winners():
+    """pipelines/fashion-mnist_compactcnn.yaml is the study's budget-12 winners on CompactCNN, as
+    its record (results/fashion-mnist-budget, in the repository) has them: each method's config
+    from the recipe equals the study's final run of that method (the same training, bit for bit)."""
+    from atcd_ray.study import final_overrides, winner
+
+    spec = load_budget_study(ROOT / "tune_spaces" / "fashion-mnist_budget.yaml")
+    record = ROOT / "results" / "fashion-mnist-budget"
+    for method in spec.methods:
+        chosen = winner(spec, record, "compactcnn", 12, method)
+        final = load_config(spec.dataset, spec.recipe, final_overrides(spec, "compactcnn", 12, method,
+                                                                       chosen["overrides"], 0)).to_dict()
+        recipe = load_config(recipe=ROOT / "pipelines" / "fashion-mnist_compactcnn.yaml",
+                             overrides=[("train.method", method)]).to_dict()
+        for key in ("model", "seed", "optim", "data", "eps"):
+            assert recipe[key] == final[key], (method, key)
+        assert recipe["train"]["budget"] == final["train"]["budget"] == 12
+        assert recipe["train"]["epochs"] == final["train"]["epochs"]
+        assert recipe["methods"][method] == final["methods"][method], method

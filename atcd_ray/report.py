@@ -282,7 +282,7 @@ def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, t
     the target accuracies, and PGD-20 and AutoAttack accuracy against budget and wall seconds."""
     import pyarrow.parquet as pq
 
-    from .study import OBJECTIVE, BudgetStudy, cell_dir
+    from .study import OBJECTIVE, BudgetStudy, cell_dir, winner
 
     spec = BudgetStudy(**json.loads((directory / "budget_study.json").read_text()))
     winners_path = directory / "winners.json"
@@ -303,8 +303,10 @@ def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, t
                 summaries = [json.loads(p.read_text()) for p in runs]
                 evaluations = [json.loads(p.read_text()) for p in (r.parent / "autoattack.json" for r in runs)
                                if p.exists()]
-                finals.append(_final_row(model, budget, method, winners.get(f"{model}/budget{budget:g}/{method}", {}),
-                                         summaries, evaluations))
+                chosen = winners.get(f"{model}/budget{budget:g}/{method}")
+                if chosen is None and (sweep / "done.json").exists():  # winners.json comes once all are trained
+                    chosen = winner(spec, directory, model, budget, method)
+                finals.append(_final_row(model, budget, method, chosen or {}, summaries, evaluations))
     records = [r for row in finals for r in row["_records"]]  # summaries and AutoAttack evaluations
     labels = check_one_commit(records, allow_mixed)
     summaries = [s for row in finals for s in row["_summaries"]]

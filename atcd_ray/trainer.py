@@ -251,14 +251,27 @@ def read_summary(out: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def cpu_name() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (none where there is no such file)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return {}
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+
+
+def cpu_name() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_id() -> str | None:
+    """Vendor, family, model and stepping: a cloud VM's model name ("AMD EPYC") hides the
+    generation, and with it the speed of the seconds a summary records."""
+    fields = _cpuinfo()
+    if "vendor_id" not in fields:
+        return None
+    return f"{fields['vendor_id']} family {fields.get('cpu family')} model {fields.get('model')} " \
+           f"stepping {fields.get('stepping')}"
 
 
 def provenance(root: Path | None = None) -> dict:
@@ -281,21 +294,6 @@ def provenance(root: Path | None = None) -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     return {"commit": commit, "dirty": dirty, "versions": versions}
-
-
-def cpu_id() -> str | None:
-    """Vendor, family, model and stepping from /proc/cpuinfo: a cloud VM's model name ("AMD EPYC")
-    hides the generation, and with it the speed of the seconds a summary records."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-                      if ":" in line)
-    except OSError:
-        return None
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    if "vendor_id" not in fields:
-        return None
-    return f"{fields['vendor_id']} family {fields.get('cpu family')} model {fields.get('model')} " \
-           f"stepping {fields.get('stepping')}"
 
 
 def hardware() -> dict:

@@ -247,9 +247,8 @@ def run_autoattack(spec: BudgetStudy, out: Path, jobs: int = 1, data_dir: str | 
 
 
 # What a record keeps (--record): all the report and a resumed study read, and no trial's files.
-RECORDED = ("budget_study.json", "winners.json", "search/*/*/*/done.json", "search/*/*/*/results.parquet",
-            "final/*/*/*/seed*/summary.json", "final/*/*/*/seed*/weights.safetensors",
-            "final/*/*/*/seed*/autoattack.json")
+STUDY_FILES = ("budget_study.json", "winners.json", "search/*/*/*/done.json", "search/*/*/*/results.parquet")
+RUN_FILES = ("summary.json", "weights.safetensors", "autoattack.json")  # of each final run, recorded
 
 
 def save_record(out: Path, record: Path | None) -> None:
@@ -267,9 +266,7 @@ def save_record(out: Path, record: Path | None) -> None:
         save_weights_only(summary_path.parent / summary["checkpoint"], kept.parent / "weights.safetensors")
         write_text_atomic(kept, json.dumps({**summary, "checkpoint": "weights.safetensors",
                                             "recorded_from": summary["checkpoint"]}, indent=2) + "\n")
-    for pattern in RECORDED:
-        if pattern.startswith("final/") and not pattern.endswith("autoattack.json"):
-            continue  # above
+    for pattern in (*STUDY_FILES, "final/*/*/*/seed*/autoattack.json"):
         for path in sorted(out.glob(pattern)):
             kept = record / path.relative_to(out)
             if not kept.exists() or kept.read_bytes() != path.read_bytes():
@@ -281,14 +278,16 @@ def restore_record(record: Path, out: Path) -> int:
     """Copy into ``out`` what ``record`` has and ``out`` lacks; the number of files copied. A final
     run comes back whole or not at all: one that ``out`` holds (trained here, or half trained and
     resuming) is left as it is."""
+    copies = [(path, out / path.relative_to(record))
+              for pattern in STUDY_FILES for path in sorted(record.glob(pattern))]
+    for run in sorted(record.glob("final/*/*/*/seed*")):
+        target = out / run.relative_to(record)
+        summary = target / "summary.json"
+        if not target.exists() or (summary.exists() and summary.read_bytes() == (run / "summary.json").read_bytes()):
+            copies += [(run / name, target / name) for name in RUN_FILES if (run / name).exists()]
     copied = 0
-    for pattern in RECORDED:
-        for path in sorted(record.glob(pattern)):
-            target = out / path.relative_to(record)
-            summary = target.parent / "summary.json"
-            if target.exists() or (pattern.startswith("final/") and target.parent.exists() and not (
-                    summary.exists() and summary.read_bytes() == (path.parent / "summary.json").read_bytes())):
-                continue  # a final run is restored into no directory, or into one restored from this record
+    for path, target in copies:
+        if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
             copied += 1

@@ -15,7 +15,9 @@ from atcd_ray.config import load_config
 from atcd_ray.core.checkpoint import save_checkpoint
 
 ATTACKS = "pgd10,autoattack"
-AA_EPS = "0.13"  # the digits model keeps a few examples under PGD-10 and AutoAttack; 36 s of AutoAttack here
+# The digits model keeps about a third of the examples under AutoAttack at this radius (19/64 on an AMD
+# EPYC family 26; at 0.13 it kept 2/64 there and 0/64 in CI, whose fixture model trained a little differently)
+AA_EPS = "0.08"
 
 
 @pytest.fixture(scope="module")

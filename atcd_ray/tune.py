@@ -112,6 +112,8 @@ def load_study(path: str | Path, extra: list[tuple[str, Any]] = ()) -> Study:
     check_keys(tree, path, STUDY_KEYS, ("study", "dataset", "params"))
     metric = tree.get("metric", "val_robust_acc")
     tree["metric"] = {metric: 1.0} if isinstance(metric, str) else metric
+    if tree.get("recipe"):  # relative to where the command runs, not to a trial's directory
+        tree["recipe"] = str(Path(tree["recipe"]).resolve())
     study = Study(**tree)
     _check(study, list(extra))
     return study

@@ -15,7 +15,9 @@ RAYS_N=1000   # RayS-1000 costs ~0.2 s per image
 run() {  # method, epochs, extra args...
   local method=$1 epochs=$2; shift 2
   [[ -f "$OUT/$method/summary.json" ]] && return 0
-  OMP_NUM_THREADS=1 python -m atcd_ray.train fashion-mnist --method "$method" --epochs "$epochs" --seed 0 --workers 0 \
+  # the recipe this table ran with, pinned: pipelines/ now holds the budget study's winners
+  OMP_NUM_THREADS=1 python -m atcd_ray.train fashion-mnist --recipe tune_spaces/fashion-mnist_budget_base.yaml \
+    --method "$method" --epochs "$epochs" --seed 0 --workers 0 \
     --out "$OUT/$method" --quiet --set "$ATTACKS" "$@" > "$OUT/$method.log" 2>&1
 }
 strong() {  # method: AutoAttack and RayS, each beside PGD-20 on the same images

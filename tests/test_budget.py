@@ -60,12 +60,14 @@ def test_declared_passes_are_the_backward_passes_a_step_runs(method, options, ra
 
 def test_budget_decides_epochs_and_refuses_less_than_an_epoch():
     cases = [("natural", [], 12), ("fast", [], 6), ("pgd", [("methods.pgd.steps", 3)], 3),
-             ("free", [("methods.free.replays", 5)], 2), ("atcd", [("methods.atcd.T", 2), ("methods.atcd.K", 2)], 2)]
+             ("free", [("methods.free.replays", 5)], 2),
+             ("atcd", [("methods.atcd.T", 2), ("methods.atcd.K", 2), ("methods.atcd.reuse_grad", False)], 2),
+             ("atcd", [("methods.atcd.T", 2), ("methods.atcd.K", 2), ("methods.atcd.reuse_grad", True)], 3)]
     for method, overrides, epochs in cases:
         cfg = load_config("fashion-mnist", overrides=[("train.method", method), ("train.budget", 12), *overrides])
         assert cfg.train.epochs == epochs, method
     with pytest.raises(ConfigError, match="train.budget 4 is less than one epoch of pgd .11 passes"):
-        load_config("fashion-mnist", overrides=[("train.method", "pgd"), ("train.budget", 4)])
+        load_config("fashion-mnist", overrides=[("train.method", "pgd"), ("methods.pgd.steps", 10), ("train.budget", 4)])
     with pytest.raises(ConfigError, match="budget must be > 0"):
         load_config("fashion-mnist", overrides=[("train.budget", 0)])
 
@@ -424,22 +426,56 @@ def test_train_cli_epochs_replace_a_recipes_budget_and_budget_sets_epochs(tmp_pa
         config("--epochs", "7", "--budget", "4")
 
 
-def test_the_compactcnn_recipe_holds_the_budget_studys_winners():
-    """pipelines/fashion-mnist_compactcnn.yaml is the study's budget-12 winners on CompactCNN, as
+@pytest.mark.parametrize("model", ["compactcnn", "smallcnn"])
+def test_the_fashion_mnist_recipes_hold_the_budget_studys_winners(model, monkeypatch):
+    """pipelines/fashion-mnist_<model>.yaml is the study's budget-12 winners on that network, as
     its record (results/fashion-mnist-budget, in the repository) has them: each method's config
-    from the recipe equals the study's final run of that method (the same training, bit for bit)."""
+    from the recipe equals the study's final run of that method (the same training, bit for bit).
+    The study itself reads its pinned base (tune_spaces/), not these recipes."""
     from atcd_ray.study import final_overrides, winner
 
-    spec = load_budget_study(ROOT / "tune_spaces" / "fashion-mnist_budget.yaml")
-    record = ROOT / "results" / "fashion-mnist-budget"
+    monkeypatch.chdir(ROOT)  # the study's paths, as its command's, are the repository root's
+    spec = load_budget_study(Path("tune_spaces/fashion-mnist_budget.yaml"))
+    assert Path(spec.recipe).parent.name == "tune_spaces"
+    record = Path("results/fashion-mnist-budget")
     for method in spec.methods:
-        chosen = winner(spec, record, "compactcnn", 12, method)
-        final = load_config(spec.dataset, spec.recipe, final_overrides(spec, "compactcnn", 12, method,
+        chosen = winner(spec, record, model, 12, method)
+        final = load_config(spec.dataset, spec.recipe, final_overrides(spec, model, 12, method,
                                                                        chosen["overrides"], 0)).to_dict()
-        recipe = load_config(recipe=ROOT / "pipelines" / "fashion-mnist_compactcnn.yaml",
+        recipe = load_config(recipe=ROOT / "pipelines" / f"fashion-mnist_{model}.yaml",
                              overrides=[("train.method", method)]).to_dict()
         for key in ("model", "seed", "optim", "data", "eps"):
             assert recipe[key] == final[key], (method, key)
         assert recipe["train"]["budget"] == final["train"]["budget"] == 12
         assert recipe["train"]["epochs"] == final["train"]["epochs"]
         assert recipe["methods"][method] == final["methods"][method], method
+
+
+def test_the_records_final_runs_trained_the_configs_the_study_builds(monkeypatch):
+    """Each final run in the record trained exactly the config that the spec, its pinned base and
+    the recorded search give today: neither file may drift from the record (positive control: the
+    same run's config with the next seed differs)."""
+    from atcd_ray.study import final_overrides, final_runs, winner
+
+    def used(config):  # the selected method's options only: the other methods' are not used
+        config = {**config, "methods": config["methods"][config["train"]["method"]]}
+        config.pop("per_method")
+        return config
+
+    monkeypatch.chdir(ROOT)
+    spec = load_budget_study(Path("tune_spaces/fashion-mnist_budget.yaml"))
+    record = Path("results/fashion-mnist-budget")
+    assert json.loads((record / "budget_study.json").read_text()) == vars(spec)
+    runs = final_runs(spec, record)
+    for run, _ in runs:
+        model, budget, method, seed = run.parts[-4], float(run.parts[-3][6:]), run.parts[-2], int(run.parts[-1][4:])
+        knobs = [] if method == spec.reference else winner(spec, record, model, budget, method)["overrides"]
+
+        def built(seed_index):
+            overrides = final_overrides(spec, model, budget, method, knobs, seed_index)
+            return used(load_config(spec.dataset, spec.recipe, overrides).to_dict())
+
+        trained = used(json.loads((run / "summary.json").read_text())["config"])
+        assert built(seed) == trained, run
+        assert built(seed + 1) != trained
+    assert len(runs) == 36

@@ -16,13 +16,14 @@ def test_every_recipe_loads_for_every_method(recipe):
 def test_default_recipe_and_per_method_overrides():
     cfg = load_config("fashion-mnist")
     assert (cfg.dataset, cfg.model, cfg.eps, cfg.train.method) == ("fashion-mnist", "smallcnn", 0.1, "atcd")
-    assert isinstance(cfg.method_options, ATCDOptions) and (cfg.method_options.T, cfg.method_options.K) == (2, 1)
-    assert cfg.train.epochs == 5  # per_method.atcd: N / (T K)
+    assert isinstance(cfg.method_options, ATCDOptions) and (cfg.method_options.T, cfg.method_options.K) == (2, 2)
+    assert cfg.train.epochs == 3 and cfg.optim.lr != 0.05  # budget 12 / T K passes; per_method.atcd's lr
     free = load_config("fashion-mnist", overrides=[("train.method", "free")])
-    assert free.train.epochs == 5 and free.method_options.replays == 2
+    assert free.train.epochs == 3 and free.method_options.replays == 4
     # The command line wins over the recipe's per-method block.
-    cfg = load_config("fashion-mnist", overrides=[("train.epochs", 7), ("methods.atcd.T", 3), ("eps", 0.2)])
-    assert (cfg.train.epochs, cfg.method_options.T, cfg.eps) == (7, 3, 0.2)
+    cfg = load_config("fashion-mnist", overrides=[("train.budget", None), ("train.epochs", 7), ("methods.atcd.T", 3),
+                                                  ("optim.lr", 0.2), ("eps", 0.2)])
+    assert (cfg.train.epochs, cfg.method_options.T, cfg.optim.lr, cfg.eps) == (7, 3, 0.2, 0.2)
 
 
 def test_parse_override_reads_yaml_values():

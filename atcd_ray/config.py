@@ -259,7 +259,9 @@ def recipe_path(dataset: str) -> Path:
 
 def load_config(dataset: str | None = None, recipe: str | Path | None = None,
                 overrides: list[tuple[str, Any]] | None = None) -> Config:
-    """Recipe (default: the dataset's), then its per_method block, then ``overrides``."""
+    """Recipe (default: the dataset's), then its per_method block, then ``overrides``. In a recipe
+    ``train.budget`` decides the epochs; in the per_method block and the overrides the later of
+    ``train.epochs`` and ``train.budget`` does (epochs set after a budget clear it)."""
     overrides = list(overrides or [])
     path = Path(recipe) if recipe else recipe_path(dataset)
     if not path.is_file():
@@ -280,6 +282,8 @@ def load_config(dataset: str | None = None, recipe: str | Path | None = None,
         raise ConfigError(f"per_method: keys must be methods ({', '.join(METHODS)})")
     for key, value in [*(per_method.get(method) or {}).items(), *overrides]:
         _set(tree, key, value)
+        if key == "train.epochs":
+            _set(tree, "train.budget", None)
     return _build(Config, tree, "")
 
 

@@ -57,17 +57,22 @@ def commit_label(record: dict) -> str:
     return labels[0] if len(labels) == 1 else "mixed(" + ", ".join(labels) + ")"
 
 
-def check_one_commit(records: list[dict], allow_mixed: bool) -> list[str] | None:
-    """None when every record comes from one commit. Otherwise a ConfigError, or with
-    ``allow_mixed`` each record's commit label, for the table to mark its rows with."""
-    labels = [commit_label(r) for r in records]
+def check_one(labels: list[str], allow_mixed: bool, refusal: str) -> list[str] | None:
+    """None when every record has one label (one commit, one machine). Otherwise a ConfigError,
+    ``refusal`` with the labels counted, or with ``allow_mixed`` the labels, for the table to mark
+    its rows with."""
     if len(set(labels)) <= 1:
         return None
     if not allow_mixed:
-        counts = ", ".join(f"{label} ({labels.count(label)})" for label in dict.fromkeys(labels))
-        raise ConfigError(f"these runs come from different commits: {counts}; rerun them at one commit, "
-                          "or pass --allow-mixed-commits to mark each row with its commit")
+        counts = "; ".join(f"{label} ({labels.count(label)})" for label in dict.fromkeys(labels))
+        raise ConfigError(refusal.format(counts))
     return labels
+
+
+def check_one_commit(records: list[dict], allow_mixed: bool) -> list[str] | None:
+    return check_one([commit_label(r) for r in records], allow_mixed,
+                     "these runs come from different commits: {}; rerun them at one commit, "
+                     "or pass --allow-mixed-commits to mark each row with its commit")
 
 
 def machine_label(summary: dict) -> str:
@@ -75,19 +80,6 @@ def machine_label(summary: dict) -> str:
     hw = summary.get("hardware", {})
     return f"{hw.get('cpu')}, {hw.get('cpu_id') or 'generation not recorded'}, {hw.get('cpu_count')} cores" + \
         (f", {hw['gpu']}" if hw.get("gpu") else "")
-
-
-def check_one_machine(summaries: list[dict], allow_mixed: bool) -> bool:
-    """False when every run's seconds come from one kind of machine; True when they do not and
-    ``allow_mixed`` (the table then names each row's); otherwise a ConfigError: seconds measured
-    on two CPU generations do not compare."""
-    machines = list(dict.fromkeys(machine_label(s) for s in summaries))
-    if len(machines) <= 1:
-        return False
-    if not allow_mixed:
-        raise ConfigError(f"these runs were timed on different machines: {'; '.join(machines)}; their seconds do not "
-                          "compare: rerun them on one, or pass --allow-mixed-machines to name each row's")
-    return True
 
 
 def run_report(run: Path, out: Path, eval_n: int, steps: list[int], eps_scales: list[float]) -> list[Path]:
@@ -310,7 +302,10 @@ def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, t
     records = [r for row in finals for r in row["_records"]]  # summaries and AutoAttack evaluations
     labels = check_one_commit(records, allow_mixed)
     summaries = [s for row in finals for s in row["_summaries"]]
-    mixed_machines = check_one_machine(summaries, allow_mixed_machines)
+    # Seconds measured on two CPU generations do not compare
+    mixed_machines = check_one([machine_label(s) for s in summaries], allow_mixed_machines,
+                               "these runs were timed on different machines: {}; their seconds do not compare: "
+                               "rerun them on one, or pass --allow-mixed-machines to name each row's")
     machines = "; ".join(dict.fromkeys(machine_label(s) for s in summaries))
     for row in finals:
         if labels:  # mixed, and allowed: each row names the commits of its runs

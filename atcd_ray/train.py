@@ -61,8 +61,7 @@ def overrides_from(args: argparse.Namespace) -> list[tuple[str, object]]:
         raise ConfigError("--epochs or --budget, not both: a budget sets the epochs")
     flags = {"train.method": args.method, "eps": args.eps, "train.epochs": args.epochs, "train.budget": args.budget,
              "data.subset": args.subset, "eval.n": args.eval_n, "data.dir": args.data_dir, "seed": args.seed}
-    budget = [("train.budget", None)] if args.epochs is not None else []  # else a recipe's budget would set them
-    return [(k, v) for k, v in flags.items() if v is not None] + budget + [parse_override(s) for s in args.set]
+    return [(k, v) for k, v in flags.items() if v is not None] + [parse_override(s) for s in args.set]
 
 
 def main(argv: list[str] | None = None) -> int:

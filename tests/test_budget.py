@@ -136,7 +136,7 @@ def test_tables_refuse_runs_of_different_commits(tmp_path):
     same = [_summary("a" * 40), _summary("a" * 40)]
     assert check_one_commit(same, allow_mixed=False) is None
     mixed = [_summary("a" * 40), _summary("a" * 40, dirty=True), {"method": "old run"}]
-    with pytest.raises(ConfigError, match=r"commits: aaaaaaaaaa \(1\), aaaaaaaaaa\+dirty \(1\), unknown \(1\)"):
+    with pytest.raises(ConfigError, match=r"commits: aaaaaaaaaa \(1\); aaaaaaaaaa\+dirty \(1\); unknown \(1\)"):
         check_one_commit(mixed, allow_mixed=False)
     assert check_one_commit(mixed, allow_mixed=True) == ["aaaaaaaaaa", "aaaaaaaaaa+dirty", "unknown"]
     paths = []

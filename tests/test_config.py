@@ -21,9 +21,12 @@ def test_default_recipe_and_per_method_overrides():
     free = load_config("fashion-mnist", overrides=[("train.method", "free")])
     assert free.train.epochs == 3 and free.method_options.replays == 4
     # The command line wins over the recipe's per-method block.
-    cfg = load_config("fashion-mnist", overrides=[("train.budget", None), ("train.epochs", 7), ("methods.atcd.T", 3),
-                                                  ("optim.lr", 0.2), ("eps", 0.2)])
-    assert (cfg.train.epochs, cfg.method_options.T, cfg.optim.lr, cfg.eps) == (7, 3, 0.2, 0.2)
+    cfg = load_config("fashion-mnist", overrides=[("train.epochs", 7), ("methods.atcd.T", 3), ("optim.lr", 0.2),
+                                                  ("eps", 0.2)])
+    assert (cfg.train.epochs, cfg.train.budget, cfg.method_options.T, cfg.optim.lr, cfg.eps) == (7, None, 3, 0.2, 0.2)
+    # Of train.epochs and train.budget, the later decides; the recipe's own epochs never override its budget.
+    assert load_config("fashion-mnist", overrides=[("train.epochs", 7), ("train.budget", 4)]).train.epochs == 1
+    assert load_config("fashion-mnist", overrides=[("train.method", "robust-overfitting")]).train.epochs == 10
 
 
 def test_parse_override_reads_yaml_values():

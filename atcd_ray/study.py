@@ -71,10 +71,8 @@ class BudgetStudy:
 
     def sweep(self, model: str, budget: float, method: str) -> Study:
         """The Tune study of one cell: this method's trials at this budget on this network."""
-        # The recipe's path is the command's (relative to where it runs); Tune runs trials elsewhere
-        recipe = str(Path(self.recipe).resolve()) if self.recipe else None
         return Study(study=f"{self.study}-{model}-budget{budget:g}-{method}", dataset=self.dataset,
-                     recipe=recipe, params={**self.common, **(self.methods[method] or {})},
+                     recipe=self.recipe, params={**self.common, **(self.methods[method] or {})},
                      fixed={"model": model, "train.method": method, "train.budget": budget, **self.search},
                      metric={"val_robust_acc": 1.0}, mode="max", search="basic", scheduler={"name": "fifo"},
                      num_samples=self.trials, search_seed=self.search_seed)

@@ -56,6 +56,10 @@ class Study:
     num_samples: int = 1
     search_seed: int | None = None  # seeds the basic search's draws, so a rerun samples the same trials
 
+    def __post_init__(self):
+        if self.recipe:  # relative to where the command runs: Tune runs each trial in a directory of its own
+            self.recipe = str(Path(self.recipe).resolve())
+
     def bundles(self, name: str) -> dict[str, dict] | None:
         """A param whose values are mappings of overrides (e.g. T and K together): label -> mapping."""
         (kind, values), = self.params[name].items()
@@ -112,8 +116,6 @@ def load_study(path: str | Path, extra: list[tuple[str, Any]] = ()) -> Study:
     check_keys(tree, path, STUDY_KEYS, ("study", "dataset", "params"))
     metric = tree.get("metric", "val_robust_acc")
     tree["metric"] = {metric: 1.0} if isinstance(metric, str) else metric
-    if tree.get("recipe"):  # relative to where the command runs, not to a trial's directory
-        tree["recipe"] = str(Path(tree["recipe"]).resolve())
     study = Study(**tree)
     _check(study, list(extra))
     return study

@@ -35,7 +35,7 @@ from pathlib import Path
 from . import __version__, model_of
 from .cli import ArgumentParser, markdown_table, run_main
 from .config import ConfigError, config_from_dict
-from .core.attacks import build_attack
+from .core.attacks import autoattack_flags, build_attack
 from .core.checkpoint import CheckpointError, write_text_atomic
 from .data import DATASETS, DataError, build_test_split
 from .storage import is_uri, local_copy, read_checkpoint
@@ -118,10 +118,12 @@ class BatchEvaluator:
         for b, (x, y) in enumerate(self.test, first):
             if b in wanted:
                 x, y = to_device(x, y, self.device)
-                correct = correct_per_example(self.model, x, y, self.attacks,
-                                              seed=batch_seed(self.spec.seed, b))
+                with autoattack_flags() as flags:
+                    correct = correct_per_example(self.model, x, y, self.attacks,
+                                                  seed=batch_seed(self.spec.seed, b))
                 yield {"batch": b, "correct": {k: "".join("1" if c else "0" for c in v.tolist())
-                                               for k, v in correct.items()}}
+                                               for k, v in correct.items()},
+                       **({"autoattack_flags": flags} if flags else {})}
             if b == last:  # not one batch more: a folder loader would start on it
                 break
 
@@ -179,6 +181,11 @@ class Parts:
             for name in columns:
                 merged[name].append(correct[name])
         return {name: "".join(bits) for name, bits in merged.items()}
+
+    def autoattack_flags(self) -> dict[str, list[str]]:
+        """AutoAttack's own warnings (``core.attacks.autoattack_flags``) by batch, for the batches that have any."""
+        parts = {b: self._read(self.path(b)) for b in range(self.num_batches)}
+        return {str(b): part["autoattack_flags"] for b, part in parts.items() if part.get("autoattack_flags")}
 
 
 def run_batches(spec: EvalSpec, parts: Parts, workers: int, test=None) -> int:
@@ -350,12 +357,17 @@ def evaluate_checkpoint(args: argparse.Namespace, local: Path) -> int:
         result["every_attack_acc"] = sum(all(bits[i] == "1" for bits in correct.values()) for i in range(n)) / n
     result["correct"] = correct
     result["gradient_masking_suspected"] = masking_suspected(result["robust_acc"])
+    if "autoattack" in attacks:
+        result["autoattack_flags"] = parts.autoattack_flags()
     every_column = {"every attack": result["every_attack_acc"]} if "every_attack_acc" in result else {}
     print(markdown_table([{"model": Path(args.checkpoint).parent.name, "clean": accuracy["clean"],
                            **result["robust_acc"], **every_column}], ["model", "clean", *attacks, *every_column]))
     if result["gradient_masking_suspected"]:
         print(f"WARNING: a gradient-free attack beats the gradient attacks by more than {MASKING_MARGIN:.0%}: "
               "the model likely masks gradients, and its gradient-based robust accuracy overstates robustness")
+    for batch, flags in result.get("autoattack_flags", {}).items():
+        print(f"WARNING: AutoAttack's own checks, batch {batch} (examples from {int(batch) * args.batch_size}): "
+              + " | ".join(flags))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

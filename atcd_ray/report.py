@@ -121,6 +121,8 @@ def run_report(run: Path, out: Path, eval_n: int, steps: list[int], eps_scales: 
         lines += ["## RobustBench-style entry", "",
                   f"From {evaluation['_file']} (commit {entry['commit']}): written to robustbench.json.", "",
                   markdown_table([{k: entry[k] for k in ENTRY_COLUMNS}], list(ENTRY_COLUMNS)), ""]
+        for batch, flags in (entry["autoattack_flags"] or {}).items():
+            lines += [f"AutoAttack's own checks warned on batch {batch}: " + " | ".join(flags), ""]
 
     checkpoint = run / (summary["checkpoint"] if summary else "last.safetensors")
     if eval_n and checkpoint.exists() and (steps or eps_scales):
@@ -188,7 +190,9 @@ def robustbench_entry(evaluation: dict, summary: dict | None) -> dict:
             "threat_model": evaluation.get("threat_model", "Linf"), "n_examples": evaluation["n"],
             "attack": evaluation.get("attack_versions", {}).get("autoattack", "AutoAttack standard"),
             "seed": evaluation.get("seed"), "checkpoint": Path(evaluation["checkpoint"]).name,
-            "commit": commit_label(evaluation)}
+            "commit": commit_label(evaluation),
+            # pyautoattack's own warnings by batch ({}: none); None: not recorded (evaluated before they were)
+            "autoattack_flags": evaluation.get("autoattack_flags")}
 
 
 def attack_curves(checkpoint: Path, cache: Path, eval_n: int, steps: list[int], eps_scales: list[float]) -> dict:

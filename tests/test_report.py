@@ -108,5 +108,6 @@ def test_a_run_evaluated_with_autoattack_gets_a_robustbench_entry(digits_run, tm
     assert entry["n_examples"] == 16 and entry["attack"].startswith("pyautoattack 0.2.0")
     assert entry["commit"] == evaluation["provenance"]["commit"][:10] + ("+dirty" if evaluation["provenance"]["dirty"]
                                                                          else "")
+    assert entry["autoattack_flags"] == evaluation["autoattack_flags"] and isinstance(entry["autoattack_flags"], dict)
     assert "## RobustBench-style entry" in (digits_run / "report" / "report.md").read_text()
     assert [eps_text(e) for e in (8 / 255, 4 / 255, 0.1, 0.2, 1.0)] == ["8/255", "4/255", "0.1", "0.2", "1"]

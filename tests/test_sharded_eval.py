@@ -8,6 +8,7 @@ import time
 
 import psutil
 import pytest
+import torch
 
 from atcd_ray import evaluate
 from atcd_ray.cli import run_main
@@ -70,12 +71,42 @@ def test_sharded_autoattack_on_two_workers_with_one_killed_equals_one_process(ch
     sharded = json.loads(sharded_json.read_text())
     assert sharded["workers"] == 2 and sharded["batches_computed"] == 8
     assert sharded["correct"] == reference["correct"]  # every example, every attack, clean
+    assert sharded["autoattack_flags"] == reference["autoattack_flags"]  # AutoAttack's own warnings, by batch
     assert (sharded["clean_acc"], sharded["robust_acc"]) == (reference["clean_acc"], reference["robust_acc"])
     # "every attack" is the per-example conjunction with clean, at most each attack's accuracy
     bits = reference["correct"]
     both = sum(a == b == c == "1" for a, b, c in zip(bits["clean"], bits["pgd10"], bits["autoattack"])) / 64
     assert reference["every_attack_acc"] == both <= min(reference["robust_acc"].values())
     assert 0 < reference["robust_acc"]["autoattack"] <= reference["robust_acc"]["pgd10"] < reference["clean_acc"]
+
+
+class RoundedInput(torch.nn.Module):
+    """The model on its input rounded to quarters: zero gradient everywhere, so gradient attacks
+    find nothing and a gradient-free one does (gradient masking, built in)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x * 4) / 4)
+
+
+def test_autoattacks_own_warnings_are_kept_by_batch(checkpoint, tmp_path, monkeypatch):
+    """pyautoattack's checks (zero gradients; Square breaking what APGD and FAB left) land in the
+    JSON under the batch they came from: on a gradient-masking model they must fire."""
+    model_of = evaluate.model_of
+    monkeypatch.setattr(evaluate, "model_of", lambda *args: RoundedInput(model_of(*args)))
+    args = [str(checkpoint), "--attacks", "autoattack", "--eps", "0.15", "--eval-n", "16", "--batch-size", "8"]
+    assert run_main(evaluate.main, [*args, "--json", str(tmp_path / "masked.json")]) == 0
+    flags = json.loads((tmp_path / "masked.json").read_text())["autoattack_flags"]
+    assert set(flags) == {"0", "1"}
+    assert all(any("points with zero gradient" in f for f in batch) for batch in flags.values())
+    assert any(f.startswith("Square Attack has decreased the robust accuracy") for b in flags.values() for f in b)
+    # The batches' files keep them: a rerun that computes nothing reports them again
+    assert run_main(evaluate.main, [*args, "--json", str(tmp_path / "masked.json")]) == 0
+    again = json.loads((tmp_path / "masked.json").read_text())
+    assert again["batches_computed"] == 0 and again["autoattack_flags"] == flags
 
 
 def test_an_interrupted_evaluation_computes_only_the_batches_it_lacks(checkpoint, tmp_path, monkeypatch):

@@ -8,8 +8,10 @@ eps-ball around ``x`` and in [0, 1] (``threat.project``).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -132,6 +134,27 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -
         x_adv, _ = AutoAttack(model, eps=eps, version="standard", device=x.device, seed=0).run_standard_evaluation(
             x, y, batch_size=len(x))
     return x_adv
+
+
+@contextlib.contextmanager
+def autoattack_flags() -> Iterator[list[str]]:
+    """The warnings of AutoAttack's own checks while the block runs, in order without repeats:
+    pyautoattack logs them on its ``auto-attack`` logger (points with zero gradient; Square, run
+    last, breaking examples the gradient attacks left), so an evaluation can keep them with its
+    figures rather than in a log that other runs share."""
+    flags: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() not in flags:
+                flags.append(record.getMessage())
+
+    logger, handler = logging.getLogger("auto-attack"), Collect(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield flags
+    finally:
+        logger.removeHandler(handler)
 
 
 _ITERATIVE = {"pgd": pgd, "mifgsm": mifgsm, "cw": cw_inf, "tapgd": torchattacks_pgd,

@@ -15,7 +15,7 @@ have another size, and the trainer re-cuts the per-rank state for it (``trainer.
 
 Under ``train.val_async`` each epoch's checkpoint is reported for validation (Ray Train's
 ``ValidationConfig``): Ray's controller runs ``EpochValidator`` on it as a task with resources of
-its own, one at a time and in order, keeps the checkpoint until it is validated, and reruns the
+its own (reserved for the run in a placement group), one at a time and in order, keeps the checkpoint until it is validated, and reruns the
 validations a restart interrupted; the workers train on meanwhile.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ import ray
 import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, ValidationConfig
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import Config, ConfigError, config_from_dict
 from .core.methods.base import weighted_mean_hook
@@ -183,6 +184,20 @@ def check_room_for_validation(cfg: Config, workers: int, cpus_per_worker: float,
                           "(train.val_async=false)")
 
 
+def reserve_validation_resources(cfg: Config, report_every_s: float = 60.0):
+    """A placement group holding the validation task's CPUs and GPUs for the whole run: at the end
+    the workers wait for the last validation, and on a shared cluster a task that had to find free
+    resources each epoch could wait behind other work for as long as that work runs. Waits until
+    the cluster grants it (as Ray Train waits for its workers)."""
+    bundle = {"CPU": cfg.train.val_cpus, **({"GPU": cfg.train.val_gpus} if cfg.train.val_gpus else {})}
+    group = ray.util.placement_group([bundle], name=f"atcd-validation-{os.getpid()}")
+    while True:
+        ready, _ = ray.wait([group.ready()], timeout=report_every_s)
+        if ready:
+            return group
+        log.info("waiting for the cluster to grant the validation task's %s", bundle)
+
+
 def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, int], gpu: bool = False,
                     cpus_per_worker: float | None = None, max_failures: int = 3, callbacks: list | None = None,
                     progress: bool = True, resize_check_seconds: float = 60.0, on_validated=None) -> Path | str:
@@ -216,11 +231,12 @@ def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, 
             log.warning("train.val_async: the workers have GPUs and the validation task none (train.val_gpus=0): "
                         "it validates on %g CPUs, and the run waits for it at the end", cfg.train.val_cpus)
         # retry_exceptions: a validation is seeded and its writes idempotent, so a rerun is safe.
-        # "DEFAULT": outside any placement group; in a Tune trial the task would otherwise fall into
-        # the trial's (which holds no CPU: tune.run_sweep) and could never be scheduled.
+        # Its own placement group: not the Tune trial's (which holds no CPU: tune.run_sweep), and
+        # reserved for the whole run (reserve_validation_resources).
+        reservation = reserve_validation_resources(cfg)
         validation = ValidationConfig(EpochValidator(cfg, out, on_validated), ray_remote_kwargs={
             "num_cpus": cfg.train.val_cpus, "num_gpus": cfg.train.val_gpus, "max_retries": 3,
-            "retry_exceptions": True, "scheduling_strategy": "DEFAULT"})
+            "retry_exceptions": True, "scheduling_strategy": PlacementGroupSchedulingStrategy(reservation, 0)})
     trainer = ray.train.torch.TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.to_dict(), "out": str(out), "threads": max(1, int(cpus_per_worker)),
@@ -248,4 +264,7 @@ def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, 
         else:
             check_not_diverged(out)  # a worker's non-finite loss: its one line, not Ray's traceback
         raise
+    finally:
+        if validation is not None:
+            ray.util.remove_placement_group(reservation)
     return out

@@ -3,10 +3,13 @@ epoch's checkpoint while the workers train the next epoch; the best checkpoint i
 validated metric; a Tune trial gets every epoch's record once it is validated (ASHA's input)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -120,3 +123,124 @@ def test_ray_still_runs_one_validation_at_a_time():
     from ray.train.v2._internal.execution.checkpoint.validation_manager import MAX_IN_FLIGHT_VALIDATIONS
 
     assert MAX_IN_FLIGHT_VALIDATIONS == 1
+
+
+# Loaded by every Python process of a run (sitecustomize on PYTHONPATH), Ray's validation tasks
+# included: once atcd_ray.trainer is imported, the validation of epoch PLANT_EPOCH fails on every
+# try (PLANT=fail), or waits until the file PLANT_RELEASE exists, having written its placement
+# group's id to PLANT_HELD (hold).
+PLANT = '''
+import importlib.machinery, os, pathlib, sys, time
+
+class PlantInValidation:
+    def find_spec(self, name, path, target=None):
+        if name != "atcd_ray.trainer":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            validate = module.validate_checkpoint
+
+            def planted(cfg, checkpoint_file, *args, **kwargs):
+                if module.Checkpoint(checkpoint_file).meta["epoch"] == int(os.environ["PLANT_EPOCH"]):
+                    if os.environ["PLANT"] == "fail":
+                        raise RuntimeError("planted failure of this validation")
+                    import ray  # which placement group the task runs in: the run's reservation
+                    group = ray.get_runtime_context().get_placement_group_id()
+                    pathlib.Path(os.environ["PLANT_HELD"]).write_text(str(group))
+                    deadline = time.time() + 300
+                    while not os.path.exists(os.environ["PLANT_RELEASE"]) and time.time() < deadline:
+                        time.sleep(0.2)
+                return validate(cfg, checkpoint_file, *args, **kwargs)
+
+            module.validate_checkpoint = planted
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, PlantInValidation())
+'''
+
+
+def _two_worker_run(tmp_path: Path, **plant: str) -> tuple[list[str], dict]:
+    """The command and environment of a 2-worker (DDP) run of RUN with async validation and a plant."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(PLANT)
+    env = _env()
+    env.update(PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{env['PYTHONPATH']}", **plant)
+    # 2 workers of half a CPU and a task of one: what fits on a 2-core machine
+    command = [sys.executable, "-m", "atcd_ray.train", "digits", "--workers", "2", "--cpus-per-worker", "0.5",
+               "--quiet", "--out", str(tmp_path / "run"), "--set", "train.val_async=true",
+               *[a for k, v in RUN for a in ("--set", f"{k}={json.dumps(v)}")]]
+    return command, env
+
+
+@pytest.mark.timeout(900)
+def test_two_workers_and_a_validation_that_fails_every_try(tmp_path):
+    """Two workers (DDP) train on while epoch 2's validation task fails on each of Ray's retries:
+    the run finishes, that epoch's record says nothing of validation, the others' say what their
+    tasks measured, and the best checkpoint is chosen among the validated epochs."""
+    command, env = _two_worker_run(tmp_path, PLANT="fail", PLANT_EPOCH="2")
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=800)
+    output, out = proc.stdout + proc.stderr, tmp_path / "run"
+    assert proc.returncode == 0, output[-4000:]
+    assert "planted failure of this validation" in output  # the plant fired (positive control)
+    assert "epochs [2] have no validation; best.safetensors is chosen among the others" in output
+    validated, history = _records(out / "validation.jsonl"), _records(out / "metrics.jsonl")
+    assert [v["epoch"] for v in validated] == [1, 3] and [h["epoch"] for h in history] == [1, 2, 3]
+    assert "val_robust_acc" not in history[1]
+    for v, h in zip(validated, (history[0], history[2])):
+        assert (h["val_clean_acc"], h["val_robust_acc"]) == (v["val_clean_acc"], v["val_robust_acc"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["checkpoint"] == "best.safetensors"
+    best = max(validated, key=lambda v: v["val_robust_acc"])
+    assert Checkpoint(out / "best.safetensors").meta["epoch"] == best["epoch"]
+
+
+@pytest.mark.timeout(900)
+def test_a_worker_killed_while_a_validation_is_pending(tmp_path):
+    """A training worker is killed while epoch 1's validation is under way in its reserved
+    placement group: Ray restarts the group from its latest checkpoint, and at the end every epoch is validated and recorded exactly once
+    (validation.jsonl, metrics.jsonl, TensorBoard), the best checkpoint the best of them."""
+    held, release = tmp_path / "held", tmp_path / "release"
+    command, env = _two_worker_run(tmp_path, PLANT="hold", PLANT_EPOCH="1", PLANT_HELD=str(held),
+                                   PLANT_RELEASE=str(release))
+    log = tmp_path / "driver.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.time() + 600
+        while not held.exists():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
+        time.sleep(0.2)  # the id is written whole by then
+        assert held.read_text() not in ("", "None")  # the task runs in the run's reserved placement group
+        workers = sorted(p.pid for p in psutil.Process(proc.pid).children(recursive=True)  # this run's only
+                         if "ray::RayTrainWorker" in " ".join(p.cmdline()))
+        assert len(workers) == 2
+        os.kill(workers[-1], signal.SIGKILL)
+        while "resuming from" not in log.read_text():  # the new group has started from the checkpoint
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
+        release.touch()
+        proc.wait(timeout=600)
+    finally:
+        release.touch()
+        if proc.poll() is None:
+            proc.kill()
+    output, out = log.read_text(), tmp_path / "run"
+    assert proc.returncode == 0, output[-4000:]
+    validated, history = _records(out / "validation.jsonl"), _records(out / "metrics.jsonl")
+    assert [v["epoch"] for v in validated] == [h["epoch"] for h in history] == [1, 2, 3]
+    for v, h in zip(validated, history):
+        assert (h["val_clean_acc"], h["val_robust_acc"]) == (v["val_clean_acc"], v["val_robust_acc"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb" / "validation")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("val/robust_acc")] == [
+        (v["epoch"], pytest.approx(v["val_robust_acc"])) for v in validated]
+    best = max(validated, key=lambda v: v["val_robust_acc"])
+    assert Checkpoint(out / "best.safetensors").meta["epoch"] == best["epoch"]
+    assert json.loads((out / "summary.json").read_text())["workers"] == 2

@@ -471,6 +471,8 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
             if not orphan.name.startswith(VALIDATION_WRITES):  # a validation task may be writing these now
                 orphan.unlink()
     meta = _resume(group.restore_dir(out), cfg, model, optimizer, method, group)
+    if lead and not meta:  # from scratch: validations found here are of other weights (a directory reused)
+        (out / VALIDATIONS).unlink(missing_ok=True)
     check_not_diverged(out)
     start_epoch = meta.get("epoch", 0)
     train_seconds, best_val = meta.get("train_seconds", 0.0), meta.get("best_val", -1.0)

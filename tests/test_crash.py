@@ -194,3 +194,20 @@ def test_a_run_directory_refuses_to_be_resumed_by_another_launcher(tmp_path):
     assert switched.stderr.strip() == (f"error: {tmp_path} was trained in-process (--workers 0); resume it the same "
                                        "way, or give another --out to train through Ray")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_run_from_scratch_ignores_validations_left_in_its_directory(tmp_path):
+    """A directory reused without its checkpoints (deleted by hand, or another run's) may hold
+    validation.jsonl: a run starting from scratch removes it, or its figures would be merged into
+    the new epochs' records as if they were theirs."""
+    cfg = quick_config()
+    straight = trainer.fit(cfg, tmp_path / "straight", progress=False)
+    out = tmp_path / "reused"
+    out.mkdir()
+    stale = {"epoch": 1, "val_clean_acc": 0.123, "val_robust_acc": 0.0456}
+    (out / trainer.VALIDATIONS).write_text(json.dumps(stale) + "\n")
+    reused = trainer.fit(cfg, out, progress=False)
+    first, expected = trainer.read_history(out)[0], trainer.read_history(tmp_path / "straight")[0]
+    assert (first["val_clean_acc"], first["val_robust_acc"]) == (
+        expected["val_clean_acc"], expected["val_robust_acc"]) != (0.123, 0.0456)
+    assert not (out / trainer.VALIDATIONS).exists() and reused["clean_acc"] == straight["clean_acc"]

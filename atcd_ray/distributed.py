@@ -20,6 +20,7 @@ validations a restart interrupted; the workers train on meanwhile.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -184,29 +185,44 @@ def check_room_for_validation(cfg: Config, workers: int, cpus_per_worker: float,
                           "(train.val_async=false)")
 
 
-def reserve_validation_resources(cfg: Config, report_every_s: float = 60.0):
-    """A placement group holding the validation task's CPUs and GPUs for the whole run: at the end
-    the workers wait for the last validation, and on a shared cluster a task that had to find free
-    resources each epoch could wait behind other work for as long as that work runs. Waits until
-    the cluster grants it (as Ray Train waits for its workers)."""
-    bundle = {"CPU": cfg.train.val_cpus, **({"GPU": cfg.train.val_gpus} if cfg.train.val_gpus else {})}
-    group = ray.util.placement_group([bundle], name=f"atcd-validation-{os.getpid()}")
-    while True:
-        ready, _ = ray.wait([group.ready()], timeout=report_every_s)
-        if ready:
-            return group
-        log.info("waiting for the cluster to grant the validation task's %s", bundle)
+def validation_task_bundle(cpus: float, gpus: float) -> dict[str, float]:
+    """The placement-group bundle of a validation task of ``cpus`` CPUs and ``gpus`` GPUs."""
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+
+@contextlib.contextmanager
+def validation_placement(cfg: Config, given: tuple | None, report_every_s: float = 60.0):
+    """Where the validation task runs under ``train.val_async``, as (placement group, bundle index),
+    reserved for the whole run rather than found free each epoch: at the end the workers wait for
+    the last validation, and on a shared cluster a task that had to find free resources could wait
+    behind other work for as long as that work runs. ``given``: a Tune trial's own group and the
+    bundle ``tune.run_sweep`` added for it (Tune frees it with the trial, however the trial ends);
+    else a group is reserved here, waiting until the cluster grants it (as Ray Train waits for its
+    workers), and removed after the run. None without ``train.val_async``."""
+    if not cfg.train.val_async or given is not None:
+        yield given if cfg.train.val_async else None
+        return
+    bundle = validation_task_bundle(cfg.train.val_cpus, cfg.train.val_gpus)
+    group = ray.util.placement_group([bundle])
+    try:
+        while not ray.wait([group.ready()], timeout=report_every_s)[0]:
+            log.info("waiting for the cluster to grant the validation task's %s", bundle)
+        yield group, 0
+    finally:
+        ray.util.remove_placement_group(group)
 
 
 def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, int], gpu: bool = False,
                     cpus_per_worker: float | None = None, max_failures: int = 3, callbacks: list | None = None,
-                    progress: bool = True, resize_check_seconds: float = 60.0, on_validated=None) -> Path | str:
+                    progress: bool = True, resize_check_seconds: float = 60.0, on_validated=None,
+                    validation_bundle: tuple | None = None) -> Path | str:
     """Train through Ray Train; returns the run directory (holding summary.json). ``workers``: a
     number, or (min, max) for an elastic group, which Ray starts with what the cluster has and
     resizes (from the latest checkpoint) as nodes come and go, looking every
     ``resize_check_seconds``. ``callbacks``: Ray Train callbacks, e.g. the one that forwards
     reports to a Tune trial. ``cpus_per_worker`` None: ``even_share_of_cpus`` of the most workers
-    (less a validation task's, under ``train.val_async``). ``on_validated``: ``EpochValidator``'s.
+    (less a validation task's, under ``train.val_async``). ``on_validated``: ``EpochValidator``'s;
+    ``validation_bundle``: ``validation_placement``'s ``given``.
     ``out_dir`` may be a URI (``s3://bucket/runs/name``): Ray keeps its checkpoints there, and rank 0
     copies the run's files there as it writes them (``storage.RunUpload``)."""
     remote = is_uri(out_dir)
@@ -224,47 +240,41 @@ def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, 
                     "train.checkpoint_steps each resize loses the epoch so far")
     val_async = cfg.train.val_async
     cpus_per_worker = cpus_per_worker or even_share_of_cpus(high, cfg.train.val_cpus if val_async else 0.0)
-    validation = None
     if val_async:
         check_room_for_validation(cfg, high, cpus_per_worker, gpu)
         if gpu and not cfg.train.val_gpus:
             log.warning("train.val_async: the workers have GPUs and the validation task none (train.val_gpus=0): "
                         "it validates on %g CPUs, and the run waits for it at the end", cfg.train.val_cpus)
+    with validation_placement(cfg, validation_bundle) as placement:
         # retry_exceptions: a validation is seeded and its writes idempotent, so a rerun is safe.
-        # Its own placement group: not the Tune trial's (which holds no CPU: tune.run_sweep), and
-        # reserved for the whole run (reserve_validation_resources).
-        reservation = reserve_validation_resources(cfg)
-        validation = ValidationConfig(EpochValidator(cfg, out, on_validated), ray_remote_kwargs={
+        validation = placement and ValidationConfig(EpochValidator(cfg, out, on_validated), ray_remote_kwargs={
             "num_cpus": cfg.train.val_cpus, "num_gpus": cfg.train.val_gpus, "max_retries": 3,
-            "retry_exceptions": True, "scheduling_strategy": PlacementGroupSchedulingStrategy(reservation, 0)})
-    trainer = ray.train.torch.TorchTrainer(
-        _worker,
-        train_loop_config={"cfg": cfg.to_dict(), "out": str(out), "threads": max(1, int(cpus_per_worker)),
-                           "progress": progress, "validates_async": val_async},
-        scaling_config=ScalingConfig(num_workers=high if low == high else (low, high), use_gpu=gpu,
-                                     elastic_resize_monitor_interval_s=resize_check_seconds,
-                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}),
-        run_config=RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks,
-            # A preemption is not a failure: Ray retries those without limit (max_preemption_failures).
-            failure_config=FailureConfig(max_failures=max_failures),
-            # The latest only, the one a restart resumes from (inside an epoch too); the best by
-            # validation is the run directory's best.safetensors.
-            checkpoint_config=CheckpointConfig(num_to_keep=1)),
-        validation_config=validation,
-    )
-    try:
-        result = trainer.fit()
-        if result.error:
-            raise result.error
-    except Exception:
-        if remote:
-            with tempfile.TemporaryDirectory() as copy:
-                check_not_diverged(download_run(out, Path(copy)))
-        else:
-            check_not_diverged(out)  # a worker's non-finite loss: its one line, not Ray's traceback
-        raise
-    finally:
-        if validation is not None:
-            ray.util.remove_placement_group(reservation)
+            "retry_exceptions": True, "scheduling_strategy": PlacementGroupSchedulingStrategy(*placement)})
+        trainer = ray.train.torch.TorchTrainer(
+            _worker,
+            train_loop_config={"cfg": cfg.to_dict(), "out": str(out), "threads": max(1, int(cpus_per_worker)),
+                               "progress": progress, "validates_async": val_async},
+            scaling_config=ScalingConfig(num_workers=high if low == high else (low, high), use_gpu=gpu,
+                                         elastic_resize_monitor_interval_s=resize_check_seconds,
+                                         resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+            run_config=RunConfig(
+                name=name, storage_path=storage_path, callbacks=callbacks,
+                # A preemption is not a failure: Ray retries those without limit (max_preemption_failures).
+                failure_config=FailureConfig(max_failures=max_failures),
+                # The latest only, the one a restart resumes from (inside an epoch too); the best by
+                # validation is the run directory's best.safetensors.
+                checkpoint_config=CheckpointConfig(num_to_keep=1)),
+            validation_config=validation,
+        )
+        try:
+            result = trainer.fit()
+            if result.error:
+                raise result.error
+        except Exception:
+            if remote:
+                with tempfile.TemporaryDirectory() as copy:
+                    check_not_diverged(download_run(out, Path(copy)))
+            else:
+                check_not_diverged(out)  # a worker's non-finite loss: its one line, not Ray's traceback
+            raise
     return out

@@ -123,7 +123,7 @@ class BatchEvaluator:
                                                   seed=batch_seed(self.spec.seed, b))
                 yield {"batch": b, "correct": {k: "".join("1" if c else "0" for c in v.tolist())
                                                for k, v in correct.items()},
-                       **({"autoattack_flags": flags} if flags else {})}
+                       **({"autoattack_flags": flags} if "autoattack" in self.attacks else {})}
             if b == last:  # not one batch more: a folder loader would start on it
                 break
 
@@ -182,10 +182,13 @@ class Parts:
                 merged[name].append(correct[name])
         return {name: "".join(bits) for name, bits in merged.items()}
 
-    def autoattack_flags(self) -> dict[str, list[str]]:
-        """AutoAttack's own warnings (``core.attacks.autoattack_flags``) by batch, for the batches that have any."""
-        parts = {b: self._read(self.path(b)) for b in range(self.num_batches)}
-        return {str(b): part["autoattack_flags"] for b, part in parts.items() if part.get("autoattack_flags")}
+    def autoattack_flags(self) -> dict[str, list[str]] | None:
+        """AutoAttack's own warnings (``core.attacks.autoattack_flags``) by batch, for the batches that
+        have any; None when a batch was evaluated by code that did not record them."""
+        parts = [self._read(self.path(b)) for b in range(self.num_batches)]
+        if any("autoattack_flags" not in part for part in parts):
+            return None
+        return {str(b): part["autoattack_flags"] for b, part in enumerate(parts) if part["autoattack_flags"]}
 
 
 def run_batches(spec: EvalSpec, parts: Parts, workers: int, test=None) -> int:
@@ -365,7 +368,7 @@ def evaluate_checkpoint(args: argparse.Namespace, local: Path) -> int:
     if result["gradient_masking_suspected"]:
         print(f"WARNING: a gradient-free attack beats the gradient attacks by more than {MASKING_MARGIN:.0%}: "
               "the model likely masks gradients, and its gradient-based robust accuracy overstates robustness")
-    for batch, flags in result.get("autoattack_flags", {}).items():
+    for batch, flags in (result.get("autoattack_flags") or {}).items():
         print(f"WARNING: AutoAttack's own checks, batch {batch} (examples from {int(batch) * args.batch_size}): "
               + " | ".join(flags))
     if args.json:

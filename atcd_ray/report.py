@@ -121,6 +121,8 @@ def run_report(run: Path, out: Path, eval_n: int, steps: list[int], eps_scales: 
         lines += ["## RobustBench-style entry", "",
                   f"From {evaluation['_file']} (commit {entry['commit']}): written to robustbench.json.", "",
                   markdown_table([{k: entry[k] for k in ENTRY_COLUMNS}], list(ENTRY_COLUMNS)), ""]
+        if entry["autoattack_flags"] is None:
+            lines += ["AutoAttack's own warnings: not recorded (evaluated by code that did not keep them).", ""]
         for batch, flags in (entry["autoattack_flags"] or {}).items():
             lines += [f"AutoAttack's own checks warned on batch {batch}: " + " | ".join(flags), ""]
 

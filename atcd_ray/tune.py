@@ -250,8 +250,12 @@ def _trial(config: dict, study: Study, sizing: Sizing, sweep_dir: str) -> None:
     # queue Ray's callback puts reports in (a private attribute of it: tests/test_async_validation.py
     # fails if the records stop arriving).
     forward = ForwardToTune(report._training_actor_item_queue, study.metric) if cfg.train.val_async else None
+    # The validation task's bundle is the trial's own second one (run_sweep): Tune frees it with the trial.
+    import ray
+
     fit_distributed(cfg, run_dir, sizing.workers, sizing.gpu, sizing.cpus_per_worker, sizing.max_failures,
-                    callbacks=[report], on_validated=forward)
+                    callbacks=[report], on_validated=forward,
+                    validation_bundle=(ray.util.get_current_placement_group(), 1) if cfg.train.val_async else None)
 
 
 def objective(record: dict, weights: dict[str, float]) -> float:
@@ -319,7 +323,7 @@ def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None =
     import ray
     from ray import tune
 
-    from .distributed import init_ray
+    from .distributed import init_ray, validation_task_bundle
 
     out = out.resolve()
     existing = tune.Tuner.can_restore(str(out))
@@ -338,8 +342,10 @@ def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None =
         concurrent = max_concurrent or fits
     trainable = tune.with_parameters(_trial, study=study, sizing=sizing, sweep_dir=str(out))
     # The trial function only waits on its TorchTrainer, whose workers reserve the CPUs and GPUs.
-    # Tune refuses an empty request, so the function reserves a token 1 MiB of memory, no CPU.
-    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 2**20})
+    # Tune refuses an empty request, so the function reserves a token 1 MiB of memory, no CPU; and
+    # under train.val_async a second bundle, its validation task's (distributed.validation_placement).
+    bundles = [{"CPU": 0, "memory": 2**20}, *([validation_task_bundle(*sizing.validation)] * any(sizing.validation))]
+    trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(bundles))
     if resume:
         tuner = tune.Tuner.restore(str(out), trainable, resume_errored=True)
     else:

@@ -39,9 +39,15 @@ def test_validation_runs_beside_training_and_tune_and_the_best_checkpoint_use_it
     out = tmp_path / "sweep"
     space = _space(tmp_path, fixed={"train.val_async": True, **dict(RUN)}, scheduler={"name": "fifo"},
                    metric={"val_robust_acc": 1.0, "val_clean_acc": 0.5}, params={"optim.lr": {"grid": [0.05]}})
+    # The plant only notes the placement group epoch 1's validation runs in (released at once).
+    (tmp_path / "released").touch()
+    env = _planted_env(tmp_path, PLANT="hold", PLANT_EPOCH="1", PLANT_HELD=str(tmp_path / "group"),
+                       PLANT_RELEASE=str(tmp_path / "released"))
     proc = subprocess.run([sys.executable, "-m", "atcd_ray.tune", str(space), "--out", str(out)],
-                          capture_output=True, text=True, env=_env(), timeout=800)
+                          capture_output=True, text=True, env=env, timeout=800)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    # In a placement group: the trial's own (its second bundle, which Tune frees with the trial)
+    assert (tmp_path / "group").read_text() not in ("", "None")
     (trial,) = [p for p in (out / "runs").iterdir()]
     validated, history = _records(trial / "validation.jsonl"), _records(trial / "metrics.jsonl")
     assert [v["epoch"] for v in validated] == [h["epoch"] for h in history] == [1, 2, 3]
@@ -149,7 +155,9 @@ class PlantInValidation:
                         raise RuntimeError("planted failure of this validation")
                     import ray  # which placement group the task runs in: the run's reservation
                     group = ray.get_runtime_context().get_placement_group_id()
-                    pathlib.Path(os.environ["PLANT_HELD"]).write_text(str(group))
+                    held = pathlib.Path(os.environ["PLANT_HELD"])
+                    held.with_suffix(".tmp").write_text(str(group))
+                    held.with_suffix(".tmp").rename(held)  # whole when it appears
                     deadline = time.time() + 300
                     while not os.path.exists(os.environ["PLANT_RELEASE"]) and time.time() < deadline:
                         time.sleep(0.2)
@@ -164,17 +172,34 @@ sys.meta_path.insert(0, PlantInValidation())
 '''
 
 
-def _two_worker_run(tmp_path: Path, **plant: str) -> tuple[list[str], dict]:
-    """The command and environment of a 2-worker (DDP) run of RUN with async validation and a plant."""
+def _planted_env(tmp_path: Path, **plant: str) -> dict:
+    """The tests' environment for a run, with PLANT in every Python process it starts."""
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(PLANT)
     env = _env()
     env.update(PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{env['PYTHONPATH']}", **plant)
+    return env
+
+
+def _two_worker_run(tmp_path: Path, **plant: str) -> tuple[list[str], dict]:
+    """The command and environment of a 2-worker (DDP) run of RUN with async validation and a plant."""
+    env = _planted_env(tmp_path, **plant)
     # 2 workers of half a CPU and a task of one: what fits on a 2-core machine
     command = [sys.executable, "-m", "atcd_ray.train", "digits", "--workers", "2", "--cpus-per-worker", "0.5",
                "--quiet", "--out", str(tmp_path / "run"), "--set", "train.val_async=true",
                *[a for k, v in RUN for a in ("--set", f"{k}={json.dumps(v)}")]]
     return command, env
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)  # this run's processes only
+
+
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # gone meanwhile: Ray's processes come and go
+        return ""
 
 
 @pytest.mark.timeout(900)
@@ -215,10 +240,8 @@ def test_a_worker_killed_while_a_validation_is_pending(tmp_path):
         while not held.exists():
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
             time.sleep(0.2)
-        time.sleep(0.2)  # the id is written whole by then
         assert held.read_text() not in ("", "None")  # the task runs in the run's reserved placement group
-        workers = sorted(p.pid for p in psutil.Process(proc.pid).children(recursive=True)  # this run's only
-                         if "ray::RayTrainWorker" in " ".join(p.cmdline()))
+        workers = sorted(p.pid for p in _children(proc.pid) if "ray::RayTrainWorker" in _cmdline(p))
         assert len(workers) == 2
         os.kill(workers[-1], signal.SIGKILL)
         while "resuming from" not in log.read_text():  # the new group has started from the checkpoint

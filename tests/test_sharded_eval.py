@@ -107,6 +107,11 @@ def test_autoattacks_own_warnings_are_kept_by_batch(checkpoint, tmp_path, monkey
     assert run_main(evaluate.main, [*args, "--json", str(tmp_path / "masked.json")]) == 0
     again = json.loads((tmp_path / "masked.json").read_text())
     assert again["batches_computed"] == 0 and again["autoattack_flags"] == flags
+    # A batch from code that did not record them: "not recorded" (None), not "none" ({})
+    part = tmp_path / "masked.json.parts" / "batch-000001.json"
+    part.write_text(json.dumps({k: v for k, v in json.loads(part.read_text()).items() if k != "autoattack_flags"}))
+    assert run_main(evaluate.main, [*args, "--json", str(tmp_path / "masked.json")]) == 0
+    assert json.loads((tmp_path / "masked.json").read_text())["autoattack_flags"] is None
 
 
 def test_an_interrupted_evaluation_computes_only_the_batches_it_lacks(checkpoint, tmp_path, monkeypatch):

@@ -15,8 +15,9 @@ have another size, and the trainer re-cuts the per-rank state for it (``trainer.
 
 Under ``train.val_async`` each epoch's checkpoint is reported for validation (Ray Train's
 ``ValidationConfig``): Ray's controller runs ``EpochValidator`` on it as a task with resources of
-its own (reserved for the run in a placement group), one at a time and in order, keeps the checkpoint until it is validated, and reruns the
-validations a restart interrupted; the workers train on meanwhile.
+its own (reserved for the run in a placement group), one at a time and in order, keeps the
+checkpoint until it is validated, and reruns the validations a restart interrupted; the workers
+train on meanwhile.
 """
 from __future__ import annotations
 
@@ -198,9 +199,9 @@ def validation_placement(cfg: Config, given: tuple | None, report_every_s: float
     behind other work for as long as that work runs. ``given``: a Tune trial's own group and the
     bundle ``tune.run_sweep`` added for it (Tune frees it with the trial, however the trial ends);
     else a group is reserved here, waiting until the cluster grants it (as Ray Train waits for its
-    workers), and removed after the run. None without ``train.val_async``."""
+    workers), and removed after the run. Without ``train.val_async``: ``given`` (None)."""
     if not cfg.train.val_async or given is not None:
-        yield given if cfg.train.val_async else None
+        yield given
         return
     bundle = validation_task_bundle(cfg.train.val_cpus, cfg.train.val_gpus)
     group = ray.util.placement_group([bundle])
@@ -247,9 +248,10 @@ def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, 
                         "it validates on %g CPUs, and the run waits for it at the end", cfg.train.val_cpus)
     with validation_placement(cfg, validation_bundle) as placement:
         # retry_exceptions: a validation is seeded and its writes idempotent, so a rerun is safe.
-        validation = placement and ValidationConfig(EpochValidator(cfg, out, on_validated), ray_remote_kwargs={
+        validation = ValidationConfig(EpochValidator(cfg, out, on_validated), ray_remote_kwargs={
             "num_cpus": cfg.train.val_cpus, "num_gpus": cfg.train.val_gpus, "max_retries": 3,
-            "retry_exceptions": True, "scheduling_strategy": PlacementGroupSchedulingStrategy(*placement)})
+            "retry_exceptions": True, "scheduling_strategy": PlacementGroupSchedulingStrategy(*placement),
+        }) if val_async else None
         trainer = ray.train.torch.TorchTrainer(
             _worker,
             train_loop_config={"cfg": cfg.to_dict(), "out": str(out), "threads": max(1, int(cpus_per_worker)),

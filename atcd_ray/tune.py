@@ -228,6 +228,7 @@ class Sizing:
 def _trial(config: dict, study: Study, sizing: Sizing, sweep_dir: str) -> None:
     """One trial: a TorchTrainer whose reports reach Tune. A restarted trial (after a failure or
     ``--resume``) finds its run directory and resumes it from the last checkpoint."""
+    import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -251,11 +252,9 @@ def _trial(config: dict, study: Study, sizing: Sizing, sweep_dir: str) -> None:
     # fails if the records stop arriving).
     forward = ForwardToTune(report._training_actor_item_queue, study.metric) if cfg.train.val_async else None
     # The validation task's bundle is the trial's own second one (run_sweep): Tune frees it with the trial.
-    import ray
-
+    validation_bundle = (ray.util.get_current_placement_group(), 1) if cfg.train.val_async else None
     fit_distributed(cfg, run_dir, sizing.workers, sizing.gpu, sizing.cpus_per_worker, sizing.max_failures,
-                    callbacks=[report], on_validated=forward,
-                    validation_bundle=(ray.util.get_current_placement_group(), 1) if cfg.train.val_async else None)
+                    callbacks=[report], on_validated=forward, validation_bundle=validation_bundle)
 
 
 def objective(record: dict, weights: dict[str, float]) -> float:

@@ -1,9 +1,14 @@
 """The Hamiltonian dynamics shared by ATCD's trajectory and the HMC attack (paper, Eq. 3-11 and A.6).
 
-State per example: position offset ``delta`` (theta = x + delta) and momentum ``v``. The updates
-are FGSM-normalised (sign), as the paper's Eq. 10-11 read the FGSM family as HMC:
-    v     <- clip(v + alpha * sign(g), -eps, eps)    (v - alpha * grad U with U = -J)
-    delta <- P(delta + eta * sign(v))                (theta + eta * grad K(v), K(v) = |v|)
+State per example: position offset ``delta`` (theta = x + delta) and momentum ``v``. A step is a
+kick (the momentum, v - alpha * grad U with U = -J) and a drift (the position, theta + eta *
+grad K(v) with K(v) = |v|). By default both are FGSM-normalised (sign), as the paper's Eq. 10-11
+read the FGSM family as HMC:
+    v     <- clip(v + alpha * sign(g), -eps, eps)
+    delta <- P(delta + eta * sign(v))
+``kick(direction="gradient")`` uses the raw gradient of Algorithm 1 instead, per example divided
+by its mean absolute value (MI-FGSM's L1 normalisation, times the dimension), so that ``alpha``
+keeps the units of eps: the mean |kick| is alpha whatever the gradient's scale.
 """
 from __future__ import annotations
 
@@ -13,11 +18,26 @@ from .losses import cross_entropy, mh_log_accept
 from .threat import project, uniform_start
 
 
-def leapfrog(x, delta, v, grad, eps, alpha, eta, momentum=True):
-    """One step of the chain; ``momentum=False`` replaces v by the current signed gradient."""
-    v = (v + alpha * grad.sign()) if momentum else alpha * grad.sign()
-    v = v.clamp(-eps, eps)
-    return project(delta + eta * v.sign(), x, eps), v
+def kick(v, grad, *, alpha, eps, momentum=True, direction="sign"):
+    """The momentum step: ``v + alpha * d`` clipped to [-eps, eps], d the signed (``sign``) or
+    per-example L1-normalised (``gradient``) gradient; ``momentum=False`` replaces v by the step."""
+    if direction == "sign":
+        step = alpha * grad.sign()
+    else:
+        scale = grad.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, *[1] * (grad.ndim - 1))
+        step = alpha * grad / scale
+    return ((v + step) if momentum else step).clamp(-eps, eps)
+
+
+def drift(x, delta, v, *, eta, eps):
+    """The position step: ``delta + eta * sign(v)`` (grad K(v) for K(v) = |v|), projected."""
+    return project(delta + eta * v.sign(), x, eps)
+
+
+def leapfrog(x, delta, v, grad, *, eps, alpha, eta):
+    """One kick-then-drift step of the chain (the HMC attack's proposal)."""
+    v = kick(v, grad, alpha=alpha, eps=eps)
+    return drift(x, delta, v, eta=eta, eps=eps), v
 
 
 def kinetic(v, eps, kappa):
@@ -60,7 +80,7 @@ def hmc_attack(model, x, y, eps, proposals, alpha=None, eta=None, tau=1.0, kappa
     u, grad, score = energy_and_grad(delta)
     best, best_score, sequence = x + delta, score, []
     for _ in range(proposals):
-        new_delta, new_v = leapfrog(x, delta, v, grad, eps, alpha, eta)
+        new_delta, new_v = leapfrog(x, delta, v, grad, eps=eps, alpha=alpha, eta=eta)
         new_u, new_grad, new_score = energy_and_grad(new_delta)
         accept = mh_accept(u + kinetic(v, eps, kappa), new_u + kinetic(new_v, eps, kappa), tau)
         delta, u, grad = select_examples(accept, new_delta, delta), torch.where(accept, new_u, u), select_examples(accept, new_grad, grad)

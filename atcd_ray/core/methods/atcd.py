@@ -18,21 +18,25 @@ Algorithm 1, numbered as the comments below cite it (w the weights, w~ the previ
     13          w <- w - lr * g_w
 
 Per example the chain holds a position offset ``delta`` (theta = x + delta) and a momentum ``v``;
-lines 7-9 are ``core/hmc.py: leapfrog`` (kick, then drift: ALGORITHM_NOTES.md, decision 1).
+lines 7-9 are ``core/hmc.py: drift`` and ``kick``. Where Algorithm 1 is open to more than one
+reading, an option names each (``init``, ``kick``, ``order``, ``mh_start``); docs/ALGORITHM_NOTES.md
+gives the paper's words, ours, and the ablation that chose the recipes' values.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 from ..batchnorm import BatchStatistics
-from ..hmc import kinetic, leapfrog, mh_accept, select_examples
+from ..hmc import drift, kick, kinetic, mh_accept, select_examples
 from ..losses import cd_potential
 from ..threat import project, uniform_start
 from .base import Method, accuracy
@@ -51,7 +55,20 @@ class ATCDOptions:
     tau: float = 1.0  # M-H temperature
     kappa: float = 1.0  # weight of the kinetic energy, scaled into [0, kappa]
     reuse_grad: bool = False  # the update's backward also yields the next replay's first step
-    init: str = "carry"  # "carry": the chain persists across minibatches; "uniform": fresh each minibatch
+    # Line 4, the chain's start on a new minibatch: "carry": delta and v persist from the last
+    # minibatch (Section 5's persistent chain); "carry_delta": delta persists, v restarts at the
+    # start's offset (as theta^0 = x + v_0 does); "uniform": fresh each minibatch, as line 4 reads.
+    init: str = "carry"
+    kick: str = "sign"  # line 8's step: "sign" (FGSM-normalised) or "gradient" (per-example L1-normalised)
+    # Lines 7-8: "kick_drift" kicks with the gradient at the step's start, then drifts with the new
+    # momentum (ALGORITHM_NOTES.md, decision 1); "drift_kick" drifts with the old momentum, then
+    # kicks with the gradient at the new position, as Algorithm 1 writes them.
+    order: str = "kick_drift"
+    # H_old of line 10, when no trajectory pass of this replay was made at its start (reuse_grad's
+    # first step; drift_kick): "evaluate" runs the current weights there (a forward, no backward),
+    # so that H_old and H_new are one energy function; "reuse" takes the last update's forward (the
+    # previous weights), and a replay with no such forward (a minibatch's first) is not tested.
+    mh_start: str = "evaluate"
     cd_target: str = "cached"  # "cached": p_prev from the last update's forward; "exact": old weights at theta
     # After an M-H rejection the update needs the logits at the reverted rows. "rows": run only
     # those rows again (BatchNorm layers normalise them with the proposal forward's statistics);
@@ -74,14 +91,22 @@ class ATCDOptions:
                 raise ValueError(f"{name} must be > 0 (or null for eps)")
         if self.tau < 0 or self.kappa < 0:
             raise ValueError("tau and kappa must be >= 0")
-        if self.init not in ("carry", "uniform"):
-            raise ValueError("init must be one of: carry, uniform")
+        for name, allowed in (("init", ("carry", "carry_delta", "uniform")), ("kick", ("sign", "gradient")),
+                              ("order", ("kick_drift", "drift_kick")), ("mh_start", ("evaluate", "reuse"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of: {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.reuse_grad and self.order == "drift_kick":
+            raise ValueError("reuse_grad needs order: kick_drift (drift_kick's first kick needs the gradient at "
+                             "a position the last update never saw)")
         if self.cd_target not in ("cached", "exact"):
             raise ValueError("cd_target must be one of: cached, exact")
         if self.mh_rerun not in (None, "rows", "batch"):
             raise ValueError("mh_rerun must be one of: rows, batch (or null: batch on CUDA, rows on the CPU)")
         if self.rerun_capacity is not None and not 0 < self.rerun_capacity <= 1:
             raise ValueError("rerun_capacity must be in (0, 1] (or null)")
+
+
+DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 class Chain(NamedTuple):
@@ -107,6 +132,11 @@ class ATCD(Method):
         self.pending_potential: torch.Tensor | None = None
         self.previous_weights: dict | None = None  # w~, kept only for cd_target = exact
         self.batch_stats = BatchStatistics(self.model)  # re-running rejected rows under BatchNorm
+        # Under the M-H test a network with dropout draws one mask per replay, shared by every
+        # forward of the replay (trajectory, H_old, the update), so that the test compares
+        # energies, not masks (the mask noise in U exceeded a step's change on SmallCNN).
+        self.shared_masks = options.mh and any(isinstance(m, DROPOUT) for m in self.model.modules())
+        self.replay_seed: int | None = None
 
     @staticmethod
     def passes(options):
@@ -120,13 +150,15 @@ class ATCD(Method):
         p_prev = None  # f_w~(theta^K) of line 1; none before the first update: p_prev = y
         losses, decisions = [], []
         for _ in range(self.options.T):  # line 5
+            if self.shared_masks and self.model.training:
+                self.replay_seed = int(torch.randint(2**62, ()))  # this replay's dropout masks
             start, proposal = self._trajectory(x, y, chain, p_prev)  # lines 6-9
             x_adv, logits = self._forward(x, proposal)  # Stage 2's forward, also H_new for line 10
             chain, logits, decision = self._metropolis_hastings(x, y, start, proposal, x_adv, logits, p_prev)
             loss, p_prev = self._update(x_adv, logits, y)  # lines 11-13
             losses.append(loss)
             decisions += [decision] if decision else []
-        self.delta, self.v = chain.delta.detach(), chain.v.detach()
+        self.delta, self.v, self.replay_seed = chain.delta.detach(), chain.v.detach(), None
         stats = {"loss": torch.stack(losses).mean(), "train_acc": accuracy(logits, y)}
         for key in decisions[0] if decisions else ():
             stats[key] = torch.cat([d[key] for d in decisions]).float().mean()
@@ -135,26 +167,38 @@ class ATCD(Method):
     def _start(self, x):
         """Line 4: the chain for this minibatch, carried over (projected onto x's ball) or fresh."""
         self.pending_potential = None  # an energy at another x means nothing here
-        if self.options.init == "carry" and self.delta is not None and self.delta.shape == x.shape:
-            return Chain(project(self.delta, x, self.eps), self.v)
+        init = self.options.init
+        if init != "uniform" and self.delta is not None and self.delta.shape == x.shape:
+            delta = project(self.delta, x, self.eps)
+            return Chain(delta, self.v if init == "carry" else delta.clone())
         self.pending_grad = None
         delta = uniform_start(x, self.eps)
         return Chain(delta, delta.clone())  # theta^0 = x + v_0
 
     def _trajectory(self, x, y, chain, p_prev):
-        """Stage 1, lines 6-9: K steps on U = -J_cd. Returns the start, with U there for the M-H
-        test, and the proposal. With reuse_grad the first step's gradient is the one the last
-        update's backward left (ALGORITHM_NOTES.md, decisions 2-3), so it costs no pass."""
+        """Stage 1, lines 6-9: K steps on U = -J_cd, each a kick (line 8) and a drift (line 7) in
+        the option's order. Returns the start, with U there when a pass of this replay saw it (for
+        the M-H test), and the proposal. With reuse_grad the first kick's gradient is the one the
+        last update's backward left (ALGORITHM_NOTES.md, decisions 2-3), so it costs no pass."""
         o, start = self.options, chain
         for k in range(o.K):
+            delta, v = chain.delta, chain.v
+            if o.order == "drift_kick":
+                delta = drift(x, delta, v, eta=self.eta, eps=self.eps)
             if k == 0 and o.reuse_grad:
-                grad, start = self.pending_grad, chain._replace(potential=self.pending_potential)
+                grad = self.pending_grad
+                if o.mh_start == "reuse":
+                    start = start._replace(potential=self.pending_potential)
                 if grad is None:  # a fresh chain has no gradient yet: the replay trains on its start
                     continue
             else:
-                grad, potential = self._potential_grad(x, chain.delta, y, p_prev)
-                start = chain._replace(potential=potential) if k == 0 else start
-            chain = Chain(*leapfrog(x, chain.delta, chain.v, grad, self.eps, self.alpha, self.eta, o.momentum))
+                grad, potential = self._potential_grad(x, delta, y, p_prev)
+                if k == 0 and o.order == "kick_drift":  # this pass was at the start: H_old for free
+                    start = start._replace(potential=potential)
+            v = kick(v, grad, alpha=self.alpha, eps=self.eps, momentum=o.momentum, direction=o.kick)
+            if o.order == "kick_drift":
+                delta = drift(x, delta, v, eta=self.eta, eps=self.eps)
+            chain = Chain(delta, v)
         return start, chain
 
     def _forward(self, x, proposal):
@@ -163,15 +207,19 @@ class ATCD(Method):
         x_adv = (x + proposal.delta).detach().requires_grad_(self.options.reuse_grad)
         recording = self.options.mh and self._rerun_mode(x) == "rows"
         with self.batch_stats.record() if recording else contextlib.nullcontext():
-            return x_adv, self.loss_model(x_adv)
+            return x_adv, self._net(self.loss_model, x_adv)
 
     def _metropolis_hastings(self, x, y, start, proposal, x_adv, logits, p_prev):
         """Line 10: per example, keep the proposal with probability min(1, exp((H_old - H_new) /
         tau)), H = U + kappa mean|v| / eps, else revert to the replay's start; then the update's
         logits at the corrected chain. Returns (chain, logits, decision or None)."""
         o = self.options
-        if not o.mh or start.potential is None:  # reuse_grad's first replay: U at the start unknown
+        if not o.mh or proposal.delta is start.delta:  # no step was made (reuse_grad, fresh chain)
             return proposal, logits, None
+        if start.potential is None:
+            if o.mh_start == "reuse":  # the minibatch's first replay: its start was never evaluated
+                return proposal, logits, None
+            start = start._replace(potential=self._potential(x, start.delta, y, p_prev))
         potential = -cd_potential(logits.detach(), y, self._p_prev(x_adv.detach(), p_prev), o.lam, o.rho)
         accept = mh_accept(start.potential + kinetic(start.v, self.eps, o.kappa),
                            potential + kinetic(proposal.v, self.eps, o.kappa), o.tau)
@@ -187,7 +235,7 @@ class ATCD(Method):
         from the exact re-run is bounded in tests/test_methods.py). Returns (logits, overflow):
         rejected rows left at their proposal for want of capacity, or None when there is none."""
         if self._rerun_mode(x_adv) == "batch":
-            return self.loss_model(x_adv + shift), None
+            return self._net(self.loss_model, x_adv + shift), None
         capacity = self.options.rerun_capacity or (0.25 if rejected.is_cuda else None)
         rejected_first = torch.argsort(rejected.to(torch.uint8), descending=True, stable=True)
         rows = rejected_first[:math.ceil(capacity * len(rejected)) if capacity else int(rejected.sum())]
@@ -215,6 +263,7 @@ class ATCD(Method):
         if o.reuse_grad:
             # At w~ and this theta, p = p_prev, so grad J_cd = (lam - rho) * grad CE (decision 3).
             self.pending_grad = (o.lam - o.rho) * x_adv.grad
+        if o.mh_start == "reuse":  # U at the next replay's start, by the weights before this step
             self.pending_potential = -cd_potential(logits.detach(), y, p_prev, o.lam, o.rho)
         return loss.detach(), p_prev
 
@@ -222,15 +271,32 @@ class ATCD(Method):
         if p_prev is None or self.options.cd_target == "cached":
             return p_prev
         with torch.no_grad():  # exact: the previous weights evaluated at this theta
-            return F.softmax(functional_call(self.model, self.previous_weights, (x_adv,)).float(), dim=1)
+            previous = functools.partial(functional_call, self.model, self.previous_weights)
+            return F.softmax(self._net(lambda inputs: previous((inputs,)), x_adv).float(), dim=1)
 
     def _potential_grad(self, x, delta, y, p_prev):
         """One pass: grad_theta J_cd at theta = x + delta, and U = -J_cd there, per example."""
         x_adv = (x + delta).detach().requires_grad_(True)
-        logits = self.model(x_adv)
+        logits = self._net(self.model, x_adv)
         j = cd_potential(logits, y, self._p_prev(x_adv.detach(), p_prev), self.options.lam, self.options.rho)
         (grad,) = torch.autograd.grad(j.sum(), x_adv)
         return grad, -j.detach()
+
+    def _potential(self, x, delta, y, p_prev):
+        """U = -J_cd at theta = x + delta by the current weights: a forward, no backward."""
+        with torch.no_grad():
+            x_adv = x + delta
+            logits = self._net(self.model, x_adv)
+            return -cd_potential(logits, y, self._p_prev(x_adv, p_prev), self.options.lam, self.options.rho)
+
+    def _net(self, net, x_adv):
+        """``net(x_adv)``; in a replay of a dropout network, with the replay's dropout masks (the
+        default generator forked and seeded alike for every forward, then restored)."""
+        if self.replay_seed is None:
+            return net(x_adv)
+        with torch.random.fork_rng(devices=[x_adv.device] if x_adv.is_cuda else []):
+            torch.manual_seed(self.replay_seed)
+            return net(x_adv)
 
     def state_dict(self):
         state = {"delta": self.delta, "v": self.v, "pending_grad": self.pending_grad}

@@ -57,23 +57,24 @@ def test_gradient_kick_has_mean_magnitude_alpha_and_ignores_the_gradient_scale()
     assert kick(zero, grad, alpha=1.0, eps=0.1, direction="gradient").abs().max() <= 0.1  # clipped to eps
 
 
-def test_drift_kick_moves_with_the_old_momentum_first():
-    """drift_kick: the trajectory's first pass is at theta^0 + eta sign(v_0), where kick_drift's is
-    at theta^0; the proposal is one drift along v_0 (K = 1), whatever the gradient."""
+def test_drift_kick_moves_along_the_old_momentum():
+    """Both orders take the gradient at the step's start (Stage 0's U at theta^(k-1)); drift_kick
+    then moves along v_0, kick_drift along the kicked momentum: with K = 1 drift_kick's proposal
+    is theta^0 + eta sign(v_0) whatever the gradient, and the momentum both end with is the same."""
     x, y = batches(1)[0]
-    for order, first_at_start in (("drift_kick", False), ("kick_drift", True)):
+    ends = {}
+    for order in ("drift_kick", "kick_drift"):
         method = make("atcd", ATCDOptions(T=1, K=1, mh=False, init="uniform", order=order))
         torch.manual_seed(3)
         method.step(x, y)
         torch.manual_seed(3)
         start = (x + torch.empty_like(x).uniform_(-EPS, EPS)).clamp(0, 1) - x
         trajectory, update = method.model.inputs
-        drifted = x + ((x + (start + EPS * start.sign()).clamp(-EPS, EPS)).clamp(0, 1) - x)
-        if first_at_start:
-            torch.testing.assert_close(trajectory, x + start)
-        else:
-            torch.testing.assert_close(trajectory, drifted)
-            torch.testing.assert_close(update, drifted)  # K = 1: the proposal is that one drift
+        torch.testing.assert_close(trajectory, x + start)  # the gradient at theta^0, in both
+        along_v0 = x + ((x + (start + EPS * start.sign()).clamp(-EPS, EPS)).clamp(0, 1) - x)
+        assert torch.allclose(update, along_v0) == (order == "drift_kick")
+        ends[order] = method.v
+    torch.testing.assert_close(ends["drift_kick"], ends["kick_drift"])
 
 
 def _h_old(monkeypatch):
@@ -143,11 +144,6 @@ def test_one_dropout_mask_per_replay(shared, monkeypatch):
     assert (gap < 1e-3) if shared else (gap > 0.05), gap
 
 
-def test_reuse_grad_with_drift_kick_is_refused():
-    with pytest.raises(ValueError, match="reuse_grad needs order: kick_drift"):
-        ATCDOptions(reuse_grad=True, order="drift_kick").validate()
-
-
 def _no_dropout_net():
     torch.manual_seed(0)
     net = TinyNet()
@@ -181,7 +177,7 @@ def test_nfgsm_is_its_definition(clip):
 
 
 READINGS = [{"methods.atcd.init": "uniform"}, {"methods.atcd.init": "carry_delta"},
-            {"methods.atcd.kick": "gradient"}, {"methods.atcd.order": "drift_kick"},
+            {"methods.atcd.kick": "gradient"}, {"methods.atcd.order": "drift_kick", "methods.atcd.reuse_grad": True},
             {"methods.atcd.reuse_grad": True, "methods.atcd.mh_start": "reuse"}, {"train.method": "nfgsm"}]
 
 

@@ -84,8 +84,6 @@ TRAIN = [
     (["digits", "--set", "methods.atcd.kick=raw"], "methods.atcd: kick must be one of: sign, gradient"),
     (["digits", "--set", "methods.atcd.order=drift"], "methods.atcd: order must be one of: kick_drift, drift_kick"),
     (["digits", "--set", "methods.atcd.mh_start=old"], "methods.atcd: mh_start must be one of: evaluate, reuse"),
-    (["digits", "--set", "methods.atcd.order=drift_kick", "--set", "methods.atcd.reuse_grad=true"],
-     "methods.atcd: reuse_grad needs order: kick_drift"),
     (["digits", "--method", "nfgsm", "--set", "methods.nfgsm.k=-1"], "methods.nfgsm: k must be >= 0"),
     (["digits", "--method", "nfgsm", "--set", "methods.nfgsm.alpha_factor=0"], "methods.nfgsm: alpha_factor must be > 0"),
     (["digits", "--method", "nfgsm", "--set", "methods.nfgsm.clip=maybe"], "methods.nfgsm.clip: expected bool, got 'maybe'"),

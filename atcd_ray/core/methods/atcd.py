@@ -60,14 +60,14 @@ class ATCDOptions:
     # start's offset (as theta^0 = x + v_0 does); "uniform": fresh each minibatch, as line 4 reads.
     init: str = "carry"
     kick: str = "sign"  # line 8's step: "sign" (FGSM-normalised) or "gradient" (per-example L1-normalised)
-    # Lines 7-8: "kick_drift" kicks with the gradient at the step's start, then drifts with the new
-    # momentum (ALGORITHM_NOTES.md, decision 1); "drift_kick" drifts with the old momentum, then
-    # kicks with the gradient at the new position, as Algorithm 1 writes them.
+    # Lines 7-8, both from the gradient at the step's start: "kick_drift" kicks, then drifts
+    # along the new momentum (ALGORITHM_NOTES.md, decision 1); "drift_kick" drifts along the old
+    # momentum v_(t-1), then kicks, as Algorithm 1 writes them.
     order: str = "kick_drift"
-    # H_old of line 10, when no trajectory pass of this replay was made at its start (reuse_grad's
-    # first step; drift_kick): "evaluate" runs the current weights there (a forward, no backward),
-    # so that H_old and H_new are one energy function; "reuse" takes the last update's forward (the
-    # previous weights), and a replay with no such forward (a minibatch's first) is not tested.
+    # H_old of line 10 under reuse_grad, whose first step makes no pass at the replay's start:
+    # "evaluate" runs the current weights there (a forward, no backward), so that H_old and H_new
+    # are one energy function; "reuse" takes the last update's forward (the previous weights), and
+    # a replay with no such forward (a minibatch's first) is not tested.
     mh_start: str = "evaluate"
     cd_target: str = "cached"  # "cached": p_prev from the last update's forward; "exact": old weights at theta
     # After an M-H rejection the update needs the logits at the reverted rows. "rows": run only
@@ -95,9 +95,6 @@ class ATCDOptions:
                               ("order", ("kick_drift", "drift_kick")), ("mh_start", ("evaluate", "reuse"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of: {', '.join(allowed)}; got {getattr(self, name)!r}")
-        if self.reuse_grad and self.order == "drift_kick":
-            raise ValueError("reuse_grad needs order: kick_drift (drift_kick's first kick needs the gradient at "
-                             "a position the last update never saw)")
         if self.cd_target not in ("cached", "exact"):
             raise ValueError("cd_target must be one of: cached, exact")
         if self.mh_rerun not in (None, "rows", "batch"):
@@ -141,7 +138,8 @@ class ATCD(Method):
     @staticmethod
     def passes(options):
         """T replays of K trajectory passes and one training pass; reuse_grad saves one per replay.
-        The M-H re-run of rejected rows is not counted: wall seconds show it."""
+        Not counted, as they are no forward-and-backward pass: the M-H re-run of rejected rows and
+        the forward for H_old under reuse_grad with mh_start = evaluate; wall seconds show them."""
         return options.T * (options.K if options.reuse_grad else options.K + 1)
 
     def step(self, x, y):
@@ -176,15 +174,13 @@ class ATCD(Method):
         return Chain(delta, delta.clone())  # theta^0 = x + v_0
 
     def _trajectory(self, x, y, chain, p_prev):
-        """Stage 1, lines 6-9: K steps on U = -J_cd, each a kick (line 8) and a drift (line 7) in
-        the option's order. Returns the start, with U there when a pass of this replay saw it (for
-        the M-H test), and the proposal. With reuse_grad the first kick's gradient is the one the
-        last update's backward left (ALGORITHM_NOTES.md, decisions 2-3), so it costs no pass."""
+        """Stage 1, lines 6-9: K steps on U = -J_cd, each a drift (line 7) and a kick (line 8)
+        from the gradient at the step's start (Stage 0 evaluates U at theta^(k-1)). Returns the
+        start, with U there where the first pass saw it (for the M-H test), and the proposal. With
+        reuse_grad the first gradient is the one the last update's backward left (ALGORITHM_NOTES.md,
+        decisions 2-3), so it costs no pass."""
         o, start = self.options, chain
         for k in range(o.K):
-            delta, v = chain.delta, chain.v
-            if o.order == "drift_kick":
-                delta = drift(x, delta, v, eta=self.eta, eps=self.eps)
             if k == 0 and o.reuse_grad:
                 grad = self.pending_grad
                 if o.mh_start == "reuse":
@@ -192,12 +188,14 @@ class ATCD(Method):
                 if grad is None:  # a fresh chain has no gradient yet: the replay trains on its start
                     continue
             else:
-                grad, potential = self._potential_grad(x, delta, y, p_prev)
-                if k == 0 and o.order == "kick_drift":  # this pass was at the start: H_old for free
-                    start = start._replace(potential=potential)
-            v = kick(v, grad, alpha=self.alpha, eps=self.eps, momentum=o.momentum, direction=o.kick)
-            if o.order == "kick_drift":
-                delta = drift(x, delta, v, eta=self.eta, eps=self.eps)
+                grad, potential = self._potential_grad(x, chain.delta, y, p_prev)
+                start = start._replace(potential=potential) if k == 0 else start
+            if o.order == "drift_kick":  # as Algorithm 1 writes them: the drift moves along v_(t-1)
+                delta = drift(x, chain.delta, chain.v, eta=self.eta, eps=self.eps)
+                v = kick(chain.v, grad, alpha=self.alpha, eps=self.eps, momentum=o.momentum, direction=o.kick)
+            else:  # the drift moves along the momentum this step's kick made
+                v = kick(chain.v, grad, alpha=self.alpha, eps=self.eps, momentum=o.momentum, direction=o.kick)
+                delta = drift(x, chain.delta, v, eta=self.eta, eps=self.eps)
             chain = Chain(delta, v)
         return start, chain
 

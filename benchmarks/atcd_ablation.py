@@ -83,11 +83,10 @@ def train(seeds: list[int], only: list[str] | None) -> None:
 
 def input_ce(model_path: Path, batches: int) -> None:
     sys.path.insert(0, str(ROOT))
-    from atcd_ray.config import load_config, parse_override  # noqa: F401  (after the path)
-    from atcd_ray.core.checkpoint import Checkpoint
+    from atcd_ray import load_model
+    from atcd_ray.config import load_config
     from atcd_ray.core.methods import METHODS
     from atcd_ray.data import build_splits
-    from atcd_ray.trainer import model_for
 
     references = {"free-4": {"train.method": "free", "methods.free.replays": 4},
                   "fast": {"train.method": "fast", "methods.fast.alpha_factor": 1.25},
@@ -97,12 +96,8 @@ def input_ce(model_path: Path, batches: int) -> None:
     for name in [*VARIANTS, *COMBINED, *references]:
         sets = {**COMMON, **references[name]} if name in references else overrides(name)
         cfg = load_config("fashion-mnist", recipe=ROOT / RECIPE, overrides=list(sets.items()))
-        torch.manual_seed(0)
         splits = build_splits(cfg.dataset, cfg.data.dir, cfg.data.batch_size, cfg.seed, None, cfg.data.val_size, None, 0)
-        model = model_for(cfg)
-        model.load_state_dict(Checkpoint(model_path).model_state() if model_path.suffix != ".safetensors"
-                              else _weights(model_path))
-        model.train()
+        model = load_model(model_path).train()
         frozen = torch.optim.SGD(model.parameters(), lr=0.0)
         method = METHODS[cfg.train.method](model, frozen, cfg.eps, cfg.method_options)
         torch.manual_seed(1)
@@ -116,12 +111,6 @@ def input_ce(model_path: Path, batches: int) -> None:
         print(f"{name:32s} {rows[name]['input_ce']:.4f}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "input_ce.json").write_text(json.dumps({"model": str(model_path), "batches": batches, "rows": rows}, indent=1))
-
-
-def _weights(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def interval(values: list[float]) -> tuple[float, float]:

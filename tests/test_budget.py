@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("method, options, passes", [
-    ("natural", {}, 1), ("fast", {}, 2), ("free", {"replays": 3}, 3), ("pgd", {"steps": 4}, 5),
+    ("natural", {}, 1), ("fast", {}, 2), ("nfgsm", {}, 2), ("free", {"replays": 3}, 3), ("pgd", {"steps": 4}, 5),
     ("trades", {"steps": 4}, 5), ("yopo", {"m": 3, "n": 2}, 3), ("trades-yopo", {"m": 3, "n": 2}, 4),
     ("atcd", {"T": 2, "K": 3}, 8), ("atcd", {"T": 2, "K": 3, "reuse_grad": True}, 6),
 ])
@@ -37,8 +37,9 @@ def test_declared_passes(method, options, passes):
 
 
 @pytest.mark.parametrize("method, options", [
-    ("natural", {}), ("fast", {}), ("free", {"replays": 3}), ("pgd", {"steps": 4}),
+    ("natural", {}), ("fast", {}), ("nfgsm", {}), ("free", {"replays": 3}), ("pgd", {"steps": 4}),
     ("atcd", {"T": 2, "K": 3, "mh": False}), ("atcd", {"T": 3, "K": 2, "mh": False, "reuse_grad": True}),
+    ("atcd", {"T": 2, "K": 2, "mh": False, "order": "drift_kick", "kick": "gradient", "init": "carry_delta"}),
 ])
 def test_declared_passes_are_the_backward_passes_a_step_runs(method, options, random_batch):
     """Counted by a hook on the network's last layer: one call per backward through the network.

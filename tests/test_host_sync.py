@@ -52,6 +52,7 @@ def test_the_detector_fires_on_what_synchronises():
 
 STEP_CONFIGS = {  # name: (method, options); ATCD as on CUDA: a fixed number of re-run rows
     "natural": ("natural", None), "pgd": ("pgd", None), "free": ("free", None), "fast": ("fast", None),
+    "nfgsm": ("nfgsm", None),
     "trades": ("trades", None), "yopo": ("yopo", None), "trades-yopo": ("trades-yopo", None),
     "atcd": ("atcd", ATCDOptions(T=2, K=2, mh_rerun="rows", rerun_capacity=0.25)),
     "atcd_reuse_exact": ("atcd", ATCDOptions(T=2, K=1, reuse_grad=True, cd_target="exact", mh_rerun="rows",

@@ -90,6 +90,10 @@ class TrainConfig:
     val_async: bool = False
     val_cpus: float = 1.0
     val_gpus: float = 0.0
+    # Weight averaging: the decay of an exponential moving average of the weights (and BatchNorm
+    # statistics) updated after every optimiser step; when set, validation, best-checkpoint
+    # selection and the final test use the average (the raw weights are validated beside it).
+    ema: float | None = None
 
     def validate(self):
         _choice(self, "method", tuple(METHODS))
@@ -98,6 +102,8 @@ class TrainConfig:
                   "preemption_check_steps", "val_cpus")
         if self.val_gpus < 0:
             raise ValueError(f"val_gpus must be >= 0, got {self.val_gpus}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema must be a decay between 0 and 1 (exclusive), e.g. 0.999; got {self.ema:g}")
 
 
 @dataclass

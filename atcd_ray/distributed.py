@@ -94,7 +94,8 @@ class EpochValidator:
     on an epoch's reported checkpoint, in a task with ``train.val_cpus`` CPUs (torch threads) and
     ``train.val_gpus`` GPUs. ``on_validated``: called with the epoch's record, validation
     included (a Tune trial passes it on to Tune). Returns the validation metrics, which Ray merges
-    into the checkpoint's."""
+    into the checkpoint's: under ``train.ema`` the weight average's, and the raw weights' as
+    ``val_*_acc_raw`` (the checkpoint carries both)."""
 
     def __init__(self, cfg: Config, out: Path, on_validated=None):
         self.cfg, self.out, self.on_validated = cfg.to_json(), str(out), on_validated
@@ -116,11 +117,14 @@ class EpochValidator:
         with checkpoint.as_directory() as directory:
             record = validate_checkpoint(cfg, Path(directory) / "last.safetensors", Path(self.out), device,
                                          _VALIDATION_SPLITS[key])
-        log.info("validated epoch %d: val_clean_acc=%.4g val_robust_acc=%.4g (%.0f s)", record["epoch"],
-                 record["val_clean_acc"], record["val_robust_acc"], record["val_seconds"])
+        log.info("validated epoch %d: val_clean_acc=%.4g val_robust_acc=%.4g%s (%.0f s)", record["epoch"],
+                 record["val_clean_acc"], record["val_robust_acc"],
+                 f" (raw weights: {record['val_robust_acc_raw']:.4g})" if "val_robust_acc_raw" in record else "",
+                 record["val_seconds"])
         if self.on_validated is not None and record["epoch"] not in done_before:  # once per epoch, reruns too
             self.on_validated(record)
-        return {key: record[key] for key in ("val_clean_acc", "val_robust_acc")}
+        return {key: record[key] for key in ("val_clean_acc", "val_robust_acc", "val_clean_acc_raw",
+                                             "val_robust_acc_raw") if key in record}
 
 
 def _worker(config: dict) -> None:

@@ -302,6 +302,10 @@ def evaluate_checkpoint(args: argparse.Namespace, local: Path) -> int:
     """``local``: the checkpoint's file here (``args.checkpoint`` may be a URI)."""
     ckpt = read_checkpoint(local, args.checkpoint)
     cfg = config_from_dict(ckpt.config)
+    if ckpt.ema_state():  # a training checkpoint of a train.ema run: its model.* are the raw weights
+        print(f"note: {args.checkpoint} is a training checkpoint; evaluating its raw weights, not the weight "
+              "average (train.ema), whose weights are in the run's ema.safetensors (and best.safetensors)",
+              file=sys.stderr)
     dataset = args.dataset or cfg.dataset
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset: unknown dataset {dataset!r}; allowed: {', '.join(DATASETS)}")

@@ -15,6 +15,12 @@ fsync, rename, directory fsync). The epoch's metrics record is committed inside 
 instant leaves a checkpoint and metrics that agree, and a resume redoes exactly the epochs after
 the checkpoint. TensorBoard event files are append-only streams of checksummed records, which
 TensorBoard reads up to a torn tail; a resume purges their steps after the checkpoint.
+
+Weight averaging (``train.ema``): an ``engine.EMA`` of the weights follows every optimiser step
+and is kept in the checkpoints (a resume continues it bit for bit). Each epoch validates the
+average (``val_*_acc``: the one the best checkpoint is chosen by) and the raw weights
+(``val_*_acc_raw``); the average's weights go into ``ema.safetensors`` at the end and into
+``best.safetensors``, and the final test evaluates them.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from .config import Config, ConfigError
 from .core.attacks import build_attack
 from .core.checkpoint import (Checkpoint, CheckpointError, checkpoint_config, load_latest, previous_path,
                                save_checkpoint, write_text_atomic)
-from .core.engine import EpochProgress, NonFiniteError, evaluate, train_epoch
+from .core.engine import EMA, EpochProgress, NonFiniteError, evaluate, train_epoch
 from .core.methods import METHODS
 from .core.models import build_model
 from .core.schedules import learning_rate
@@ -175,7 +181,10 @@ def _without_operational(config: dict) -> dict:
     trained method's (another method's, a default changed by an upgrade say, trains nothing here)."""
     train = config.get("train", {})
     methods = config.get("methods", {})
-    return {**config, "train": {k: v for k, v in train.items() if k not in OPERATIONAL_KEYS},
+    # A key added with a default that trains nothing new (train.ema off) matches a checkpoint
+    # written before the key existed.
+    train = {k: v for k, v in train.items() if k not in OPERATIONAL_KEYS and not (k == "ema" and v is None)}
+    return {**config, "train": train,
             "methods": {k: v for k, v in methods.items() if k == train.get("method")}}
 
 
@@ -199,7 +208,9 @@ def validate_checkpoint(cfg: Config, checkpoint_file: Path, out: Path, device: t
     no concurrent writer. The attack's draws are seeded from (seed, epoch): rerunning a
     validation gives the same record, which replaces the first; TensorBoard gets an epoch once.
     ``splits``: ``build_splits_of``'s, when the caller keeps them between validations. Returns
-    the epoch's whole record, validation included."""
+    the epoch's whole record, validation included. Under ``train.ema`` the weight average is
+    validated (``val_*_acc``, and best.safetensors holds its weights) and the raw weights beside
+    it (``val_*_acc_raw``), each from the same seed."""
     started = time.time()
     ckpt = Checkpoint(checkpoint_file)
     epoch = ckpt.meta["epoch"]
@@ -207,27 +218,47 @@ def validate_checkpoint(cfg: Config, checkpoint_file: Path, out: Path, device: t
     model = model_for(cfg, splits.spec).to(device, memory_format=_memory_format(cfg.train.channels_last))
     model.load_state_dict(ckpt.model_state())
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+        torch.manual_seed(validation_seed(cfg, epoch))
         val = validation_accuracy(cfg, model, splits, device)
-    record = {"epoch": epoch, "val_clean_acc": val["clean"], "val_robust_acc": val["robust"],
-              "val_started_at": started, "val_finished_at": time.time()}
+    record: dict = {"epoch": epoch}
+    if cfg.train.ema:
+        model.load_state_dict(ckpt.averaged_model_state())  # from here on the model is the average
+        record.update(val_clean_acc_raw=val["clean"], val_robust_acc_raw=val["robust"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(validation_seed(cfg, epoch))
+            val = validation_accuracy(cfg, model, splits, device)
+    record.update(val_clean_acc=val["clean"], val_robust_acc=val["robust"], val_started_at=started,
+                  val_finished_at=time.time())
     record["val_seconds"] = record["val_finished_at"] - started
     validated = read_validations(out)
     repeated = epoch in validated
     best = max((r["val_robust_acc"] for e, r in validated.items() if e < epoch), default=-1.0)
     if cfg.train.select_best == "robust_val" and record["val_robust_acc"] > best:
-        save_checkpoint(out / "best.safetensors", model, cfg.to_dict(), {"epoch": epoch, "val": val})
+        save_checkpoint(out / "best.safetensors", model, cfg.to_dict(), {"epoch": epoch, "val": val,
+                                                                       **_ema_meta(cfg)})
     if not repeated:  # before the record: a kill in between may repeat a point, never lose one
         from torch.utils.tensorboard import SummaryWriter
 
         # A directory of its own: TensorBoard's loaders follow one growing events file per directory.
         with SummaryWriter(str(out / "tb" / "validation")) as writer:
-            for key in ("val_clean_acc", "val_robust_acc"):
-                writer.add_scalar(TensorBoard.SCALARS[key], record[key], epoch)
+            for key in ("val_clean_acc", "val_robust_acc", "val_clean_acc_raw", "val_robust_acc_raw"):
+                if key in record:
+                    writer.add_scalar(TensorBoard.SCALARS[key], record[key], epoch)
     validated[epoch] = record
     write_text_atomic(out / VALIDATIONS, "".join(json.dumps(validated[e]) + "\n" for e in sorted(validated)))
     trained = ckpt.meta.get("history") or [{}]  # an epoch's checkpoint: its history ends with the epoch
     return {**trained[-1], **record}
+
+
+def validation_seed(cfg: Config, epochs_done: int) -> int:
+    """The seed of a validation drawn apart from the training stream: a task's under
+    ``train.val_async``, the weight average's between epochs."""
+    return cfg.seed * 1_000_003 + epochs_done
+
+
+def _ema_meta(cfg: Config) -> dict:
+    """What a file of weights says of them under ``train.ema``: they are the average, of that decay."""
+    return {"ema": cfg.train.ema} if cfg.train.ema else {}
 
 
 def check_launcher(out: Path, launcher: str) -> None:
@@ -356,7 +387,8 @@ def _rank_file(rank: int) -> str:
     return "last.safetensors" if rank == 0 else f"rank{rank}.safetensors"
 
 
-def _resume(directory: Path | None, cfg: Config, model, optimizer, method, group: Group) -> dict:
+def _resume(directory: Path | None, cfg: Config, model, optimizer, method, group: Group,
+            ema: EMA | None = None) -> dict:
     """Load the checkpoint in ``directory`` if it belongs to this very config; returns its meta.
 
     Per-rank state (a persistent perturbation, an ATCD chain, the RNG) comes from this rank's own
@@ -370,6 +402,8 @@ def _resume(directory: Path | None, cfg: Config, model, optimizer, method, group
     check_same_config(ckpt.path, ckpt.config, cfg)
     model.load_state_dict(ckpt.model_state())
     optimizer.load_state_dict(ckpt.optimizer_state())
+    if ema is not None:  # rank 0's average on every rank (the ranks' BatchNorm statistics differ)
+        ema.load_state_dict(ckpt.ema_state())
     rank, old_world, per_example = group.rank, ckpt.meta.get("world_size", group.world_size), method.per_example_state
     files = [ckpt.path] + [directory / _rank_file(r) for r in range(1, old_world)]
     if old_world == group.world_size and files[rank].exists():
@@ -457,7 +491,12 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
     splits.shard(rank, group.world_size)
     rank_weight = splits.train.local_batch_size * group.world_size / d.batch_size  # Method.rank_weight
     model = model_for(cfg, splits.spec).to(device, memory_format=_memory_format(t.channels_last))
+    # The weight average (train.ema) copies the bare module, before compile and before a method
+    # hooks into it; under DDP every rank averages its own, rank 0's is checkpointed.
+    ema = EMA(model, t.ema) if t.ema else None
     optimizer = build_optimizer(cfg, model)
+    if ema is not None:
+        ema.follow(optimizer, model)  # after every optimiser step, however many a method takes
     if t.compile:
         model.compile()  # in place: the module, its state_dict keys and the optimizer's parameters stay
     method = METHODS[t.method](group.wrap(model, rank_weight), optimizer, cfg.eps, cfg.method_options)
@@ -470,7 +509,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         for orphan in out.glob(".*.tmp"):  # a write a kill interrupted; the file it was for is whole
             if not orphan.name.startswith(VALIDATION_WRITES):  # a validation task may be writing these now
                 orphan.unlink()
-    meta = _resume(group.restore_dir(out), cfg, model, optimizer, method, group)
+    meta = _resume(group.restore_dir(out), cfg, model, optimizer, method, group, ema)
     if lead and not meta:  # from scratch: validations found here are of other weights (a directory reused)
         (out / VALIDATIONS).unlink(missing_ok=True)
     check_not_diverged(out)
@@ -510,7 +549,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
                     "stopped_early": stopped_early, "history": history, "provenance": segments,
                     **({"epoch_progress": dataclasses.asdict(progress)} if progress else {})}
             save_checkpoint(own, model, cfg.to_dict(), meta, optimizer, method.state_dict(), torch.get_rng_state(),
-                            keep_previous=True)
+                            keep_previous=True, ema=ema)
         else:
             save_checkpoint(own, None, {}, {"epoch": epochs_done}, None, method.state_dict(), torch.get_rng_state())
         return own
@@ -552,6 +591,11 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         with torch.random.fork_rng(devices=[]):  # same decision on every rank, same training stream
             torch.manual_seed(cfg.seed + epoch)
             stopped_early = method.end_epoch(first_batch)
+        if stopped_early and ema is not None:
+            # The method rolled the weights back to the last epoch's end (Fast-FGSM's collapse); the
+            # average of the collapsed epoch would carry the collapse: it restarts from those weights.
+            ema.module.load_state_dict(model.state_dict())
+            log.warning("early stop: the weight average restarts from the rolled-back weights")
         record = {"epoch": epoch + 1, "budget_spent": (epoch + 1) * passes,
                   **{f"train_{k}": v for k, v in stats.items()},
                   "train_stretches": stretches, "train_seconds": train_seconds, "finished_at": time.time()}
@@ -559,6 +603,12 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         if not group.validates_async:  # else a task validates the checkpoint reported below
             started = time.perf_counter()
             val = _mean_over_ranks(group, validation_accuracy(cfg, model, splits, device), splits.val.num_examples)
+            if ema is not None:  # the raw weights from the training stream, as without ema; the average apart
+                record.update(val_clean_acc_raw=val["clean"], val_robust_acc_raw=val["robust"])
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(validation_seed(cfg, epoch + 1))
+                    val = _mean_over_ranks(group, validation_accuracy(cfg, ema.module, splits, device),
+                                           splits.val.num_examples)
             record.update(val_clean_acc=val["clean"], val_robust_acc=val["robust"],
                           val_seconds=time.perf_counter() - started)
             improved = t.select_best == "robust_val" and val["robust"] > best_val
@@ -566,7 +616,8 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
                 best_val = val["robust"]
         history.append(record)
         if lead and improved:
-            save_checkpoint(best_path, model, cfg.to_dict(), {"epoch": epoch + 1, "val": val})
+            save_checkpoint(best_path, model if ema is None else ema.module, cfg.to_dict(),
+                            {"epoch": epoch + 1, "val": val, **_ema_meta(cfg)})
         own = save_state(epoch + 1)  # the epoch's record is committed with it
         if lead:
             write_history(out, history)
@@ -576,7 +627,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         if lead:
             log.info("epoch %d/%d  %s", epoch + 1, t.epochs, "  ".join(
                 f"{k}={v:.4g}" for k, v in record.items() if k in (
-                    "train_loss", "train_mh_accept_rate", "val_clean_acc", "val_robust_acc",
+                    "train_loss", "train_mh_accept_rate", "val_clean_acc", "val_robust_acc", "val_robust_acc_raw",
                     "train_images_per_second")))
         if stopped_early:
             log.info("early stop after epoch %d (PGD accuracy on a training batch collapsed)", epoch + 1)
@@ -590,7 +641,14 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
             if missing:  # a failed validation task (Ray logged why): the choice is among the others
                 log.warning("epochs %s have no validation; best.safetensors is chosen among the others", missing)
             write_history(out, history)
-    chosen = best_path if t.select_best == "robust_val" and best_path.exists() else out / "last.safetensors"
+    final = out / "last.safetensors"
+    if ema is not None:  # the average's weights, for the test here and any evaluation later
+        final = out / "ema.safetensors"
+        if lead:
+            save_checkpoint(final, ema.module, cfg.to_dict(), {"epoch": len(history), **_ema_meta(cfg),
+                                                               "n_averaged": int(ema.n_averaged)})
+            publish()
+    chosen = best_path if t.select_best == "robust_val" and best_path.exists() else final
     if lead:
         model.load_state_dict(Checkpoint(chosen).model_state())
     group.share_weights(model)  # every rank tests rank 0's choice, without reading rank 0's files
@@ -603,7 +661,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         "config": cfg.to_dict(), "clean_acc": test["clean"],
         "robust_acc": {name: test[name] for name in attacks},
         "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
-        "epochs": len(history), "stopped_early": stopped_early, "checkpoint": chosen.name,
+        "epochs": len(history), "stopped_early": stopped_early, "checkpoint": chosen.name, "ema": t.ema,
         "eval_n": int(group.sum([float(splits.test.num_examples)])[0]), "workers": group.world_size,
         "preemption_notices": notices,
         "final_epoch": history[-1] if history else {},
@@ -626,7 +684,9 @@ class TensorBoard:
     SCALARS = {"train_loss": "train/loss", "train_lr": "train/lr", "train_mh_accept_rate": "train/mh_accept_rate",
                "train_images_per_second": "train/images_per_second", "train_epoch_seconds": "train/epoch_seconds",
                "train_data_wait_fraction": "train/data_wait_fraction", "train_train_acc": "train/acc",
-               "val_clean_acc": "val/clean_acc", "val_robust_acc": "val/robust_acc"}
+               "val_clean_acc": "val/clean_acc", "val_robust_acc": "val/robust_acc",
+               # train.ema: val/* are the weight average's, val/*_raw the raw weights'
+               "val_clean_acc_raw": "val/clean_acc_raw", "val_robust_acc_raw": "val/robust_acc_raw"}
 
     def __init__(self, log_dir: Path, cfg: Config, start_epoch: int):
         from torch.utils.tensorboard import SummaryWriter
@@ -645,6 +705,8 @@ class TensorBoard:
     def close(self, summary: dict) -> None:
         hparams = {"method": self.cfg.train.method, "eps": self.cfg.eps, "epochs": self.cfg.train.epochs,
                    "lr": self.cfg.optim.lr, "batch_size": self.cfg.data.batch_size, "seed": self.cfg.seed}
+        if self.cfg.train.ema:
+            hparams["ema"] = self.cfg.train.ema
         options = self.cfg.method_options
         hparams.update({f"{self.cfg.train.method}.{k}": v for k, v in vars(options).items()
                         if isinstance(v, (int, float, str, bool))})

@@ -6,6 +6,11 @@ over the target, then the directory fsynced, so a crash or power loss leaves eit
 or the new one, never half of one. ``keep_previous`` keeps the checkpoint being replaced as
 ``NAME.previous.safetensors``; ``load_latest`` falls back to it, with one warning line, when the
 latest cannot be read (a disk that tore it, a copy cut short).
+
+Under ``train.ema`` a training checkpoint also holds the weight average (``engine.EMA``'s state:
+``ema.n_averaged`` and ``ema.module.*``) beside the raw weights (``model.*``), which training
+resumes from; the files written for evaluation (``ema.safetensors``, ``best.safetensors``) hold
+the average's weights as ``model.*``.
 """
 from __future__ import annotations
 
@@ -86,11 +91,15 @@ def _flatten(prefix: str, tree: Any, tensors: dict, plain: dict) -> None:
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module | None, config: dict, meta: dict | None = None,
                     optimizer: torch.optim.Optimizer | None = None, method_state: dict | None = None,
-                    rng_state: torch.Tensor | None = None, keep_previous: bool = False) -> Path:
+                    rng_state: torch.Tensor | None = None, keep_previous: bool = False,
+                    ema: torch.nn.Module | None = None) -> Path:
+    """``ema``: the weight average (``engine.EMA``) to keep beside the weights, under ``ema.*``."""
     path = Path(path)
     tensors, plain = {}, {}
     if model is not None:
         _flatten("model", model.state_dict(), tensors, plain)
+    if ema is not None:
+        _flatten("ema", ema.state_dict(), tensors, plain)
     if optimizer is not None:
         _flatten("optim", optimizer.state_dict(), tensors, plain)
     _flatten("method", method_state or {}, tensors, plain)
@@ -167,6 +176,14 @@ class Checkpoint:
 
     def model_state(self) -> dict[str, torch.Tensor]:
         return self.group("model")
+
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        """The weight average's ``state_dict`` (``engine.EMA``; empty without ``train.ema``)."""
+        return self.group("ema")
+
+    def averaged_model_state(self) -> dict[str, torch.Tensor]:
+        """The weight average's weights, keyed like ``model_state`` (empty without ``train.ema``)."""
+        return {k[len("module."):]: v for k, v in self.ema_state().items() if k.startswith("module.")}
 
     def optimizer_state(self) -> dict:
         """Rebuild ``optimizer.state_dict()`` from its flattened tensors and JSON leaves."""

@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .attacks import Attack
 from .methods import Method
@@ -122,6 +123,48 @@ class EpochProgress:
     # Which steps ran on how many ranks: [first step, world size] per stretch (an elastic resize
     # starts one); kept by the trainer, not read here.
     stretches: list[list[int]] = dataclasses.field(default_factory=list)
+
+
+class EMA(AveragedModel):
+    """An exponential moving average of a model's weights (``train.ema``): torch's
+    ``AveragedModel`` with its EMA averaging function (``get_ema_multi_avg_fn(decay)``) and
+    ``use_buffers=True``, so that BatchNorm's running statistics are averaged like the weights, as
+    PyTorch documents for EMA (no ``update_bn`` pass is needed). ``follow(optimizer, model)``
+    updates it after every step of ``optimizer``: the methods that step several times a minibatch
+    (Free-m's replays, ATCD's, YOPO's) average every step, as the weights move.
+
+    ``update_parameters`` does what the library's does, without its host synchronisations: the
+    counter ``n_averaged`` stays on the CPU (keep this module off ``.to``; its copy of the model,
+    ``module``, is on the model's device), so an update queued after a GPU step never waits for
+    the GPU. tests/test_ema.py checks that the two give the same bits."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.decay = decay
+        self.module.requires_grad_(False)
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [*model.parameters(), *model.buffers()]
+        if len(averaged) != len(current):
+            raise ValueError(f"EMA of a model with {len(averaged)} tensors updated from one with {len(current)}")
+        if int(self.n_averaged) == 0:  # the first update copies (n_averaged is on the CPU: no sync)
+            for mine, theirs in zip(averaged, current):
+                mine.detach().copy_(theirs.detach())
+        else:  # the library's averaging function, per device and dtype (_foreach_lerp_ on floats)
+            groups: dict[tuple, tuple[list, list]] = {}
+            for mine, theirs in zip(averaged, current):
+                pair = groups.setdefault((mine.device, mine.dtype), ([], []))
+                pair[0].append(mine.detach())
+                pair[1].append(theirs.detach().to(mine.device))
+            for mine, theirs in groups.values():
+                self.multi_avg_fn(mine, theirs, self.n_averaged)
+        self.n_averaged += 1
+
+    def follow(self, optimizer: torch.optim.Optimizer, model: nn.Module):
+        """Update from ``model`` after every ``optimizer.step()``; returns the hook's handle."""
+        return optimizer.register_step_post_hook(lambda *_: self.update_parameters(model))
 
 
 def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: Callable[[float], float],

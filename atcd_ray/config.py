@@ -69,7 +69,8 @@ class TrainConfig:
     method: str = "atcd"
     epochs: int = 10  # passes over the training data (Free-m and ATCD recipes divide the paper's N)
     # Compute in natural-epoch equivalents (forward+backward passes over the training set); when
-    # set it decides epochs: the most whole epochs of the method whose passes stay within it.
+    # set it decides epochs: budget / the method's passes a minibatch, the last one a fraction of
+    # an epoch where they do not divide it (Config.epochs_to_train).
     budget: float | None = None
     amp: bool = False  # training under torch.autocast with bfloat16 (the GPU recipes turn it on)
     channels_last: bool = False  # model and images in channels-last memory format (GPU tensor cores)
@@ -139,13 +140,17 @@ class Config:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
         for name in [self.train.val_attack, *self.eval.attacks]:
             build_attack(name, self.eps)
-        if self.train.budget is not None:
-            passes = self.passes_per_minibatch
-            epochs = math.floor(self.train.budget / passes + 1e-9)
-            if epochs < 1:
-                raise ValueError(f"train.budget {self.train.budget:g} is less than one epoch of {self.train.method} "
-                                 f"({passes} passes a minibatch)")
-            self.train.epochs = epochs
+        if self.train.budget is not None:  # the epochs begun: the last may be a fraction (epochs_to_train)
+            self.train.epochs = math.ceil(self.train.budget / self.passes_per_minibatch - 1e-9)
+
+    @property
+    def epochs_to_train(self) -> float:
+        """Passes over the training data, fractional under a budget that the method's passes per
+        minibatch do not divide: the last epoch then stops part-way (its first steps), and the
+        learning-rate schedule, laid over these epochs, ends there. Without a budget, train.epochs."""
+        if self.train.budget is None:
+            return float(self.train.epochs)
+        return self.train.budget / self.passes_per_minibatch
 
     @property
     def passes_per_minibatch(self) -> int:

@@ -32,7 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,13 @@ from .config import ConfigError, load_config
 from .core.checkpoint import save_weights_only, write_text_atomic
 from .core.methods import METHODS
 from .core.models import MODELS
-from .tune import (OBJECTIVE, Sizing, Study, _check, check_keys, check_not_uri, read_spec, results_table,
-                   run_sweep, validation_resources)
+from .tune import (OBJECTIVE, SEARCHERS, Sizing, Study, check_keys, check_not_uri, check_study, read_spec,
+                   results_table, run_sweep, validation_resources)
 
 log = logging.getLogger("atcd_ray.study")
 
-SPEC_KEYS = ("study", "dataset", "recipe", "reference", "models", "budgets", "trials", "search_seed", "search",
-             "common", "methods", "final", "final_seeds", "autoattack_n")
+SPEC_KEYS = ("study", "dataset", "recipe", "reference", "models", "budgets", "trials", "search_seed", "searcher",
+             "points_to_evaluate", "search", "common", "methods", "final", "final_seeds", "autoattack_n")
 
 
 @dataclass
@@ -65,16 +65,28 @@ class BudgetStudy:
     reference: str = "natural"  # one run per budget at the recipe's settings
     trials: int = 6
     search_seed: int = 0
+    # The searcher's keys are init-only: an instance holds them (and vars(spec), budget_study.json,
+    # records them) only where a spec sets them apart from their defaults, the class's attributes;
+    # a study recorded before they existed reads the same.
+    searcher: InitVar[str] = "random"  # random | tpe (bohb stops trials early; a budget study's spend their budget)
+    points_to_evaluate: InitVar[dict | None] = None  # searched method -> its fixed first trials
     search: dict[str, Any] = field(default_factory=dict)  # overrides of every search trial
     common: dict[str, Any] = field(default_factory=dict)  # params every searched method searches
     final: dict[str, Any] = field(default_factory=dict)  # overrides of every final run
+
+    def __post_init__(self, searcher: str, points_to_evaluate: dict | None):
+        if searcher != "random":
+            self.searcher = searcher
+        if points_to_evaluate is not None:
+            self.points_to_evaluate = points_to_evaluate
 
     def sweep(self, model: str, budget: float, method: str) -> Study:
         """The Tune study of one cell: this method's trials at this budget on this network."""
         return Study(study=f"{self.study}-{model}-budget{budget:g}-{method}", dataset=self.dataset,
                      recipe=self.recipe, params={**self.common, **(self.methods[method] or {})},
                      fixed={"model": model, "train.method": method, "train.budget": budget, **self.search},
-                     metric={"val_robust_acc": 1.0}, mode="max", search="basic", scheduler={"name": "fifo"},
+                     metric={"val_robust_acc": 1.0}, mode="max", scheduler={"name": "fifo"}, searcher=self.searcher,
+                     points_to_evaluate=list((self.points_to_evaluate or {}).get(method) or []),
                      num_samples=self.trials, search_seed=self.search_seed)
 
     def cells(self):
@@ -111,10 +123,17 @@ def load_budget_study(path: str | Path) -> BudgetStudy:
         raise ConfigError(f"final: {overlap[0]} is searched; final may set only what the search does not")
     if not isinstance(spec.trials, int) or spec.trials < 1:
         raise ConfigError(f"trials: an integer >= 1; got {spec.trials!r}")
+    if spec.searcher not in SEARCHERS or spec.searcher == "bohb":
+        raise ConfigError(f"searcher: random or tpe (bohb stops trials before their budget); got {spec.searcher!r}")
+    points = spec.points_to_evaluate or {}
+    if not isinstance(points, dict) or any(m not in searched or not isinstance(p, list) for m, p in points.items()):
+        raise ConfigError("points_to_evaluate: a mapping of searched method to a list of its fixed first trials")
+    if any(len(p) > spec.trials for p in points.values()):
+        raise ConfigError(f"points_to_evaluate: at most trials ({spec.trials}) fixed trials per method")
     for model, budget, _ in spec.cells():
         for method in spec.methods:
             try:
-                _check(spec.sweep(model, budget, method), [])
+                check_study(spec.sweep(model, budget, method), [])
             except ConfigError as err:
                 raise ConfigError(f"methods.{method} ({model}, budget {budget:g}): {err}") from None
         reference = load_config(spec.dataset, spec.recipe, final_overrides(spec, model, budget, spec.reference, [], 0))

@@ -525,8 +525,10 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         write_history(out, history)
         board = TensorBoard(out / "tb", cfg, start_epoch)
 
+    total_epochs = cfg.epochs_to_train  # fractional where a budget ends part-way through the last epoch
+
     def set_lr(epoch: float) -> float:
-        lr = learning_rate(o.schedule, o.lr, epoch, t.epochs, o.milestones, o.gamma, o.warmup_fraction)
+        lr = learning_rate(o.schedule, o.lr, epoch, total_epochs, o.milestones, o.gamma, o.warmup_fraction)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
         return lr
@@ -573,12 +575,14 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         if not stretches or stretches[-1][1] != group.world_size:
             stretches.append([done.steps if done else 0, group.world_size])
         try:
-            stats = train_epoch(method, splits.train, epoch, t.epochs, set_lr, device, amp=t.amp,
+            partial = epoch + 1 > total_epochs + 1e-9  # the budget's last, part-way epoch: its first steps
+            steps = max(1, round((total_epochs - epoch) * len(splits.train))) if partial else None
+            stats = train_epoch(method, splits.train, epoch, total_epochs, set_lr, device, amp=t.amp,
                                 progress=progress and lead, channels_last=t.channels_last, pin_memory=d.pin_memory,
                                 world_size=group.world_size, progress_interval=t.progress_seconds,
                                 done=done, checkpoint_steps=t.checkpoint_steps,
                                 checkpoint=lambda progress: checkpoint_inside(epoch, progress),
-                                checkpoint_now=checkpoint_now)
+                                checkpoint_now=checkpoint_now, steps=steps)
             done = None
             check_finite_weights(model, epoch)
         except NonFiniteError as err:  # no checkpoint of this epoch: the last good one stays
@@ -596,7 +600,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
             # average of the collapsed epoch would carry the collapse: it restarts from those weights.
             ema.module.load_state_dict(model.state_dict())
             log.warning("early stop: the weight average restarts from the rolled-back weights")
-        record = {"epoch": epoch + 1, "budget_spent": (epoch + 1) * passes,
+        record = {"epoch": epoch + 1, "budget_spent": min(epoch + 1, total_epochs) * passes,
                   **{f"train_{k}": v for k, v in stats.items()},
                   "train_stretches": stretches, "train_seconds": train_seconds, "finished_at": time.time()}
         improved = False
@@ -666,7 +670,8 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         "preemption_notices": notices,
         "final_epoch": history[-1] if history else {},
         # Compute in natural-epoch equivalents: passes over the training set, epochs actually run.
-        "passes_per_minibatch": passes, "budget": len(history) * passes, "train_examples": splits.train.size,
+        "passes_per_minibatch": passes, "budget": min(len(history), total_epochs) * passes,
+        "train_examples": splits.train.size,
         "hardware": hardware(), "provenance": {**segments[-1], "earlier": segments[:-1]} if len(segments) > 1
         else segments[-1],
     }

@@ -8,8 +8,13 @@ searched ``params`` and how to score and schedule trials (tune_spaces/README.md 
 Each trial is a Tune function that launches one TorchTrainer (the Train V2 pattern) whose
 epoch reports reach Tune through ``TuneReportCallback``; its run directory
 (DIR/runs/<trial id>/: metrics.jsonl, summary.json, checkpoints, tb/) is a full training run.
-ASHA stops weak trials after ``grace_period`` epochs. At the end DIR/results.csv and
-DIR/results.parquet hold one row per trial; ``tensorboard --logdir DIR`` shows every trial.
+ASHA stops weak trials after ``grace_period`` epochs. The ``searcher`` draws the trials: random
+(Tune's variant generator, grids too), tpe (Optuna's TPE) or bohb (TuneBOHB with HyperBandForBOHB);
+``points_to_evaluate`` are its fixed first trials (a method's published setting). Its seed is
+drawn when the space gives none, and DIR/searcher.json records searcher, seed and points; a
+resumed sweep restores the searcher's state from the experiment directory, so the search goes
+on. At the end DIR/results.csv and DIR/results.parquet hold one row per trial (with the
+searcher and its seed); ``tensorboard --logdir DIR`` shows every trial.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import importlib.util
 import json
 import logging
 import math
+import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +33,7 @@ import yaml
 
 from .cli import ArgumentParser, check_launch, markdown_table, run_main, setup_logging, worker_range
 from .config import ConfigError, load_config, parse_override
+from .core.checkpoint import write_text_atomic
 from .storage import is_uri
 
 log = logging.getLogger("atcd_ray.tune")
@@ -36,8 +43,11 @@ REPORTED = ("val_robust_acc", "val_clean_acc", "train_images_per_second", "train
 OBJECTIVE = "objective"
 REPEAT = "repeat"
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-STUDY_KEYS = ("study", "dataset", "recipe", "fixed", "params", "metric", "mode", "search", "scheduler",
-              "num_samples", "search_seed")
+STUDY_KEYS = ("study", "dataset", "recipe", "fixed", "params", "metric", "mode", "searcher", "points_to_evaluate",
+              "scheduler", "num_samples", "search_seed")
+SEARCHERS = ("random", "tpe", "bohb")
+SCHEDULERS = ("asha", "fifo", "hyperband")  # hyperband: HyperBandForBOHB, searcher bohb's own
+SEARCHER_JSON = "searcher.json"  # a sweep's searcher, seed and fixed first trials, next to its results
 
 
 @dataclass
@@ -51,10 +61,11 @@ class Study:
     fixed: dict[str, Any] = field(default_factory=dict)
     metric: dict[str, float] = field(default_factory=lambda: {"val_robust_acc": 1.0})  # weights
     mode: str = "max"
-    search: str = "auto"  # auto | basic (grid and random) | optuna
+    searcher: str = "random"  # random (grids too) | tpe (Optuna) | bohb (TuneBOHB + HyperBandForBOHB)
+    points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)  # the searcher's fixed first trials
     scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "asha"})
     num_samples: int = 1
-    search_seed: int | None = None  # seeds the basic search's draws, so a rerun samples the same trials
+    search_seed: int | None = None  # seeds the searcher, so a rerun samples the same trials (none: drawn, recorded)
 
     def __post_init__(self):
         if self.recipe:  # relative to where the command runs: Tune runs each trial in a directory of its own
@@ -78,8 +89,21 @@ class Study:
             if name == REPEAT:
                 continue
             bundles = self.bundles(name)
-            overrides += list(bundles[value].items()) if bundles else [(name, value)]
+            overrides += list(bundles[value].items()) if bundles else [(name, _plain(value))]
         return overrides
+
+    def tune_points(self) -> list[dict[str, Any]]:
+        """``points_to_evaluate`` as the searcher takes them: a bundle's mapping becomes its label."""
+        points = []
+        for point in self.points_to_evaluate:
+            points.append({name: bundle_label(value) if isinstance(value, dict) else value
+                           for name, value in point.items()})
+        return points
+
+
+def _plain(value):
+    """A searcher's numpy scalar (BOHB's) as the Python number the config checks expect."""
+    return value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
 
 
 def bundle_label(overrides: dict) -> str:
@@ -113,15 +137,21 @@ def load_study(path: str | Path, extra: list[tuple[str, Any]] = ()) -> Study:
     tree = read_spec(path, "search space")
     if "budgets" in tree:
         raise ConfigError(f"{path} is a budget study: run it with python -m atcd_ray.study {path}")
+    if "search" in tree:
+        raise ConfigError(f"search: renamed searcher: {' | '.join(SEARCHERS)} (auto and optuna: tpe; basic: random)")
     check_keys(tree, path, STUDY_KEYS, ("study", "dataset", "params"))
     metric = tree.get("metric", "val_robust_acc")
     tree["metric"] = {metric: 1.0} if isinstance(metric, str) else metric
+    if tree.get("searcher") == "bohb" and "scheduler" not in tree:
+        tree["scheduler"] = {"name": "hyperband"}
     study = Study(**tree)
-    _check(study, list(extra))
+    check_study(study, list(extra))
     return study
 
 
-def _check(study: Study, extra: list[tuple[str, Any]]) -> None:
+def check_study(study: Study, extra: list[tuple[str, Any]]) -> None:
+    """Every key of a study and every value a trial can take, against the recipe's config: the
+    first offender, as one ConfigError naming its key."""
     if not isinstance(study.params, dict) or not study.params:
         raise ConfigError("params: give at least one searched key")
     if not isinstance(study.fixed, dict):
@@ -131,16 +161,20 @@ def _check(study: Study, extra: list[tuple[str, Any]]) -> None:
         raise ConfigError(f"metric: a name or a mapping of name to weight, names from: {', '.join(REPORTED)}")
     if study.mode not in ("max", "min"):
         raise ConfigError(f"mode: must be max or min, got {study.mode!r}")
-    if study.search not in ("auto", "basic", "optuna"):
-        raise ConfigError(f"search: must be auto, basic or optuna, got {study.search!r}")
+    if study.searcher not in SEARCHERS:
+        raise ConfigError(f"searcher: must be one of {', '.join(SEARCHERS)}; got {study.searcher!r}")
     if not isinstance(study.num_samples, int) or study.num_samples < 1:
         raise ConfigError(f"num_samples: must be an integer >= 1, got {study.num_samples!r}")
     seed = study.search_seed
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ConfigError(f"search_seed: must be an integer, got {study.search_seed!r}")
     scheduler = dict(study.scheduler or {})
-    if scheduler.pop("name", None) not in ("asha", "fifo") or set(scheduler) - {"grace_period", "reduction_factor"}:
-        raise ConfigError("scheduler: {name: asha|fifo, grace_period: EPOCHS, reduction_factor: R}")
+    name = scheduler.pop("name", None)
+    if name not in SCHEDULERS or set(scheduler) - {"grace_period", "reduction_factor"}:
+        raise ConfigError("scheduler: {name: asha|fifo|hyperband, grace_period: EPOCHS, reduction_factor: R}")
+    if (name == "hyperband") != (study.searcher == "bohb"):
+        raise ConfigError("scheduler: searcher bohb runs with {name: hyperband} (HyperBandForBOHB, the default with "
+                          "bohb), and hyperband only with searcher bohb")
 
     def try_config(overrides, where):
         try:
@@ -173,21 +207,79 @@ def _check(study: Study, extra: list[tuple[str, Any]]) -> None:
             raise ConfigError(f"{where}.randint: bounds must be integers, got {values}")
         for value in values:
             try_config([(name, value)], where)
-    if study.search == "optuna" and _has_grid(study):
-        raise ConfigError("search: optuna samples; it cannot run a grid (use choice, or search: basic)")
+    if study.searcher != "random" and _has_grid(study):
+        raise ConfigError(f"searcher: {study.searcher} samples; it cannot run a grid (use choice, or searcher: random)")
+    _check_points(study, try_config)
+
+
+def _check_points(study: Study, try_config) -> None:
+    """Each fixed first trial gives every searched key one value the space can take (a bundle: one
+    of its mappings, as the space writes it), and that value passes the config's checks."""
+    points = study.points_to_evaluate
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise ConfigError("points_to_evaluate: expected a list of mappings of searched key to value")
+    if points and _has_grid(study):
+        raise ConfigError("points_to_evaluate: a grid runs every value already; fixed trials are for sampled params")
+    for i, point in enumerate(points):
+        for name in point:
+            if name not in study.params:
+                raise ConfigError(f"points_to_evaluate[{i}].{name}: not a searched key; "
+                                  f"params: {', '.join(study.params)}")
+        for name, spec in study.params.items():
+            where = f"points_to_evaluate[{i}].{name}"
+            if name not in point:
+                raise ConfigError(f"{where}: missing; a fixed trial gives every searched key a value")
+            (kind, values), = spec.items()
+            value = point[name]
+            bundles = study.bundles(name)
+            if bundles:
+                if not (value in values if isinstance(value, dict) else isinstance(value, str) and value in bundles):
+                    raise ConfigError(f"{where}: {value!r} is not one of the bundle's {kind} values")
+                value = bundles[value] if isinstance(value, str) else value
+                try_config(list(value.items()), where)
+                continue
+            if kind == "choice":
+                fits = any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in values)
+            else:
+                number = isinstance(value, int if kind == "randint" else (int, float)) and not isinstance(value, bool)
+                fits = number and values[0] <= value <= values[1]
+            if not fits:
+                raise ConfigError(f"{where}: {value!r} is not in the space ({kind}: {values})")
+            try_config([(name, value)], where)
 
 
 def _has_grid(study: Study) -> bool:
     return any(next(iter(s)) == "grid" for s in study.params.values())
 
 
-def uses_optuna(study: Study) -> bool:
-    sampled = any(next(iter(s)) != "grid" for s in study.params.values())
-    if study.search == "optuna":
-        if importlib.util.find_spec("optuna") is None:
-            raise ConfigError("search: optuna is not installed (pip install optuna), or use search: basic")
-        return True
-    return study.search == "auto" and sampled and not _has_grid(study) and importlib.util.find_spec("optuna") is not None
+def make_searcher(study: Study, seed: int, concurrent: int):
+    """The study's searcher, seeded, with its fixed first trials (which it suggests first: trial 0
+    is the first point). Tune wraps a Searcher (tpe, bohb) in a ConcurrencyLimiter itself."""
+    points = study.tune_points() or None
+    if study.searcher == "tpe":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(points_to_evaluate=points, sampler=optuna.samplers.TPESampler(seed=seed))
+    if study.searcher == "bohb":
+        missing = [name for name in ("hpbandster", "ConfigSpace") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(f"searcher: bohb needs {' and '.join(missing)} (pip install 'atcd_ray[bohb]'), "
+                              "or use searcher: tpe")
+        from ray.tune.search.bohb import TuneBOHB
+
+        return TuneBOHB(points_to_evaluate=points, seed=seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    # An instance of Tune's default searcher, seeded; it takes the limit itself (Tune only wraps
+    # Searchers, not generators, in a ConcurrencyLimiter).
+    return BasicVariantGenerator(points_to_evaluate=points, random_state=seed, max_concurrent=concurrent)
+
+
+def read_searcher(out: Path) -> dict | None:
+    """What DIR/searcher.json records of a sweep's search, or None (a sweep from before it)."""
+    path = Path(out) / SEARCHER_JSON
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 @dataclass
@@ -308,8 +400,14 @@ def make_scheduler(study: Study, epochs: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     options = dict(study.scheduler or {})
-    if options.pop("name", "asha") != "asha" or epochs < 2:
+    name = options.pop("name", "asha")
+    if name not in ("asha", "hyperband") or epochs < 2:
         return FIFOScheduler()
+    if name == "hyperband":  # BOHB's: the same decisions on epochs before the last
+        from ray.tune.schedulers import HyperBandForBOHB
+
+        return HyperBandForBOHB(time_attr="training_iteration", max_t=epochs - 1,
+                                reduction_factor=options.get("reduction_factor", 3), stop_last_trials=False)
     return ASHAScheduler(time_attr="training_iteration", max_t=epochs - 1,
                          grace_period=min(options.get("grace_period", 1), epochs - 1),
                          reduction_factor=options.get("reduction_factor", 2), stop_last_trials=False)
@@ -329,6 +427,14 @@ def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None =
     if existing and not resume:
         raise ConfigError(f"{out} holds a sweep already: pass --resume to continue it, or another --out")
     resume = resume and existing  # --resume on a fresh directory starts the sweep (a retried job)
+    recorded = read_searcher(out)
+    if resume and recorded and recorded["searcher"] != study.searcher:
+        raise ConfigError(f"searcher: {out} was started with searcher {recorded['searcher']}; Tune resumes that "
+                          f"search, so the space must say searcher: {recorded['searcher']}")
+    repeats = num_samples or study.num_samples
+    if len(study.points_to_evaluate) > repeats:
+        raise ConfigError(f"--num-samples {repeats}: fewer than the space's {len(study.points_to_evaluate)} "
+                          "points_to_evaluate")
     init_ray()
     resources = ray.cluster_resources()
     concurrent = max_concurrent
@@ -346,20 +452,17 @@ def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None =
     bundles = [{"CPU": 0, "memory": 2**20}, *([validation_task_bundle(*sizing.validation)] * any(sizing.validation))]
     trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(bundles))
     if resume:
+        # Tune restores the searcher it pickled (tuner.pkl) and then its state (the experiment
+        # directory's searcher-state file: for tpe, the Optuna study with every trial so far, the
+        # fixed ones among them): the search goes on where it stopped, and no fresh searcher is made.
         tuner = tune.Tuner.restore(str(out), trainable, resume_errored=True)
     else:
         scheduler = make_scheduler(study, study.config(sizing.overrides).train.epochs)
-        if uses_optuna(study):
-            from ray.tune.search.optuna import OptunaSearch
-
-            search_alg = OptunaSearch(seed=study.search_seed)
-        else:
-            from ray.tune.search import BasicVariantGenerator
-
-            # An instance of Tune's default searcher, seeded; it takes the limit itself (Tune only
-            # wraps Searchers, not generators, in a ConcurrencyLimiter).
-            search_alg = BasicVariantGenerator(random_state=study.search_seed, max_concurrent=concurrent)
-        repeats = num_samples or study.num_samples
+        seed = study.search_seed if study.search_seed is not None else secrets.randbelow(2**31)
+        search_alg = make_searcher(study, seed, concurrent)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"searcher": study.searcher, "search_seed": seed, "points_to_evaluate": study.tune_points()}
+        write_text_atomic(out / SEARCHER_JSON, json.dumps(record, indent=2) + "\n")
         tuner = tune.Tuner(
             trainable, param_space=param_space(study, repeats),
             tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=study.mode, scheduler=scheduler, search_alg=search_alg,
@@ -374,16 +477,18 @@ def run_sweep(study: Study, sizing: Sizing, out: Path, num_samples: int | None =
 
 
 def results_table(grid, study: Study, out: Path) -> list[dict]:
-    """One row per trial: its params, how it ended, last and best validation metrics, and the
-    test accuracies of its summary.json (absent for trials ASHA stopped). CSV and Parquet."""
+    """One row per trial: its params, how it ended, last and best validation metrics, the test
+    accuracies of its summary.json (absent for trials ASHA stopped), its number (0: the searcher's
+    first, a fixed trial if the space gives any), the searcher and its seed. CSV and Parquet."""
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.parquet
 
     from .trainer import read_history, read_summary
 
+    recorded = read_searcher(out) or {"searcher": study.searcher, "search_seed": study.search_seed}
     rows = []
-    for result in grid:
+    for number, result in enumerate(grid):  # Tune's trials in the order the searcher made them (a resumed sweep's too)
         trial_id = Path(result.path).name
         run = out / "runs" / trial_id
         summary, history = read_summary(run), read_history(run)
@@ -401,6 +506,7 @@ def results_table(grid, study: Study, out: Path) -> list[dict]:
         if summary:
             row["test_clean_acc"] = summary["clean_acc"]
             row.update({f"test_{name}_acc": acc for name, acc in summary["robust_acc"].items()})
+        row.update(trial_number=number, searcher=recorded["searcher"], search_seed=recorded["search_seed"])
         rows.append(row)
     sign = -1 if study.mode == "max" else 1
     rows.sort(key=lambda r: (r[OBJECTIVE] is None, sign * (r[OBJECTIVE] or 0)))
@@ -408,7 +514,7 @@ def results_table(grid, study: Study, out: Path) -> list[dict]:
     table = pa.table({c: [_cell(row.get(c)) for row in rows] for c in columns})
     pyarrow.parquet.write_table(table, out / "results.parquet")
     pyarrow.csv.write_csv(table, out / "results.csv")
-    (out / "study.json").write_text(json.dumps(vars(study), indent=2))
+    (out / "study.json").write_text(json.dumps({**vars(study), "search_seed": recorded["search_seed"]}, indent=2))
     return rows
 
 
@@ -459,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     shown = ["trial_id", *study.params, "status", "epochs", OBJECTIVE, "val_clean_acc", "val_robust_acc",
              *[c for c in rows[0] if c.startswith("test_")]] if rows else []
     print(markdown_table([{**r, **{p: str(r[p]) for p in study.params}} for r in rows], shown))
+    searcher = read_searcher(out) or {}
+    print(f"searcher: {searcher.get('searcher')}, seed {searcher.get('search_seed')} ({out / SEARCHER_JSON})")
     print(f"results: {out / 'results.csv'} and results.parquet; tensorboard --logdir {out}")
     errors = [r["trial_id"] for r in rows if r["status"] == "error"]
     if errors:

@@ -3,6 +3,7 @@
 summary.json says which commit, versions, hardware, passes and budget made it; tables refuse to
 mix commits; the study's spec is checked and its report built from its runs."""
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -59,16 +60,20 @@ def test_declared_passes_are_the_backward_passes_a_step_runs(method, options, ra
     assert len(calls) == METHODS[method].passes(opts)
 
 
-def test_budget_decides_epochs_and_refuses_less_than_an_epoch():
-    cases = [("natural", [], 12), ("fast", [], 6), ("pgd", [("methods.pgd.steps", 3)], 3),
-             ("free", [("methods.free.replays", 5)], 2),
-             ("atcd", [("methods.atcd.T", 2), ("methods.atcd.K", 2), ("methods.atcd.reuse_grad", False)], 2),
-             ("atcd", [("methods.atcd.T", 2), ("methods.atcd.K", 2), ("methods.atcd.reuse_grad", True)], 3)]
-    for method, overrides, epochs in cases:
+def test_budget_decides_epochs_the_last_one_a_fraction():
+    """budget / passes epochs: whole where the passes divide the budget, else the last one begun
+    and cut (T 4 K 2 is 12 passes, 8 with reuse_grad; T 4 K 1 with reuse_grad 4)."""
+    cases = [("natural", [], 12, 12), ("fast", [], 6, 6), ("pgd", [("methods.pgd.steps", 3)], 3, 3),
+             ("free", [("methods.free.replays", 5)], 3, 2.4),
+             ("atcd", [("methods.atcd.T", 2), ("methods.atcd.K", 2), ("methods.atcd.reuse_grad", False)], 2, 2),
+             ("atcd", [("methods.atcd.T", 2), ("methods.atcd.K", 2), ("methods.atcd.reuse_grad", True)], 3, 3),
+             ("atcd", [("methods.atcd.T", 4), ("methods.atcd.K", 2), ("methods.atcd.reuse_grad", True)], 2, 1.5),
+             ("pgd", [("methods.pgd.steps", 10)], 2, 12 / 11)]
+    for method, overrides, epochs, fractional in cases:
         cfg = load_config("fashion-mnist", overrides=[("train.method", method), ("train.budget", 12), *overrides])
-        assert cfg.train.epochs == epochs, method
-    with pytest.raises(ConfigError, match="train.budget 4 is less than one epoch of pgd .11 passes"):
-        load_config("fashion-mnist", overrides=[("train.method", "pgd"), ("methods.pgd.steps", 10), ("train.budget", 4)])
+        assert (cfg.train.epochs, cfg.epochs_to_train) == (epochs, pytest.approx(fractional)), method
+    cfg = load_config("fashion-mnist", overrides=[("train.method", "pgd"), ("methods.pgd.steps", 10), ("train.budget", 4)])
+    assert (cfg.train.epochs, cfg.epochs_to_train) == (1, pytest.approx(4 / 11))  # less than an epoch: a part of one
     with pytest.raises(ConfigError, match="budget must be > 0"):
         load_config("fashion-mnist", overrides=[("train.budget", 0)])
 
@@ -123,10 +128,11 @@ def test_summary_records_commit_versions_hardware_passes_and_budget(tmp_path):
     assert summary["hardware"]["cpu_count"] >= 1 and summary["hardware"]["cpu"]
     if Path("/proc/cpuinfo").exists():  # the CPU's generation, which a VM's model name hides
         assert re.fullmatch(r"\S+ family \d+ model \d+ stepping \d+", summary["hardware"]["cpu_id"])
-    assert summary["passes_per_minibatch"] == 2 and summary["epochs"] == 2 and summary["budget"] == 4
+    # Budget 5 at 2 passes a minibatch: two epochs and half of a third, the whole budget spent.
+    assert summary["passes_per_minibatch"] == 2 and summary["epochs"] == 3 and summary["budget"] == 5
     assert summary["train_examples"] == 1100  # the digits' training split, val held out
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [h["budget_spent"] for h in history] == [2, 4]
+    assert [h["budget_spent"] for h in history] == [2, 4, 5]
 
 
 def _summary(commit, dirty=False, **fields):
@@ -461,6 +467,8 @@ def test_the_records_final_runs_trained_the_configs_the_study_builds(monkeypatch
     def used(config):  # the selected method's options only: the other methods' are not used
         config = {**config, "methods": config["methods"][config["train"]["method"]]}
         config.pop("per_method")
+        if config["train"].get("ema", None) is None:  # a key added later, off: trains nothing new
+            config["train"] = {k: v for k, v in config["train"].items() if k != "ema"}
         return config
 
     monkeypatch.chdir(ROOT)
@@ -477,6 +485,35 @@ def test_the_records_final_runs_trained_the_configs_the_study_builds(monkeypatch
             return used(load_config(spec.dataset, spec.recipe, overrides).to_dict())
 
         trained = used(json.loads((run / "summary.json").read_text())["config"])
+        options = METHODS[method].Options()
+        # Options added since (ATCD's readings), at their defaults, are what the record trained.
+        added = {k for k in built(seed)["methods"] if k not in trained["methods"]}
+        assert all(built(seed)["methods"][k] == getattr(options, k) for k in added), added
+        trained["methods"].update({k: getattr(options, k) for k in added})
         assert built(seed) == trained, run
         assert built(seed + 1) != trained
     assert len(runs) == 36
+
+
+def test_the_last_epoch_of_a_budget_stops_part_way_where_the_schedule_ends(tmp_path, monkeypatch):
+    """Budget 2.5 at 1 pass a minibatch: epochs 1 and 2 whole, epoch 3 its first half; the cosine
+    schedule is laid over 2.5 epochs, so its last step's learning rate is near 0."""
+    from atcd_ray import trainer
+
+    lrs = []
+    real_lr = trainer.learning_rate
+
+    def spy(*args, **kwargs):
+        lrs.append(real_lr(*args, **kwargs))
+        return lrs[-1]
+
+    monkeypatch.setattr(trainer, "learning_rate", spy)
+    cfg = load_config("digits", overrides=[("train.method", "natural"), ("train.budget", 2.5), ("data.batch_size", 100),
+                                           ("optim.schedule", "cosine"), ("eval.n", 32), ("train.val_n", 32),
+                                           ("eval.attacks", ["fgsm"]), ("train.val_attack", "fgsm")])
+    summary = trainer.fit(cfg, tmp_path / "run", progress=False)
+    per_epoch = 11  # 1,100 training digits in minibatches of 100
+    assert len(lrs) == 2 * per_epoch + round(0.5 * per_epoch)
+    assert lrs[-1] == pytest.approx(cfg.optim.lr * 0.5 * (1 + math.cos(math.pi * (2 + 5 / 11) / 2.5)))
+    assert lrs[-1] < 0.02 * cfg.optim.lr
+    assert summary["epochs"] == 3 and summary["budget"] == 2.5

@@ -1,5 +1,6 @@
 """Sweeps: space files are validated before Ray starts; a real sweep writes its table and
 TensorBoard; a sweep interrupted with Ctrl-C resumes with --resume and retrains nothing finished."""
+import importlib.util
 import json
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 from atcd_ray.config import ConfigError
-from atcd_ray.tune import Sizing, bundle_label, load_study, make_scheduler, param_space, uses_optuna
+from atcd_ray.tune import Sizing, bundle_label, load_study, make_scheduler, make_searcher, param_space
 
 from .test_distributed import _env
 
@@ -53,7 +54,13 @@ def test_every_shipped_space_loads_and_covers_the_papers_studies():
     ({"params": {"methods.atcd.lam": {"grid": [1], "choice": [2]}}}, "exactly one of"),
     ({"params": {}}, "at least one"),
     ({"metric": "test_acc"}, "metric:"),
-    ({"search": "optuna"}, "cannot run a grid"),
+    ({"searcher": "tpe"}, "searcher: tpe samples; it cannot run a grid"),
+    ({"searcher": "optuna"}, "searcher: must be one of random, tpe, bohb; got 'optuna'"),
+    ({"search": "optuna"}, "search: renamed searcher: random | tpe | bohb"),
+    ({"scheduler": {"name": "hyperband"}}, "scheduler: searcher bohb runs with"),
+    ({"searcher": "bohb", "scheduler": {"name": "asha"}, "params": {"methods.atcd.lam": {"choice": [1, 2]}}},
+     "scheduler: searcher bohb runs with"),
+    ({"points_to_evaluate": [{"methods.atcd.lam": 1}]}, "points_to_evaluate: a grid runs every value already"),
     ({"fixed": {"train.method": "pgdd"}}, "fixed: train: method must be one of"),
     ({"budgets": [4, 12]}, "is a budget study: run it with python -m atcd_ray.study"),
     ({"search_seed": "zero"}, "search_seed: must be an integer"),
@@ -61,6 +68,64 @@ def test_every_shipped_space_loads_and_covers_the_papers_studies():
 def test_a_bad_space_is_one_clear_error(tmp_path, tree, message):
     with pytest.raises(ConfigError, match=message):
         load_study(_space(tmp_path, **tree))
+
+
+SAMPLED = {"methods.atcd.lam": {"loguniform": [0.5, 8]}, "methods.atcd.T": {"randint": [1, 4]},
+           "T, K": {"choice": [{"methods.atcd.K": 1}, {"methods.atcd.K": 2, "methods.atcd.reuse_grad": True}]},
+           "optim.schedule": {"choice": ["cosine", "cyclic"]}}
+POINT = {"methods.atcd.lam": 2.0, "methods.atcd.T": 2, "T, K": {"methods.atcd.K": 1}, "optim.schedule": "cyclic"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods.atcd.lamda": 2.0}, r"points_to_evaluate\[0\].methods.atcd.lamda: not a searched key"),
+    ({"methods.atcd.lam": 9.0}, r"points_to_evaluate\[0\].methods.atcd.lam: 9.0 is not in the space"),
+    ({"methods.atcd.lam": "2"}, r"points_to_evaluate\[0\].methods.atcd.lam: '2' is not in the space"),
+    ({"methods.atcd.T": 2.5}, r"points_to_evaluate\[0\].methods.atcd.T: 2.5 is not in the space \(randint"),
+    ({"optim.schedule": "step"}, r"points_to_evaluate\[0\].optim.schedule: 'step' is not in the space \(choice"),
+    ({"T, K": {"methods.atcd.K": 3}}, r"points_to_evaluate\[0\].T, K: .* is not one of the bundle's choice values"),
+    ({"methods.atcd.T": True}, r"points_to_evaluate\[0\].methods.atcd.T: True is not in the space"),
+])
+def test_a_bad_fixed_trial_is_one_clear_error_with_its_key(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_study(_space(tmp_path, searcher="tpe", params=SAMPLED, points_to_evaluate=[{**POINT, **change}]))
+
+
+def test_a_fixed_trial_must_give_every_searched_key_and_be_a_mapping(tmp_path):
+    missing = {k: v for k, v in POINT.items() if k != "optim.schedule"}
+    with pytest.raises(ConfigError, match=r"points_to_evaluate\[1\].optim.schedule: missing"):
+        load_study(_space(tmp_path, params=SAMPLED, points_to_evaluate=[POINT, missing], num_samples=4))
+    with pytest.raises(ConfigError, match="points_to_evaluate: expected a list of mappings"):
+        load_study(_space(tmp_path, params=SAMPLED, points_to_evaluate=POINT))
+
+
+def test_fixed_trials_are_the_searchers_first_suggestions(tmp_path):
+    """The positive control: a bundle by its mapping (as the space writes it) or by its label;
+    each searcher, seeded, suggests the fixed points first, then draws."""
+    by_label = {**POINT, "T, K": "K=2, reuse_grad=True"}
+    study = load_study(_space(tmp_path, searcher="tpe", params=SAMPLED, points_to_evaluate=[POINT, by_label],
+                              num_samples=4, search_seed=3))
+    expected = [{**POINT, "T, K": "K=1"}, by_label]
+    assert study.tune_points() == expected
+    assert study.trial_overrides(expected[0])[-3:] == [("methods.atcd.T", 2), ("methods.atcd.K", 1),
+                                                       ("optim.schedule", "cyclic")]
+
+    def suggestions(searcher, n=3):
+        searcher.set_search_properties("objective", "max", param_space(study))
+        return [searcher.suggest(f"t{i}") for i in range(n)]
+
+    from optuna.samplers import TPESampler
+    from ray.tune.search.optuna import OptunaSearch
+
+    tpe = make_searcher(study, 3, 1)
+    assert isinstance(tpe, OptunaSearch) and isinstance(tpe._sampler, TPESampler)
+    drawn = suggestions(tpe)
+    assert drawn[:2] == expected and drawn[2] not in expected
+    assert suggestions(make_searcher(study, 3, 1))[2] == drawn[2]  # the seed decides the draws
+    if importlib.util.find_spec("hpbandster") and importlib.util.find_spec("ConfigSpace"):
+        bohb = load_study(_space(tmp_path, searcher="bohb", params=SAMPLED, points_to_evaluate=[POINT], num_samples=2))
+        assert bohb.scheduler == {"name": "hyperband"}
+        first = suggestions(make_searcher(bohb, 3, 1), 2)
+        assert first[0] == expected[0] and set(first[1]) == set(SAMPLED)
 
 
 def test_a_bad_space_fails_on_the_command_line_before_ray_starts(tmp_path):
@@ -102,11 +167,20 @@ def test_schedulers_and_search_follow_the_space(tmp_path, monkeypatch):
     assert [m for m, _ in short._brackets[0]._rungs] == [2]  # grace period cut to the epochs before the last
     assert isinstance(make_scheduler(load_study(_space(tmp_path)), epochs=1), FIFOScheduler)
     assert isinstance(make_scheduler(load_study(_space(tmp_path, scheduler={"name": "fifo"})), 3), FIFOScheduler)
-    sampled = load_study(_space(tmp_path, params={"methods.atcd.lam": {"loguniform": [0.5, 4]}}))
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # optuna not installed
-    assert not uses_optuna(sampled)  # auto falls back to random search
-    with pytest.raises(ConfigError, match="optuna is not installed"):
-        uses_optuna(load_study(_space(tmp_path, search="optuna", params={"methods.atcd.lam": {"choice": [1, 2]}})))
+    from ray.tune.schedulers import HyperBandForBOHB
+    from ray.tune.search import BasicVariantGenerator
+
+    sampled = {"methods.atcd.lam": {"loguniform": [0.5, 4]}}
+    assert isinstance(make_searcher(load_study(_space(tmp_path)), 0, 2), BasicVariantGenerator)  # the default
+    bohb = load_study(_space(tmp_path, searcher="bohb", params=sampled,
+                             scheduler={"name": "hyperband", "reduction_factor": 2}))
+    hyperband = make_scheduler(bohb, epochs=5)
+    assert isinstance(hyperband, HyperBandForBOHB) and hyperband._max_t_attr == 4 and hyperband._eta == 2
+    assert isinstance(make_scheduler(bohb, epochs=1), FIFOScheduler)
+    # bohb's packages are optional: without them the space loads, and the sweep stops at once, naming them
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="searcher: bohb needs hpbandster and ConfigSpace"):
+        make_searcher(bohb, 0, 1)
 
 
 def test_concurrent_trials_fill_the_cluster_without_oversubscribing():
@@ -210,3 +284,89 @@ def test_asha_stops_a_bad_trial_and_frees_its_workers(tmp_path):
     assert rows[0.1]["status"] == "completed" and rows[0.1]["epochs"] == 20
     assert rows[1.0e-6]["status"] == "stopped" and rows[1.0e-6]["epochs"] < 20
     assert rows[1.0e-6]["test_clean_acc"] is None and rows[0.1]["val_clean_acc"] > rows[1.0e-6]["val_clean_acc"]
+
+
+def _trials_in_order(out):
+    """The sweep's rows by trial number (0: the searcher's first trial)."""
+    return sorted(pq.read_table(out / "results.parquet").to_pylist(), key=lambda r: r["trial_number"])
+
+
+TPE_SPACE = {"fixed": {"train.method": "natural"}, "scheduler": {"name": "fifo"}, "metric": "val_clean_acc",
+             "searcher": "tpe", "params": {"optim.lr": {"loguniform": [0.01, 0.3]}},
+             "points_to_evaluate": [{"optim.lr": 0.05}], "num_samples": 3}
+
+
+@pytest.mark.timeout(300)
+def test_a_tpe_sweep_runs_its_fixed_trial_first_and_records_its_seed(tmp_path):
+    space = _space(tmp_path, **TPE_SPACE, search_seed=7)
+    out = tmp_path / "sweep"
+    proc = subprocess.run(_sweep_cmd(space, out, "--epochs", "1", "--max-concurrent", "1"), capture_output=True,
+                          text=True, env=_env(), timeout=280)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = _trials_in_order(out)
+    assert [r["trial_number"] for r in rows] == [0, 1, 2]
+    assert rows[0]["optim.lr"] == 0.05 and {r["status"] for r in rows} == {"completed"}
+    assert len({r["optim.lr"] for r in rows}) == 3  # TPE drew the others
+    summary = json.loads((out / "runs" / rows[0]["trial_id"] / "summary.json").read_text())
+    assert summary["config"]["optim"]["lr"] == 0.05  # the fixed trial trained at its setting
+    assert {(r["searcher"], r["search_seed"]) for r in rows} == {("tpe", 7)}
+    assert json.loads((out / "searcher.json").read_text()) == {
+        "searcher": "tpe", "search_seed": 7, "points_to_evaluate": [{"optim.lr": 0.05}]}
+    assert json.loads((out / "study.json").read_text())["search_seed"] == 7
+    assert "searcher: tpe, seed 7" in proc.stdout
+
+
+@pytest.mark.timeout(400)
+def test_a_resumed_tpe_sweep_goes_on_with_the_same_search(tmp_path):
+    space = _space(tmp_path, **TPE_SPACE)  # no search_seed: one is drawn and recorded
+    out = tmp_path / "sweep"
+    cmd = _sweep_cmd(space, out, "--epochs", "1", "--max-concurrent", "1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    try:
+        deadline = time.time() + 200
+        while not list(out.glob("runs/*/summary.json")):
+            assert proc.poll() is None and time.time() < deadline, "the sweep ended before its first trial"
+            time.sleep(0.5)
+        time.sleep(3)  # let Tune record the finished trial and start the next
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(list(out.glob("runs/*/summary.json"))) < 3  # interrupted before the end
+    recorded = json.loads((out / "searcher.json").read_text())
+    assert isinstance(recorded["search_seed"], int)
+
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=_env(), timeout=250)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    rows = _trials_in_order(out)
+    # Three trials in all, the fixed one once (trial 0): the restored searcher did not start over
+    assert len(rows) == 3 and len(list((out / "runs").iterdir())) == 3 and {r["status"] for r in rows} == {"completed"}
+    assert [r["optim.lr"] for r in rows].count(0.05) == 1 and rows[0]["optim.lr"] == 0.05
+    assert json.loads((out / "searcher.json").read_text()) == recorded
+    assert {(r["searcher"], r["search_seed"]) for r in rows} == {("tpe", recorded["search_seed"])}
+
+
+def test_a_budget_study_passes_its_searcher_and_fixed_trials_to_each_sweep(tmp_path):
+    from atcd_ray.study import BudgetStudy, load_budget_study
+
+    from .test_budget import SPEC
+
+    def spec(**changes):
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump({**SPEC, **changes}))
+        return load_budget_study(path)
+
+    point = {"optim.lr": 0.05, "methods.fast.alpha_factor": 1.25}  # the common knob and the method's own
+    study = spec(searcher="tpe", points_to_evaluate={"fast": [point]}).sweep("compactcnn", 2, "fast")
+    assert (study.searcher, study.points_to_evaluate, study.num_samples) == ("tpe", [point], SPEC["trials"])
+    # budget_study.json (vars) keeps the searcher's keys only where set: a study recorded before them still matches
+    assert not {"searcher", "points_to_evaluate"} & set(vars(spec(searcher="random")))
+    assert vars(BudgetStudy(**vars(spec(searcher="tpe", points_to_evaluate={"fast": [point]})))) == \
+        vars(spec(searcher="tpe", points_to_evaluate={"fast": [point]}))  # the report reads a record back
+    with pytest.raises(ConfigError, match="searcher: random or tpe"):
+        spec(searcher="bohb")
+    with pytest.raises(ConfigError, match=r"methods.fast \(compactcnn, budget 2\): points_to_evaluate\[0\].optim.lr"):
+        spec(points_to_evaluate={"fast": [{**point, "optim.lr": 5}]})
+    with pytest.raises(ConfigError, match="points_to_evaluate: a mapping of searched method"):
+        spec(points_to_evaluate={"pgd": [point]})

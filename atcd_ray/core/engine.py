@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import sys
 import time
 from typing import Callable, Iterable, Mapping
@@ -172,8 +173,9 @@ def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: 
                 pin_memory: bool = True, world_size: int = 1, progress_interval: float = 5.0,
                 done: EpochProgress | None = None, checkpoint_steps: int | None = None,
                 checkpoint: Callable[[EpochProgress], None] | None = None,
-                checkpoint_now: Callable[[int], bool] | None = None) -> dict[str, float]:
-    """One pass over ``batches``; the learning rate follows fractional epochs. Returns means of
+                checkpoint_now: Callable[[int], bool] | None = None, steps: int | None = None) -> dict[str, float]:
+    """One pass over ``batches`` (its first ``steps`` batches, if given: the part of a last epoch a
+    budget pays for); the learning rate follows fractional epochs. Returns means of
     the method's per-step statistics plus throughput. The statistics stay on the device until
     read (by the progress line, and at the end of the epoch). A non-finite loss raises
     ``NonFiniteError`` (``FiniteLossGuard``). ``done``: the part of this epoch a mid-epoch
@@ -182,16 +184,19 @@ def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: 
     method.model.train()
     done = done or EpochProgress()
     batches.set_epoch(epoch, start_batch=done.steps)
-    n = len(batches)
-    report = Progress(n, f"epoch {epoch + 1}/{total_epochs}", progress, progress_interval, world_size)
+    per_epoch = len(batches)  # the schedule's unit, even in an epoch that stops part-way
+    n = per_epoch if steps is None else min(per_epoch, steps)
+    report = Progress(n, f"epoch {epoch + 1}/{math.ceil(total_epochs)}", progress, progress_interval, world_size)
     guard = FiniteLossGuard(epoch, device, progress_interval)
     totals = {key: torch.tensor(value, device=device) for key, value in done.totals.items()}
     steps, images, lr_sum, wait = done.steps, done.images, done.lr_sum, done.wait
     start, t_fetch = time.perf_counter() - done.seconds, time.perf_counter()
     for i, (x, y) in enumerate(batches, done.steps):
+        if i >= n:
+            break
         x, y = to_device(x, y, device, channels_last, pin_memory)
         wait += time.perf_counter() - t_fetch
-        lr_sum += set_lr(epoch + i / n)
+        lr_sum += set_lr(epoch + i / per_epoch)
         with autocast(amp, device):
             stats = method.step(x, y)
         for key, value in stats.items():

@@ -149,16 +149,17 @@ def test_mh_infinite_temperature_accepts_everything(monkeypatch):
 def test_mh_zero_temperature_keeps_only_proposals_that_lower_h(monkeypatch):
     """Property 5: tau -> 0 keeps exactly the proposals with H_new <= H_old, and reverts the rest."""
     diffs = _record_mh(monkeypatch)
-    # kappa 0.3: on this untrained net a larger kappa rejects everything, a smaller one (the masks
+    # kappa 0.2: on this untrained net a larger kappa rejects everything, a smaller one (the masks
     # shared, H moves little) nothing.
-    method = make("atcd", ATCDOptions(T=3, K=2, tau=0.0, kappa=0.3))
-    for x, y in batches(3):
+    method = make("atcd", ATCDOptions(T=3, K=2, tau=0.0, kappa=0.2))
+    rates = []
+    for x, y in batches(4):
         diffs.clear()
         method.model.inputs.clear()
-        rate = method.step(x, y)["mh_accept_rate"]
+        rates.append(method.step(x, y)["mh_accept_rate"].item())
         lowered = torch.cat([(d >= 0).float() for d in diffs])
-        assert rate == pytest.approx(lowered.mean().item())
-        assert 0 < rate < 1  # both cases occur, so the test is not vacuous
+        assert rates[-1] == pytest.approx(lowered.mean().item())
+    assert 0 < sum(rates) / len(rates) < 1  # both cases occur, so the test is not vacuous
 
 
 def test_mh_rejected_examples_revert(monkeypatch):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -106,6 +107,15 @@ class ATCDOptions:
 DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
+def _draw_seed() -> int:
+    """A seed from the default generator's stream, read without a tensor-to-host copy (which the
+    host-sync check flags): a hash of the generator's state, which one draw then advances, so
+    every replay gets its own seed and a resume (the state is checkpointed) the same ones."""
+    state = torch.get_rng_state().numpy().tobytes()
+    torch.empty(()).random_()
+    return int.from_bytes(hashlib.blake2b(state, digest_size=8).digest(), "little") >> 1
+
+
 class Chain(NamedTuple):
     """Per-example chain state; ``potential`` is U = -J_cd at ``delta``, where it is known."""
 
@@ -149,7 +159,7 @@ class ATCD(Method):
         losses, decisions = [], []
         for _ in range(self.options.T):  # line 5
             if self.shared_masks and self.model.training:
-                self.replay_seed = int(torch.randint(2**62, ()))  # this replay's dropout masks
+                self.replay_seed = _draw_seed()  # this replay's dropout masks
             start, proposal = self._trajectory(x, y, chain, p_prev)  # lines 6-9
             x_adv, logits = self._forward(x, proposal)  # Stage 2's forward, also H_new for line 10
             chain, logits, decision = self._metropolis_hastings(x, y, start, proposal, x_adv, logits, p_prev)

@@ -194,8 +194,6 @@ def test_the_repository_study_spec_is_valid():
     ({"final_seeds": [1]}, "final_seeds: one integer >= 0 per budget"),
     ({"models": ["resnet9"]}, "models: each one of"),
     ({"methods": {"natural": {}}}, "methods: a mapping of searched methods"),
-    ({"methods": {"pgd": {}}}, r"methods.pgd \(compactcnn, budget 2\): fixed: config: train.budget 2 is less than one "
-                               r"epoch of pgd"),
     ({"final": {"eval.attacks": ["pgd5"]}}, "final: eval.attacks must include pgd20"),
     ({"trials": 0}, "trials: an integer >= 1"),
     ({"final": {"eval.attacks": ["pgd20"], "optim.lr": 0.1}}, "final: optim.lr is searched"),

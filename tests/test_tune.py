@@ -230,25 +230,30 @@ def test_a_sweep_writes_its_table_and_tensorboard(tmp_path):
     assert rerun.returncode == 2 and "pass --resume" in rerun.stderr
 
 
+def _interrupt_after_first_trial(cmd, out, wait, finish):
+    """Start the sweep ``cmd``, Ctrl-C it once its first trial has finished (within ``wait``
+    seconds), and let it close within ``finish`` seconds."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    try:
+        deadline = time.time() + wait
+        while not list(out.glob("runs/*/summary.json")):
+            assert proc.poll() is None and time.time() < deadline, "the sweep ended before its first trial"
+            time.sleep(0.5)
+        time.sleep(3)  # let Tune record the finished trial and start the next
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.communicate(timeout=finish)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.timeout(900)
 def test_an_interrupted_sweep_resumes_and_retrains_nothing_finished(tmp_path):
     space = _space(tmp_path, fixed={"train.method": "atcd"}, scheduler={"name": "fifo"},
                    params={"methods.atcd.lam": {"grid": [0.5, 1, 2]}})
     out = tmp_path / "sweep"
     # Two CPUs per worker: one trial at a time on this 2-core machine, so the order is known.
-    proc = subprocess.Popen(_sweep_cmd(space, out, "--cpus-per-worker", "2"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_env())
-    try:
-        deadline = time.time() + 600
-        while not list(out.glob("runs/*/summary.json")):
-            assert proc.poll() is None and time.time() < deadline, "the sweep ended before its first trial"
-            time.sleep(0.5)
-        time.sleep(3)  # let Tune record the finished trial and start the next
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
-        proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _interrupt_after_first_trial(_sweep_cmd(space, out, "--cpus-per-worker", "2"), out, wait=600, finish=300)
     first = next(out.glob("runs/*/summary.json")).parent
     first_epochs = (first / "metrics.jsonl").read_text()
     assert len(list(out.glob("runs/*/summary.json"))) < 3  # interrupted before the end
@@ -321,18 +326,7 @@ def test_a_resumed_tpe_sweep_goes_on_with_the_same_search(tmp_path):
     space = _space(tmp_path, **TPE_SPACE)  # no search_seed: one is drawn and recorded
     out = tmp_path / "sweep"
     cmd = _sweep_cmd(space, out, "--epochs", "1", "--max-concurrent", "1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-    try:
-        deadline = time.time() + 200
-        while not list(out.glob("runs/*/summary.json")):
-            assert proc.poll() is None and time.time() < deadline, "the sweep ended before its first trial"
-            time.sleep(0.5)
-        time.sleep(3)  # let Tune record the finished trial and start the next
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
-        proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _interrupt_after_first_trial(cmd, out, wait=200, finish=120)
     assert len(list(out.glob("runs/*/summary.json"))) < 3  # interrupted before the end
     recorded = json.loads((out / "searcher.json").read_text())
     assert isinstance(recorded["search_seed"], int)

@@ -25,7 +25,6 @@ gives the paper's words, ours, and the ablation that chose the recipes' values.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -279,8 +278,8 @@ class ATCD(Method):
         if p_prev is None or self.options.cd_target == "cached":
             return p_prev
         with torch.no_grad():  # exact: the previous weights evaluated at this theta
-            previous = functools.partial(functional_call, self.model, self.previous_weights)
-            return F.softmax(self._net(lambda inputs: previous((inputs,)), x_adv).float(), dim=1)
+            previous = lambda inputs: functional_call(self.model, self.previous_weights, (inputs,))  # noqa: E731
+            return F.softmax(self._net(previous, x_adv).float(), dim=1)
 
     def _potential_grad(self, x, delta, y, p_prev):
         """One pass: grad_theta J_cd at theta = x + delta, and U = -J_cd there, per example."""

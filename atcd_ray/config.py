@@ -76,8 +76,11 @@ class TrainConfig:
     channels_last: bool = False  # model and images in channels-last memory format (GPU tensor cores)
     compile: bool = False  # torch.compile the model (in place: checkpoints keep their keys)
     select_best: str = "last"  # last | robust_val: keep the checkpoint with the best validation robust accuracy
-    val_n: int | None = 1000  # validation examples evaluated after each epoch
+    val_n: int | None = 1000  # validation examples evaluated after each validated epoch
     val_attack: str = "pgd10"
+    # Validate after every N-th epoch and after the last one (a search that selects by the last
+    # epoch's validation need not pay for the others; Tune sees the validated epochs only).
+    val_every: int = 1
     progress_seconds: float = 5.0  # a progress line (or bar update) at most this often during an epoch
     # A checkpoint every N steps inside an epoch too (None: at epoch ends only); a resume continues
     # the epoch at the step after it, with the same batches and statistics.
@@ -99,7 +102,7 @@ class TrainConfig:
     def validate(self):
         _choice(self, "method", tuple(METHODS))
         _choice(self, "select_best", ("last", "robust_val"))
-        _positive(self, "epochs", "budget", "val_n", "progress_seconds", "checkpoint_steps",
+        _positive(self, "epochs", "budget", "val_n", "val_every", "progress_seconds", "checkpoint_steps",
                   "preemption_check_steps", "val_cpus")
         if self.val_gpus < 0:
             raise ValueError(f"val_gpus must be >= 0, got {self.val_gpus}")

@@ -90,9 +90,10 @@ def run_report(run: Path, out: Path, eval_n: int, steps: list[int], eps_scales: 
     files = []
     epochs = [h["epoch"] for h in history]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in CURVES.items():
-        if history and key in history[0]:
-            acc_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
+    for key, label in CURVES.items():  # train.val_every > 1: the validated epochs only
+        points = [(epoch, h[key]) for epoch, h in zip(epochs, history) if key in h]
+        if points:
+            acc_ax.plot(*zip(*points), marker="o", label=label)
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title=f"{run.name}: accuracy per epoch")
     acc_ax.legend()
     loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o")
@@ -108,8 +109,8 @@ def run_report(run: Path, out: Path, eval_n: int, steps: list[int], eps_scales: 
                                  ["clean", *summary["robust_acc"]]), ""]
     columns = ["epoch", "train_loss", "train_train_acc", "val_clean_acc", "val_robust_acc", "train_lr",
                "train_images_per_second", "train_mh_accept_rate"]
-    shown = [c for c in columns if history and c in history[0]]
-    rows = [{c: (f"{h[c]:.4g}" if c in ("train_loss", "train_lr", "train_images_per_second") else h[c])
+    shown = [c for c in columns if any(c in h for h in history)]
+    rows = [{c: (f"{h[c]:.4g}" if c in ("train_loss", "train_lr", "train_images_per_second") else h.get(c, ""))
              for c in shown} for h in history]
     lines += ["## Per epoch", "", markdown_table(rows, shown), "", "![accuracy per epoch](curves.png)", ""]
 

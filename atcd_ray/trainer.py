@@ -604,7 +604,8 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
                   **{f"train_{k}": v for k, v in stats.items()},
                   "train_stretches": stretches, "train_seconds": train_seconds, "finished_at": time.time()}
         improved = False
-        if not group.validates_async:  # else a task validates the checkpoint reported below
+        validates = (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs or stopped_early
+        if validates and not group.validates_async:  # else a task validates the checkpoint reported below
             started = time.perf_counter()
             val = _mean_over_ranks(group, validation_accuracy(cfg, model, splits, device), splits.val.num_examples)
             if ema is not None:  # the raw weights from the training stream, as without ema; the average apart
@@ -627,7 +628,7 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
             write_history(out, history)
             board.epoch(record)
             publish()
-        group.report(record, own, validate=group.validates_async)
+        group.report(record, own, validate=group.validates_async and validates)
         if lead:
             log.info("epoch %d/%d  %s", epoch + 1, t.epochs, "  ".join(
                 f"{k}={v:.4g}" for k, v in record.items() if k in (
@@ -641,7 +642,8 @@ def fit(cfg: Config, out_dir: str | Path, progress: bool = True, device: torch.d
         group.wait_for_validations()
         if lead:  # the other ranks test rank 0's choice (share_weights) and write nothing
             history = with_validations(out, history)
-            missing = [r["epoch"] for r in history if "val_robust_acc" not in r]
+            missing = [r["epoch"] for r in history if "val_robust_acc" not in r and (
+                r["epoch"] % t.val_every == 0 or r is history[-1])]
             if missing:  # a failed validation task (Ray logged why): the choice is among the others
                 log.warning("epochs %s have no validation; best.safetensors is chosen among the others", missing)
             write_history(out, history)

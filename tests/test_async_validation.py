@@ -54,11 +54,12 @@ def test_validation_runs_beside_training_and_tune_and_the_best_checkpoint_use_it
     for v, h in zip(validated, history):  # metrics.jsonl takes the validations in
         assert (h["val_clean_acc"], h["val_robust_acc"]) == (v["val_clean_acc"], v["val_robust_acc"])
     # Training went on while the validation of the epoch before ran: no wait between epochs as
-    # long as the validation, and the validation of epoch e overlaps the training of epoch e + 1.
+    # long as the validation, and epoch e + 1's training started before epoch e's validation
+    # ended. (Not that the validation starts before epoch e + 1 ends: on a loaded 2-core machine a
+    # Ray task's start can lag an epoch of the digits, which CI once saw.)
     for wait, v, after in zip(_waits(history), validated, history[1:]):
         assert wait < v["val_seconds"], (wait, v)
-        assert v["val_started_at"] < after["finished_at"] and \
-            v["val_finished_at"] > after["finished_at"] - after["train_epoch_seconds"], (v, after)
+        assert v["val_finished_at"] > after["finished_at"] - after["train_epoch_seconds"], (v, after)
 
     # Tune got each epoch once validated: one result per epoch, with its validation and objective.
     tune_results = _records(out / trial.name / "result.json")
@@ -267,3 +268,20 @@ def test_a_worker_killed_while_a_validation_is_pending(tmp_path):
     best = max(validated, key=lambda v: v["val_robust_acc"])
     assert Checkpoint(out / "best.safetensors").meta["epoch"] == best["epoch"]
     assert json.loads((out / "summary.json").read_text())["workers"] == 2
+
+
+def test_validation_every_second_epoch_and_after_the_last_and_the_best_among_those(tmp_path):
+    """train.val_every = 2 over 5 epochs: epochs 2, 4 and 5 validated (the last always), the others
+    not; the best checkpoint is one of those. Control: val_every = 1 validates all five."""
+    from atcd_ray.trainer import fit
+
+    small = [("train.method", "fast"), ("data.subset", 256), ("data.batch_size", 64), ("train.val_n", 64),
+             ("train.val_attack", "pgd3"), ("train.select_best", "robust_val"), ("eval.n", 32),
+             ("eval.attacks", ["fgsm"]), ("train.epochs", 5)]
+    for every, expected in ((2, [2, 4, 5]), (1, [1, 2, 3, 4, 5])):
+        out = tmp_path / f"every{every}"
+        fit(load_config("digits", overrides=[*small, ("train.val_every", every)]), out, progress=False)
+        history = _records(out / "metrics.jsonl")
+        assert [h["epoch"] for h in history if "val_robust_acc" in h] == expected
+        best = max((h for h in history if "val_robust_acc" in h), key=lambda h: h["val_robust_acc"])
+        assert Checkpoint(out / "best.safetensors").meta["epoch"] == best["epoch"]

@@ -20,7 +20,7 @@ def model_of(ckpt, name) -> "torch.nn.Module":  # noqa: F821 - torch is imported
     from .config import config_from_dict
     from .core.checkpoint import CheckpointError
     from .data import DATASETS
-    from .trainer import model_for
+    from .factories import model_for
 
     cfg = config_from_dict(ckpt.config)
     model = model_for(cfg, DATASETS[cfg.dataset])

@@ -36,7 +36,7 @@ class DataConfig:
     val_size: int = 5000  # held out from the training set, for best-checkpoint selection
     subset: int | None = None  # train on the first N training examples
     loader_workers: int = 4  # worker processes (threads for FFCV) decoding JPEGs
-    ffcv_dir: str | None = None  # DIR with train.beton and val.beton (atcd_ray.pipelines.write); None: torchvision
+    ffcv_dir: str | None = None  # DIR with train.beton and val.beton (atcd_ray.write_ffcv); None: torchvision
     pin_memory: bool = True  # on CUDA: batches through page-locked memory, copied without blocking
 
     def validate(self):

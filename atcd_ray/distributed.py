@@ -11,7 +11,7 @@ name), so rerunning the same command resumes from the latest checkpoint, and a w
 dies makes Ray restart the group from it (``FailureConfig``). Checkpoints inside an epoch
 (``train.checkpoint_steps``, and one on a preemption notice) are reported to Ray too, so a
 restart continues mid-epoch. With ``workers=(min, max)`` the group is elastic: a restart may
-have another size, and the trainer re-cuts the per-rank state for it (``trainer._resume``).
+have another size, and the trainer re-cuts the per-rank state for it (``resume.resume_from``).
 
 Under ``train.val_async`` each epoch's checkpoint is reported for validation (Ray Train's
 ``ValidationConfig``): Ray's controller runs ``EpochValidator`` on it as a task with resources of
@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -37,8 +39,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import Config, ConfigError, config_from_dict
 from .core.methods.base import weighted_mean_hook
+from .factories import build_splits_of
+from .group import Group
+from .run_dir import check_not_diverged, read_validations
 from .storage import RunUpload, download_run, is_uri
-from .trainer import Group, build_splits_of, check_not_diverged, fit, log, read_validations, validate_checkpoint
+from .trainer import fit
+from .validation import validate_checkpoint
+
+log = logging.getLogger("atcd_ray")
 
 # An EpochValidator's data, per worker process (config and device -> splits): Ray runs the tasks
 # of a run one after the other, mostly in the same process.
@@ -90,7 +98,7 @@ class RayGroup(Group):
 
 
 class EpochValidator:
-    """Ray Train's validation function under ``train.val_async``: ``trainer.validate_checkpoint``
+    """Ray Train's validation function under ``train.val_async``: ``validation.validate_checkpoint``
     on an epoch's reported checkpoint, in a task with ``train.val_cpus`` CPUs (torch threads) and
     ``train.val_gpus`` GPUs. ``on_validated``: called with the epoch's record, validation
     included (a Tune trial passes it on to Tune). Returns the validation metrics, which Ray merges
@@ -116,7 +124,7 @@ class EpochValidator:
         done_before = set(read_validations(Path(self.out)))
         with checkpoint.as_directory() as directory:
             record = validate_checkpoint(cfg, Path(directory) / "last.safetensors", Path(self.out), device,
-                                         _VALIDATION_SPLITS[key])
+                                         splits=_VALIDATION_SPLITS[key])
         log.info("validated epoch %d: val_clean_acc=%.4g val_robust_acc=%.4g%s (%.0f s)", record["epoch"],
                  record["val_clean_acc"], record["val_robust_acc"],
                  f" (raw weights: {record['val_robust_acc_raw']:.4g})" if "val_robust_acc_raw" in record else "",
@@ -159,13 +167,33 @@ def _worker(config: dict) -> None:
 def init_ray() -> None:
     """Join RAY_ADDRESS (``ray job submit`` sets it) or start a local Ray of this process's own,
     dashboard on 127.0.0.1. ``address="local"``: without it ``ray.init()`` joins the cluster Ray's
-    ``ray_current_cluster`` file names, which a killed ``ray start --head`` leaves behind (dead)."""
+    ``ray_current_cluster`` file names, which a killed ``ray start --head`` leaves behind (dead).
+
+    A local Ray's processes are told its dashboard (RAY_API_SERVER_ADDRESS, which they inherit from
+    this one): Ray Train's placement-group cleaner asks the state API whether the run's controller
+    lives, and without an address that API looks for Ray instances on the machine and fails
+    (its thread dies, printing a traceback) when another Ray runs beside this one."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-    else:
+        return
+    if os.environ.get("RAY_API_SERVER_ADDRESS", _OWN_DASHBOARD[0]) == _OWN_DASHBOARD[0]:  # unset, or ours
+        port = free_port()
+        _OWN_DASHBOARD[0] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
+    else:  # the caller's choice
         ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+_OWN_DASHBOARD = [""]  # the RAY_API_SERVER_ADDRESS this process set for the local Ray it started
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the dashboard binds it a moment later)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def even_share_of_cpus(workers: int, reserved: float = 0.0) -> int:
@@ -180,6 +208,9 @@ def check_room_for_validation(cfg: Config, workers: int, cpus_per_worker: float,
     end the workers wait for it, and a task that could only start once they are gone would never
     start."""
     t, have = cfg.train, ray.cluster_resources()
+    if gpu and not t.val_gpus:
+        log.warning("train.val_async: the workers have GPUs and the validation task none (train.val_gpus=0): "
+                    "it validates on %g CPUs, and the run waits for it at the end", t.val_cpus)
     need_cpus, need_gpus = workers * cpus_per_worker + t.val_cpus, (workers if gpu else 0) + t.val_gpus
     if have.get("CPU", 0) + 1e-9 < need_cpus or have.get("GPU", 0) + 1e-9 < need_gpus:
         gpus = " and a GPU" if gpu else ""
@@ -217,7 +248,7 @@ def validation_placement(cfg: Config, given: tuple | None, report_every_s: float
         ray.util.remove_placement_group(group)
 
 
-def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, int], gpu: bool = False,
+def fit_distributed(cfg: Config, out_dir: str | Path, *, workers: int | tuple[int, int], gpu: bool = False,
                     cpus_per_worker: float | None = None, max_failures: int = 3, callbacks: list | None = None,
                     progress: bool = True, resize_check_seconds: float = 60.0, on_validated=None,
                     validation_bundle: tuple | None = None) -> Path | str:
@@ -247,9 +278,6 @@ def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, 
     cpus_per_worker = cpus_per_worker or even_share_of_cpus(high, cfg.train.val_cpus if val_async else 0.0)
     if val_async:
         check_room_for_validation(cfg, high, cpus_per_worker, gpu)
-        if gpu and not cfg.train.val_gpus:
-            log.warning("train.val_async: the workers have GPUs and the validation task none (train.val_gpus=0): "
-                        "it validates on %g CPUs, and the run waits for it at the end", cfg.train.val_cpus)
     with validation_placement(cfg, validation_bundle) as placement:
         # retry_exceptions: a validation is seeded and its writes idempotent, so a rerun is safe.
         validation = ValidationConfig(EpochValidator(cfg, out, on_validated), ray_remote_kwargs={
@@ -277,10 +305,14 @@ def fit_distributed(cfg: Config, out_dir: str | Path, workers: int | tuple[int, 
             if result.error:
                 raise result.error
         except Exception:
-            if remote:
-                with tempfile.TemporaryDirectory() as copy:
-                    check_not_diverged(download_run(out, Path(copy)))
-            else:
-                check_not_diverged(out)  # a worker's non-finite loss: its one line, not Ray's traceback
+            _check_not_diverged(out)  # a worker's non-finite loss: its one line, not Ray's traceback
             raise
     return out
+
+
+def _check_not_diverged(out: Path | str) -> None:
+    if is_uri(out):
+        with tempfile.TemporaryDirectory() as copy:
+            check_not_diverged(download_run(out, Path(copy)))
+    else:
+        check_not_diverged(out)

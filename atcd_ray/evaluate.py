@@ -31,10 +31,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 from . import __version__, model_of
 from .cli import ArgumentParser, markdown_table, run_main
-from .config import ConfigError, config_from_dict
+from .config import Config, ConfigError, config_from_dict
 from .core.attacks import autoattack_flags, build_attack
 from .core.checkpoint import CheckpointError, write_text_atomic
 from .data import DATASETS, DataError, build_test_split
@@ -79,7 +80,7 @@ def batch_seed(seed: int, batch: int) -> int:
 
 
 def eval_split(spec: EvalSpec, loader_workers: int):
-    return build_test_split(spec.dataset, spec.data_dir, batch_size=spec.batch_size, eval_n=spec.eval_n,
+    return build_test_split(spec.dataset, data_dir=spec.data_dir, batch_size=spec.batch_size, eval_n=spec.eval_n,
                             seed=spec.seed, loader_workers=loader_workers)
 
 
@@ -294,90 +295,121 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    result = evaluate_checkpoint(
+        args.checkpoint, attacks=[name for name in args.attacks.split(",") if name], dataset=args.dataset,
+        data_dir=args.data_dir, eps=args.eps, alpha=args.alpha, eval_n=args.eval_n, batch_size=args.batch_size,
+        seed=args.seed, workers=args.workers, gpu=args.gpu,
+        parts_dir=args.parts_dir or (f"{args.json}.parts" if args.json else None))
+    print_result(result)
+    if args.json:
+        write_text_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def evaluate_checkpoint(checkpoint: str | Path, *, attacks: Sequence[str] = ("pgd20", "mifgsm20", "cw20"),
+                        dataset: str | None = None, data_dir: str | None = None, eps: float | None = None,
+                        alpha: float | None = None, eval_n: int | None = None, batch_size: int = 256, seed: int = 0,
+                        workers: int = 0, gpu: bool = False, parts_dir: str | Path | None = None) -> dict:
+    """A checkpoint (a file, or its URI) on the first ``eval_n`` test images of ``dataset`` (default:
+    the checkpoint's; its data_dir and eps too) under each attack; ``workers`` Ray actors share the
+    batches (0: this process). Per-batch results go to ``parts_dir`` (default: beside the
+    checkpoint, named by the evaluation's settings), so an interrupted evaluation resumes. Returns
+    the result (``python -m atcd_ray.evaluate --json`` writes it): accuracies, per-example
+    correctness, AutoAttack's own flags, provenance."""
     with tempfile.TemporaryDirectory() as tmp:
-        return evaluate_checkpoint(args, local_copy(args.checkpoint, tmp))
+        local = local_copy(str(checkpoint), tmp)
+        ckpt = read_checkpoint(local, str(checkpoint))
+        cfg = config_from_dict(ckpt.config)
+        if ckpt.ema_state():  # a training checkpoint of a train.ema run: its model.* are the raw weights
+            print(f"note: {checkpoint} is a training checkpoint; evaluating its raw weights, not the weight "
+                  "average (train.ema), whose weights are in the run's ema.safetensors (and best.safetensors)",
+                  file=sys.stderr)
+        dataset = dataset or cfg.dataset
+        eps = cfg.eps if eps is None else eps
+        check_request(cfg, checkpoint, dataset=dataset, eps=eps, eval_n=eval_n, batch_size=batch_size,
+                      workers=workers)
+        try:
+            built = {name: build_attack(name, eps, alpha) for name in attacks}
+        except ValueError as err:
+            raise ConfigError(f"--attacks: {err}") from None
+        from .data.sources import check_available
+
+        data_dir = data_dir or cfg.data.dir
+        check_available(dataset, data_dir, test_only=True)
+
+        import torch
+
+        if gpu and not workers and not torch.cuda.is_available():
+            raise ConfigError("--gpu: this machine has no CUDA device")
+        # Paths as every actor sees them, whatever its working directory.
+        absolute = lambda path: path if path is None or is_uri(path) else str(Path(path).resolve())  # noqa: E731
+        spec = EvalSpec(checkpoint=absolute(str(checkpoint)), checkpoint_sha256=file_sha256(local),
+                        dataset=dataset, data_dir=absolute(data_dir), attacks=tuple(built), eps=eps, alpha=alpha,
+                        eval_n=eval_n, batch_size=batch_size, seed=seed, device="cuda" if gpu else "cpu")
+        return run_evaluation(spec, cfg, parts_dir=parts_dir, workers=workers)
 
 
-def evaluate_checkpoint(args: argparse.Namespace, local: Path) -> int:
-    """``local``: the checkpoint's file here (``args.checkpoint`` may be a URI)."""
-    ckpt = read_checkpoint(local, args.checkpoint)
-    cfg = config_from_dict(ckpt.config)
-    if ckpt.ema_state():  # a training checkpoint of a train.ema run: its model.* are the raw weights
-        print(f"note: {args.checkpoint} is a training checkpoint; evaluating its raw weights, not the weight "
-              "average (train.ema), whose weights are in the run's ema.safetensors (and best.safetensors)",
-              file=sys.stderr)
-    dataset = args.dataset or cfg.dataset
+def run_evaluation(spec: EvalSpec, cfg: Config, *, parts_dir: str | Path | None, workers: int) -> dict:
+    """``evaluate_checkpoint``'s work, once its request is checked: the batches not yet in the
+    parts directory, then the result from every batch's per-example correctness."""
+    from .provenance import provenance
+
+    test = eval_split(spec, cfg.data.loader_workers)
+    key = hashlib.sha256(json.dumps(spec.identity(), sort_keys=True).encode()).hexdigest()[:12]
+    beside = Path.cwd() if is_uri(spec.checkpoint) else Path(spec.checkpoint).parent
+    parts_dir = Path(parts_dir or beside / f"evaluate-{key}.parts")
+    versions, produced_by = attack_versions(spec.attacks), provenance()  # provenance runs git: once
+    n = test.num_examples
+    parts = Parts(parts_dir, spec, num_examples=n, code={"commit": produced_by["commit"], "attacks": versions})
+    start = time.perf_counter()
+    computed = run_batches(spec, parts, workers, test)
+    correct = parts.merged()
+    accuracy = {name: bits.count("1") / n for name, bits in correct.items()}
+    result = {"checkpoint": spec.checkpoint, "dataset": spec.dataset, "eps": spec.eps, "method": cfg.train.method,
+              "n": n, "clean_acc": accuracy["clean"], "robust_acc": {name: accuracy[name] for name in spec.attacks},
+              "seconds": time.perf_counter() - start, "batches_computed": computed, "workers": workers,
+              "batch_size": spec.batch_size, "seed": spec.seed, "parts_dir": str(parts_dir),
+              "device": spec.device, "model": cfg.model, "threat_model": "Linf", "attack_versions": versions,
+              "provenance": produced_by}
+    if len(spec.attacks) > 1:  # correct clean and under every attack asked: exact, from the per-example results
+        result["every_attack_acc"] = sum(all(bits[i] == "1" for bits in correct.values()) for i in range(n)) / n
+    result["correct"] = correct
+    result["gradient_masking_suspected"] = masking_suspected(result["robust_acc"])
+    if "autoattack" in spec.attacks:
+        result["autoattack_flags"] = parts.autoattack_flags()
+    return result
+
+
+def check_request(cfg: Config, checkpoint: str | Path, *, dataset: str, eps: float, eval_n: int | None,
+                  batch_size: int, workers: int) -> None:
+    """What is asked of a checkpoint trained under ``cfg``, checked before any work: one line each."""
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset: unknown dataset {dataset!r}; allowed: {', '.join(DATASETS)}")
-    eps = cfg.eps if args.eps is None else args.eps
-    if not 0 <= eps < math.inf or (args.eval_n is not None and args.eval_n <= 0) or args.batch_size <= 0:
+    if not 0 <= eps < math.inf or (eval_n is not None and eval_n <= 0) or batch_size <= 0:
         raise ConfigError("--eps must be a finite number >= 0, --eval-n and --batch-size > 0")
-    if args.workers < 0:
+    if workers < 0:
         raise ConfigError("--workers must be >= 0")
     trained, asked = DATASETS[cfg.dataset], DATASETS[dataset]
     shape = lambda spec: (spec.in_channels, spec.image_size, spec.num_classes)  # noqa: E731
     if shape(trained) != shape(asked):
-        raise ConfigError(f"--dataset {dataset}: {args.checkpoint} is a {cfg.model} for {cfg.dataset} "
+        raise ConfigError(f"--dataset {dataset}: {checkpoint} is a {cfg.model} for {cfg.dataset} "
                           f"({trained.in_channels}x{trained.image_size}x{trained.image_size} images, "
                           f"{trained.num_classes} classes), not for {dataset} ({asked.in_channels}x"
                           f"{asked.image_size}x{asked.image_size}, {asked.num_classes} classes)")
-    try:
-        attacks = {name: build_attack(name, eps, args.alpha) for name in args.attacks.split(",") if name}
-    except ValueError as err:
-        raise ConfigError(f"--attacks: {err}") from None
 
-    from .data.sources import check_available
 
-    data_dir = args.data_dir or cfg.data.dir
-    check_available(dataset, data_dir, test_only=True)
-
-    import torch
-
-    from .trainer import provenance
-
-    if args.gpu and not args.workers and not torch.cuda.is_available():
-        raise ConfigError("--gpu: this machine has no CUDA device")
-    # Paths as every actor sees them, whatever its working directory.
-    absolute = lambda path: path if path is None or is_uri(path) else str(Path(path).resolve())  # noqa: E731
-    spec = EvalSpec(checkpoint=absolute(args.checkpoint), checkpoint_sha256=file_sha256(local),
-                    dataset=dataset, data_dir=absolute(data_dir), attacks=tuple(attacks),
-                    eps=eps, alpha=args.alpha, eval_n=args.eval_n, batch_size=args.batch_size, seed=args.seed,
-                    device="cuda" if args.gpu else "cpu")
-    test = eval_split(spec, cfg.data.loader_workers)
-    n = test.num_examples
-    key = hashlib.sha256(json.dumps(spec.identity(), sort_keys=True).encode()).hexdigest()[:12]
-    beside = Path.cwd() if is_uri(args.checkpoint) else Path(args.checkpoint).parent
-    parts_dir = Path(args.parts_dir or (f"{args.json}.parts" if args.json else beside / f"evaluate-{key}.parts"))
-    versions, produced_by = attack_versions(attacks), provenance()  # provenance runs git: once
-    parts = Parts(parts_dir, spec, num_examples=n, code={"commit": produced_by["commit"], "attacks": versions})
-    start = time.perf_counter()
-    computed = run_batches(spec, parts, args.workers, test)
-    correct = parts.merged()
-    accuracy = {name: bits.count("1") / n for name, bits in correct.items()}
-    result = {"checkpoint": str(args.checkpoint), "dataset": dataset, "eps": eps, "method": cfg.train.method,
-              "n": n, "clean_acc": accuracy["clean"], "robust_acc": {name: accuracy[name] for name in attacks},
-              "seconds": time.perf_counter() - start, "batches_computed": computed, "workers": args.workers,
-              "batch_size": args.batch_size, "seed": args.seed, "parts_dir": str(parts_dir),
-              "device": spec.device, "model": cfg.model, "threat_model": "Linf", "attack_versions": versions,
-              "provenance": produced_by}
-    if len(attacks) > 1:  # correct clean and under every attack asked: exact, from the per-example results
-        result["every_attack_acc"] = sum(all(bits[i] == "1" for bits in correct.values()) for i in range(n)) / n
-    result["correct"] = correct
-    result["gradient_masking_suspected"] = masking_suspected(result["robust_acc"])
-    if "autoattack" in attacks:
-        result["autoattack_flags"] = parts.autoattack_flags()
+def print_result(result: dict) -> None:
+    """The result's table, and the warnings it carries (gradient masking, AutoAttack's checks)."""
     every_column = {"every attack": result["every_attack_acc"]} if "every_attack_acc" in result else {}
-    print(markdown_table([{"model": Path(args.checkpoint).parent.name, "clean": accuracy["clean"],
+    attacks = list(result["robust_acc"])
+    print(markdown_table([{"model": Path(result["checkpoint"]).parent.name, "clean": result["clean_acc"],
                            **result["robust_acc"], **every_column}], ["model", "clean", *attacks, *every_column]))
     if result["gradient_masking_suspected"]:
         print(f"WARNING: a gradient-free attack beats the gradient attacks by more than {MASKING_MARGIN:.0%}: "
               "the model likely masks gradients, and its gradient-based robust accuracy overstates robustness")
     for batch, flags in (result.get("autoattack_flags") or {}).items():
-        print(f"WARNING: AutoAttack's own checks, batch {batch} (examples from {int(batch) * args.batch_size}): "
+        print(f"WARNING: AutoAttack's own checks, batch {batch} (examples from {int(batch) * result['batch_size']}): "
               + " | ".join(flags))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,32 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
 
+from .budget import EMA_SUFFIX, OBJECTIVE, BudgetStudy, cell_dir, winner
 from .cli import ArgumentParser, markdown_table, run_main
 from .config import ConfigError
+from .core.checkpoint import write_text_atomic
+from .figures import pyplot, save_figure
 from .storage import is_uri
 
 CURVES = {"train_train_acc": "train (adversarial batch)", "val_clean_acc": "validation clean",
           "val_robust_acc": "validation robust"}
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
-    return path
 
 
 def commit_label(record: dict) -> str:
@@ -82,8 +70,8 @@ def machine_label(summary: dict) -> str:
         (f", {hw['gpu']}" if hw.get("gpu") else "")
 
 
-def run_report(run: Path, out: Path, eval_n: int, steps: list[int], eps_scales: list[float]) -> list[Path]:
-    from .trainer import read_history, read_summary
+def run_report(run: Path, out: Path, *, eval_n: int, steps: list[int], eps_scales: list[float]) -> list[Path]:
+    from .run_dir import read_history, read_summary
 
     history, summary = read_history(run), read_summary(run)
     plt = pyplot()
@@ -118,7 +106,7 @@ def run_report(run: Path, out: Path, eval_n: int, steps: list[int], eps_scales: 
     if evaluation:
         entry = robustbench_entry(evaluation, summary)
         files.append(out / "robustbench.json")
-        (out / "robustbench.json").write_text(json.dumps(entry, indent=2) + "\n")
+        write_text_atomic(out / "robustbench.json", json.dumps(entry, indent=2) + "\n")
         lines += ["## RobustBench-style entry", "",
                   f"From {evaluation['_file']} (commit {entry['commit']}): written to robustbench.json.", "",
                   markdown_table([{k: entry[k] for k in ENTRY_COLUMNS}], list(ENTRY_COLUMNS)), ""]
@@ -129,30 +117,42 @@ def run_report(run: Path, out: Path, eval_n: int, steps: list[int], eps_scales: 
 
     checkpoint = run / (summary["checkpoint"] if summary else "last.safetensors")
     if eval_n and checkpoint.exists() and (steps or eps_scales):
-        curves = attack_curves(checkpoint, out / "attack_curves.json", eval_n, steps, eps_scales)
-        eps = curves["eps"]
-        for key, xlabel, name in (("steps", "PGD steps (step eps/4)", "attack_steps"),
-                                  ("eps_scale", "eps of the attack (PGD-20; 0: clean)", "eps")):
-            points = curves[key]
-            if not points:
-                continue
-            fig, ax = plt.subplots(figsize=(5, 4))
-            if key == "eps_scale":  # absolute eps, from clean accuracy at 0
-                points = [{"x": 0.0, "acc": curves["clean"]}, *({"x": p["x"] * eps, "acc": p["acc"]} for p in points)]
-                ax.axvline(eps, color="grey", ls=":", lw=1, label=f"training eps {eps:.4g}")
-                if evaluation and Path(evaluation["checkpoint"]).name == checkpoint.name:  # the model plotted
-                    ax.plot([evaluation["eps"]], [evaluation["robust_acc"]["autoattack"]], "r*", ms=10,
-                            label=f"AutoAttack (n={evaluation['n']})")
-                ax.legend(fontsize=8)
-            ax.plot([p["x"] for p in points], [p["acc"] for p in points], marker="o")
-            ax.set(xlabel=xlabel, ylabel="accuracy", title=f"{run.name}: n={curves['n']}, eps={eps:.4g}")
-            files.append(save_figure(fig, out / f"{name}.png"))
-            lines += [f"## Accuracy against {xlabel}", "",
-                      markdown_table([{"x": f"{p['x']:.4g}", "accuracy": p["acc"]} for p in points],
-                                     ["x", "accuracy"]), "", f"![{name}]({name}.png)", ""]
+        curves = attack_curves(checkpoint, out / "attack_curves.json", eval_n=eval_n, steps=steps,
+                               eps_scales=eps_scales)
+        lines += plot_attack_curves(curves, out, title=run.name, files=files,
+                                    autoattack=evaluation if evaluation and Path(
+                                        evaluation["checkpoint"]).name == checkpoint.name else None)
     files.append(out / "report.md")
-    (out / "report.md").write_text("\n".join(lines))
+    write_text_atomic(out / "report.md", "\n".join(lines))
     return files
+
+
+def plot_attack_curves(curves: dict, out: Path, *, title: str, files: list[Path],
+                       autoattack: dict | None) -> list[str]:
+    """Accuracy against PGD's steps and against the attack's eps (``attack_curves``), each a plot
+    (added to ``files``) and a table; the report's lines. ``autoattack``: the plotted model's
+    AutoAttack evaluation, a point on the eps plot."""
+    plt, eps, lines = pyplot(), curves["eps"], []
+    for key, xlabel, name in (("steps", "PGD steps (step eps/4)", "attack_steps"),
+                              ("eps_scale", "eps of the attack (PGD-20; 0: clean)", "eps")):
+        points = curves[key]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 4))
+        if key == "eps_scale":  # absolute eps, from clean accuracy at 0
+            points = [{"x": 0.0, "acc": curves["clean"]}, *({"x": p["x"] * eps, "acc": p["acc"]} for p in points)]
+            ax.axvline(eps, color="grey", ls=":", lw=1, label=f"training eps {eps:.4g}")
+            if autoattack:
+                ax.plot([autoattack["eps"]], [autoattack["robust_acc"]["autoattack"]], "r*", ms=10,
+                        label=f"AutoAttack (n={autoattack['n']})")
+            ax.legend(fontsize=8)
+        ax.plot([p["x"] for p in points], [p["acc"] for p in points], marker="o")
+        ax.set(xlabel=xlabel, ylabel="accuracy", title=f"{title}: n={curves['n']}, eps={eps:.4g}")
+        files.append(save_figure(fig, out / f"{name}.png"))
+        lines += [f"## Accuracy against {xlabel}", "",
+                  markdown_table([{"x": f"{p['x']:.4g}", "accuracy": p["acc"]} for p in points],
+                                 ["x", "accuracy"]), "", f"![{name}]({name}.png)", ""]
+    return lines
 
 
 ENTRY_COLUMNS = ("architecture", "dataset", "threat_model", "eps", "clean_acc", "autoattack_acc", "n_examples",
@@ -198,7 +198,7 @@ def robustbench_entry(evaluation: dict, summary: dict | None) -> dict:
             "autoattack_flags": evaluation.get("autoattack_flags")}
 
 
-def attack_curves(checkpoint: Path, cache: Path, eval_n: int, steps: list[int], eps_scales: list[float]) -> dict:
+def attack_curves(checkpoint: Path, cache: Path, *, eval_n: int, steps: list[int], eps_scales: list[float]) -> dict:
     """PGD-k accuracy for each k, and PGD-20 accuracy at each multiple of the training eps, on the
     first ``eval_n`` test images. Cached: a rerun with the same checkpoint and settings is free."""
     key = {"checkpoint": str(checkpoint.resolve()), "mtime": checkpoint.stat().st_mtime, "n": eval_n,
@@ -219,14 +219,15 @@ def attack_curves(checkpoint: Path, cache: Path, eval_n: int, steps: list[int], 
     cfg = config_from_dict(Checkpoint(checkpoint).config)
     torch.manual_seed(0)
     model = load_model(checkpoint)
-    test = build_test_split(cfg.dataset, cfg.data.dir, cfg.eval.batch_size, eval_n, 0, cfg.data.loader_workers)
+    test = build_test_split(cfg.dataset, data_dir=cfg.data.dir, batch_size=cfg.eval.batch_size, eval_n=eval_n, seed=0,
+                            loader_workers=cfg.data.loader_workers)
     attacks = {f"steps={k}": build_attack(f"pgd{k}", cfg.eps) for k in steps}
     attacks |= {f"eps_scale={s}": build_attack("pgd20", cfg.eps * s) for s in eps_scales}
     acc = evaluate(model, test, attacks, torch.device("cpu"))
     result = {"key": key, "eps": cfg.eps, "n": test.num_examples, "clean": acc["clean"],
               "steps": [{"x": k, "acc": acc[f"steps={k}"]} for k in steps],
               "eps_scale": [{"x": s, "acc": acc[f"eps_scale={s}"]} for s in eps_scales]}
-    cache.write_text(json.dumps(result, indent=2))
+    write_text_atomic(cache, json.dumps(result, indent=2))
     return result
 
 
@@ -271,41 +272,16 @@ def sweep_report(sweep: Path, out: Path) -> list[Path]:
         lines += [f"## Accuracy against {param} (mean over repeats)", "",
                   markdown_table(list(by_value.values()), [param, *accuracy]), "", f"![{param}]({name})", ""]
     files.append(out / "report.md")
-    (out / "report.md").write_text("\n".join(lines))
+    write_text_atomic(out / "report.md", "\n".join(lines))
     return files
 
 
-def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, target_clean: float = 0.85,
+def budget_study_report(directory: Path, out: Path, *, allow_mixed: bool = False, target_clean: float = 0.85,
                         target_robust: float = 0.74, allow_mixed_machines: bool = False) -> list[Path]:
     """The study's tables and plots: the search per cell, the finals (mean over seeds), time to
     the target accuracies, and PGD-20 and AutoAttack accuracy against budget and wall seconds."""
-    import pyarrow.parquet as pq
-
-    from .study import OBJECTIVE, BudgetStudy, cell_dir, winner
-
     spec = BudgetStudy(**json.loads((directory / "budget_study.json").read_text()))
-    winners_path = directory / "winners.json"
-    winners = json.loads(winners_path.read_text()) if winners_path.exists() else {}
-    search_rows, finals = [], []
-    for model, budget, i in spec.cells():
-        for method in [spec.reference, *spec.methods]:
-            sweep = cell_dir(directory, "search", model, budget, method)
-            if (sweep / "done.json").exists():
-                trials = pq.read_table(sweep / "results.parquet").to_pylist()
-                scores = [t[OBJECTIVE] for t in trials if t["status"] == "completed"]
-                search_rows.append({"network": model, "budget": f"{budget:g}", "method": method, "trials": len(trials),
-                                    "diverged": sum(t["status"] == "diverged" for t in trials),
-                                    "best val PGD-10": max(scores, default=None),
-                                    "median val PGD-10": statistics.median(scores) if scores else None})
-            runs = sorted(cell_dir(directory, "final", model, budget, method).glob("seed*/summary.json"))
-            if runs:
-                summaries = [json.loads(p.read_text()) for p in runs]
-                evaluations = [json.loads(p.read_text()) for p in (r.parent / "autoattack.json" for r in runs)
-                               if p.exists()]
-                chosen = winners.get(f"{model}/budget{budget:g}/{method}")
-                if chosen is None and (sweep / "done.json").exists():  # winners.json comes once all are trained
-                    chosen = winner(spec, directory, model, budget, method)
-                finals.append(_final_row(model, budget, method, chosen or {}, summaries, evaluations))
+    search_rows, finals = collect_study(spec, directory)
     records = [r for row in finals for r in row["_records"]]  # summaries and AutoAttack evaluations
     labels = check_one_commit(records, allow_mixed)
     summaries = [s for row in finals for s in row["_summaries"]]
@@ -319,7 +295,7 @@ def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, t
             row["commit"] = ", ".join(sorted({commit_label(r) for r in row["_records"]}))
         if mixed_machines:
             row["machine"] = "; ".join(sorted({machine_label(s) for s in row["_summaries"]}))
-        del row["_records"], row["_summaries"]
+        del row["_records"], row["_summaries"]  # _half and _by_seed stay: the tables and plots read them
     lines = [f"# Budget study {spec.study} ({spec.dataset})", "",
              f"Budgets {', '.join(f'{b:g}' for b in spec.budgets)} natural-epoch equivalents (forward+backward passes "
              f"over the training set); {spec.trials} trials per searched method, network and budget, selected by "
@@ -341,50 +317,156 @@ def budget_study_report(directory: Path, out: Path, allow_mixed: bool = False, t
         columns = ["network", "budget", "method", "knobs", "passes", "epochs", "seeds", "train s", "clean", "pgd20",
                    "tapgd20", "autoattack", "pgd20 (AA images)", "AA n", "AA seeds", *(["commit"] if labels else []),
                    *(["machine"] if mixed_machines else [])]
-        lines += ["## Winners on the whole training set (mean over seeds)", "", markdown_table(finals, columns), ""]
-        plt = pyplot()
+        shown = [{**row, **{k: _with_interval(row, k) for k in INTERVALS}} for row in finals]
+        lines += ["## Winners on the whole training set (mean and 95% t interval over seeds, %)", "",
+                  markdown_table(shown, columns), ""]
+        contest = paired_differences(finals, challenger="atcd", reference=spec.reference)
+        if contest:
+            lines += ["## ATCD against the best other method, paired by seed (ATCD minus it, points, 95% t "
+                      "interval)", "", markdown_table(contest, list(dict.fromkeys(k for r in contest for k in r))), ""]
         for model in spec.models:
-            rows = [r for r in finals if r["network"] == model]
-            fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-            for method in dict.fromkeys(r["method"] for r in rows):
-                mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget_value"])
-                axes[0].plot([r["budget_value"] for r in mine], [r["pgd20"] for r in mine], marker="o", label=method)
-                axes[1].plot([r["train s"] for r in mine], [r["pgd20"] for r in mine], marker="o", label=method)
-                with_aa = [r for r in mine if r["autoattack"] is not None]
-                axes[2].plot([r["budget_value"] for r in with_aa], [r["autoattack"] for r in with_aa], marker="o",
-                             label=method)
-            front = _pareto(rows, "train s", "pgd20")
-            axes[1].plot([r["train s"] for r in front], [r["pgd20"] for r in front], "k--", lw=1, label="Pareto front")
-            budget_axis = "budget (natural epochs)"
-            for ax, xlabel, ylabel in zip(axes, [budget_axis, "training wall seconds", budget_axis],
-                                          ["PGD-20 accuracy", "PGD-20 accuracy", "AutoAttack accuracy"]):
-                ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{model}: {ylabel} against {xlabel.split(' (')[0]}")
-                ax.legend(fontsize=8)
-            name = f"budget_{model}.png"
-            files.append(save_figure(fig, out / name))
-            lines += [f"![{model}]({name})", ""]
+            files.append(plot_study([r for r in finals if r["network"] == model], out / f"budget_{model}.png",
+                                    title=model))
+            lines += [f"![{model}](budget_{model}.png)", ""]
     lines += ["## The search (validation PGD-10 accuracy of the trials)", "",
               markdown_table(search_rows, ["network", "budget", "method", "trials", "diverged", "best val PGD-10",
-                                           "median val PGD-10"]), ""]
+                                           "median val PGD-10", *(["trial 0 val PGD-10"] * bool(
+                                               spec.points_to_evaluate))]), ""]
     files.append(out / "report.md")
-    (out / "report.md").write_text("\n".join(lines))
+    write_text_atomic(out / "report.md", "\n".join(lines))
     return files
 
 
-def _final_row(model, budget, method, chosen, summaries, evaluations) -> dict:
-    """One row of the finals: a cell's runs (means over seeds) and their AutoAttack evaluations."""
+def collect_study(spec, directory: Path) -> tuple[list[dict], list[dict]]:
+    """A study's search (a row per cell: trials, best and median validation accuracy) and its
+    finals (a row per cell and method, the weight-averaged ones too: ``_final_row``)."""
+    import pyarrow.parquet as pq
+
+    winners_path = directory / "winners.json"
+    winners = json.loads(winners_path.read_text()) if winners_path.exists() else {}
+    search_rows, finals = [], []
+    for model, budget, i in spec.cells():
+        averaged = sorted(p.name for p in (directory / "final" / model / f"budget{budget:g}").glob(f"*{EMA_SUFFIX}"))
+        for method in [spec.reference, *spec.methods, *averaged]:
+            sweep = cell_dir(directory, "search", model=model, budget=budget, method=method)
+            if (sweep / "done.json").exists():
+                trials = pq.read_table(sweep / "results.parquet").to_pylist()
+                scores = [t[OBJECTIVE] for t in trials if t["status"] == "completed"]
+                search_rows.append({"network": model, "budget": f"{budget:g}", "method": method, "trials": len(trials),
+                                    "diverged": sum(t["status"] == "diverged" for t in trials),
+                                    "best val PGD-10": max(scores, default=None),
+                                    "median val PGD-10": statistics.median(scores) if scores else None,
+                                    # the searcher's fixed first trial: the method's published setting
+                                    "trial 0 val PGD-10": next((t[OBJECTIVE] for t in trials
+                                                                if t.get("trial_number") == 0), None)})
+            runs = sorted(cell_dir(directory, "final", model=model, budget=budget,
+                                   method=method).glob("seed*/summary.json"))
+            if runs:
+                summaries = [json.loads(p.read_text()) for p in runs]
+                evaluations = {s["seed"]: json.loads((p.parent / "autoattack.json").read_text())  # by the run's seed
+                               for s, p in zip(summaries, runs) if (p.parent / "autoattack.json").exists()}
+                chosen = winners.get(f"{model}/budget{budget:g}/{method}")
+                if chosen is None and (sweep / "done.json").exists():  # winners.json comes once all are trained
+                    chosen = winner(spec, directory, model=model, budget=budget, method=method)
+                finals.append(_final_row(model, budget, method, chosen=chosen or {}, summaries=summaries,
+                                         evaluations=evaluations))
+    return search_rows, finals
+
+
+def plot_study(rows: list[dict], path: Path, *, title: str) -> Path:
+    """PGD-20 accuracy against budget and against wall seconds (with the Pareto front), AutoAttack
+    accuracy against budget: a line per method, its 95% t intervals over seeds as bars."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget_value"])
+        bars = [r["_half"]["pgd20"] or 0.0 for r in mine]  # one seed: no bar
+        axes[0].errorbar([r["budget_value"] for r in mine], [r["pgd20"] for r in mine], yerr=bars,
+                         marker="o", capsize=3, label=method)
+        axes[1].errorbar([r["train s"] for r in mine], [r["pgd20"] for r in mine], yerr=bars, marker="o",
+                         capsize=3, label=method)
+        with_aa = [r for r in mine if r["autoattack"] is not None]
+        axes[2].errorbar([r["budget_value"] for r in with_aa], [r["autoattack"] for r in with_aa],
+                         yerr=[r["_half"]["autoattack"] or 0.0 for r in with_aa], marker="o", capsize=3,
+                         label=method)
+    front = _pareto(rows, "train s", "pgd20")
+    axes[1].plot([r["train s"] for r in front], [r["pgd20"] for r in front], "k--", lw=1, label="Pareto front")
+    budget_axis = "budget (natural epochs)"
+    for ax, xlabel, ylabel in zip(axes, [budget_axis, "training wall seconds", budget_axis],
+                                  ["PGD-20 accuracy", "PGD-20 accuracy", "AutoAttack accuracy"]):
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{title}: {ylabel} against {xlabel.split(' (')[0]}")
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+INTERVALS = ("clean", "pgd20", "tapgd20", "autoattack", "pgd20 (AA images)")
+
+
+def _final_row(model, budget, method, *, chosen, summaries, evaluations) -> dict:
+    """One row of the finals: a cell's runs and their AutoAttack evaluations (by the run's seed),
+    each accuracy as its
+    mean over seeds (``_half``: the 95% t interval's half-width; ``_by_seed``: seed -> value)."""
     first = summaries[0]
+    by_seed = {"clean": {s["seed"]: s["clean_acc"] for s in summaries},
+               "pgd20": {s["seed"]: s["robust_acc"]["pgd20"] for s in summaries},
+               "tapgd20": {s["seed"]: s["robust_acc"].get("tapgd20") for s in summaries},
+               "autoattack": {seed: e["robust_acc"]["autoattack"] for seed, e in evaluations.items()},
+               "pgd20 (AA images)": {seed: e["robust_acc"]["pgd20"] for seed, e in evaluations.items()}}
+    by_seed = {k: {seed: v for seed, v in values.items() if v is not None} for k, values in by_seed.items()}
+    stats = {k: mean_interval(list(values.values())) for k, values in by_seed.items()}
     return {"network": model, "budget": f"{budget:g}", "budget_value": budget, "method": method,
             "knobs": ", ".join(_knob(k, v) for k, v in chosen.get("params", {}).items()) or "recipe",
             "passes": first["passes_per_minibatch"], "epochs": first["epochs"], "seeds": len(summaries),
             "train s": round(_mean([s["train_seconds"] for s in summaries])),
-            "clean": _mean([s["clean_acc"] for s in summaries]),
-            "pgd20": _mean([s["robust_acc"]["pgd20"] for s in summaries]),
-            "tapgd20": _mean([s["robust_acc"].get("tapgd20") for s in summaries]),
-            "autoattack": _mean([e["robust_acc"]["autoattack"] for e in evaluations]),
-            "pgd20 (AA images)": _mean([e["robust_acc"]["pgd20"] for e in evaluations]),
-            "AA n": evaluations[0]["n"] if evaluations else None, "AA seeds": len(evaluations),
-            "_records": [*summaries, *evaluations], "_summaries": summaries}
+            **{k: mean for k, (mean, _) in stats.items()},
+            "AA n": next(iter(evaluations.values()))["n"] if evaluations else None, "AA seeds": len(evaluations),
+            "_half": {k: half for k, (_, half) in stats.items()}, "_by_seed": by_seed,
+            "_records": [*summaries, *evaluations.values()], "_summaries": summaries}
+
+
+def mean_interval(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and the half-width of its 95% Student t interval (None for fewer than two values)."""
+    if not values:
+        return None, None
+    if len(values) < 2:
+        return statistics.fmean(values), None
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return statistics.fmean(values), float(half)
+
+
+def _with_interval(row: dict, key: str) -> str | None:
+    mean, half = row[key], row["_half"][key]
+    if mean is None:
+        return None
+    return f"{100 * mean:.2f}" + (f" ± {100 * half:.2f}" if half is not None else "")
+
+
+def paired_differences(finals: list[dict], *, challenger: str, reference: str) -> list[dict]:
+    """Per network and budget: ``challenger`` minus the best other method by mean PGD-20 (not the
+    reference, nor a weight-averaged variant), seed by seed, for each accuracy both have, with
+    the 95% t interval of the mean difference and a verdict (wins: the interval is above 0;
+    loses: below; ties: it holds 0)."""
+    rows = []
+    for network, budget in dict.fromkeys((r["network"], r["budget"]) for r in finals):
+        cell = [r for r in finals if (r["network"], r["budget"]) == (network, budget)]
+        mine = [r for r in cell if r["method"] == challenger]
+        others = [r for r in cell if r["method"] not in (challenger, reference) and "+" not in r["method"]]
+        if not mine or not others:
+            continue
+        best = max(others, key=lambda r: r["pgd20"])
+        row = {"network": network, "budget": budget, "best other": best["method"]}
+        for key in ("pgd20", "clean", "autoattack"):
+            seeds = sorted(set(mine[0]["_by_seed"][key]) & set(best["_by_seed"][key]))
+            if len(seeds) < 2:
+                continue
+            diffs = [mine[0]["_by_seed"][key][s] - best["_by_seed"][key][s] for s in seeds]
+            mean, half = mean_interval(diffs)
+            verdict = "wins" if mean - half > 0 else "loses" if mean + half < 0 else "ties"
+            row[f"{key} difference"] = f"{100 * mean:+.2f} ± {100 * half:.2f} ({len(seeds)} seeds): {verdict}"
+        rows.append(row)
+    return rows
 
 
 def _knob(key: str, value) -> str:
@@ -467,14 +549,15 @@ def report(args: argparse.Namespace) -> int:
     out = Path(args.out or directory / "report")
     if (directory / "budget_study.json").exists():
         out.mkdir(parents=True, exist_ok=True)
-        files = budget_study_report(directory, out, args.allow_mixed_commits, args.target_clean, args.target_robust,
-                                    args.allow_mixed_machines)
+        files = budget_study_report(directory, out, allow_mixed=args.allow_mixed_commits,
+                                    target_clean=args.target_clean, target_robust=args.target_robust,
+                                    allow_mixed_machines=args.allow_mixed_machines)
     elif (directory / "results.parquet").exists():
         out.mkdir(parents=True, exist_ok=True)
         files = sweep_report(directory, out)
     elif (directory / "metrics.jsonl").exists():
         out.mkdir(parents=True, exist_ok=True)
-        files = run_report(directory, out, args.eval_n, steps, scales)
+        files = run_report(directory, out, eval_n=args.eval_n, steps=steps, eps_scales=scales)
     else:
         raise ConfigError(f"{directory}: neither a run (metrics.jsonl), a sweep (results.parquet) nor a budget study "
                           "(budget_study.json)")

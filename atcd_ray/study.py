@@ -25,297 +25,18 @@ a study resumes from the record alone, and ``python -m atcd_ray.report DIR`` rea
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import logging
-import os
-import shutil
-import subprocess
 import sys
-from dataclasses import InitVar, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from .cli import ArgumentParser, check_launch, run_main, setup_logging
-from .config import ConfigError, load_config
-from .core.checkpoint import save_weights_only, write_text_atomic
-from .core.methods import METHODS
-from .core.models import MODELS
-from .tune import (OBJECTIVE, SEARCHERS, Sizing, Study, check_keys, check_not_uri, check_study, read_spec,
-                   results_table, run_sweep, validation_resources)
+from .budget import load_budget_study, restore_record, run_autoattack, run_final, run_search, save_record
+from .cli import ArgumentParser, run_main, setup_logging
+from .config import ConfigError
+from .core.checkpoint import write_text_atomic
+from .sweep import check_not_uri
 
 log = logging.getLogger("atcd_ray.study")
-
-SPEC_KEYS = ("study", "dataset", "recipe", "reference", "models", "budgets", "trials", "search_seed", "searcher",
-             "points_to_evaluate", "search", "common", "methods", "final", "final_seeds", "autoattack_n")
-
-
-@dataclass
-class BudgetStudy:
-    """A budget study's YAML, validated (tune_spaces/fashion-mnist_budget.yaml has the format)."""
-
-    study: str
-    dataset: str
-    models: list[str]
-    budgets: list[float]
-    methods: dict[str, dict[str, Any]]  # searched method -> its own params (tune's format)
-    final_seeds: list[int]  # per budget: seeds of each winner's final run
-    autoattack_n: list[int]  # per budget: AutoAttack's test images (0: none)
-    recipe: str | None = None
-    reference: str = "natural"  # one run per budget at the recipe's settings
-    trials: int = 6
-    search_seed: int = 0
-    # The searcher's keys are init-only: an instance holds them (and vars(spec), budget_study.json,
-    # records them) only where a spec sets them apart from their defaults, the class's attributes;
-    # a study recorded before they existed reads the same.
-    searcher: InitVar[str] = "random"  # random | tpe (bohb stops trials early; a budget study's spend their budget)
-    points_to_evaluate: InitVar[dict | None] = None  # searched method -> its fixed first trials
-    search: dict[str, Any] = field(default_factory=dict)  # overrides of every search trial
-    common: dict[str, Any] = field(default_factory=dict)  # params every searched method searches
-    final: dict[str, Any] = field(default_factory=dict)  # overrides of every final run
-
-    def __post_init__(self, searcher: str, points_to_evaluate: dict | None):
-        if searcher != "random":
-            self.searcher = searcher
-        if points_to_evaluate is not None:
-            self.points_to_evaluate = points_to_evaluate
-
-    def sweep(self, model: str, budget: float, method: str) -> Study:
-        """The Tune study of one cell: this method's trials at this budget on this network."""
-        return Study(study=f"{self.study}-{model}-budget{budget:g}-{method}", dataset=self.dataset,
-                     recipe=self.recipe, params={**self.common, **(self.methods[method] or {})},
-                     fixed={"model": model, "train.method": method, "train.budget": budget, **self.search},
-                     metric={"val_robust_acc": 1.0}, mode="max", scheduler={"name": "fifo"}, searcher=self.searcher,
-                     points_to_evaluate=list((self.points_to_evaluate or {}).get(method) or []),
-                     num_samples=self.trials, search_seed=self.search_seed)
-
-    def cells(self):
-        """(model, budget, index of the budget) in the order the study runs them: cheap first."""
-        return [(model, budget, i) for model in self.models for i, budget in enumerate(self.budgets)]
-
-
-def load_budget_study(path: str | Path) -> BudgetStudy:
-    path = Path(path)
-    tree = read_spec(path, "study")
-    check_keys(tree, path, SPEC_KEYS,
-               ("study", "dataset", "models", "budgets", "methods", "final_seeds", "autoattack_n"))
-    spec = BudgetStudy(**tree)
-    for key in ("models", "budgets", "final_seeds", "autoattack_n"):
-        if not isinstance(getattr(spec, key), list) or not getattr(spec, key):
-            raise ConfigError(f"{key}: expected a non-empty list")
-    if any(m not in MODELS for m in spec.models):
-        raise ConfigError(f"models: each one of {', '.join(MODELS)}; got {spec.models}")
-    budgets = spec.budgets
-    if not all(isinstance(b, (int, float)) and b > 0 for b in budgets) or budgets != sorted(set(budgets)):
-        raise ConfigError(f"budgets: increasing positive numbers of natural-epoch equivalents; got {spec.budgets}")
-    for key in ("final_seeds", "autoattack_n"):
-        values = getattr(spec, key)
-        if len(values) != len(spec.budgets) or not all(isinstance(v, int) and v >= 0 for v in values):
-            raise ConfigError(f"{key}: one integer >= 0 per budget ({len(spec.budgets)}); got {values}")
-    searched = spec.methods if isinstance(spec.methods, dict) else {}
-    if not searched or spec.reference in searched or any(m not in METHODS for m in searched):
-        raise ConfigError(f"methods: a mapping of searched methods (not the reference {spec.reference}) to params")
-    if spec.reference not in METHODS:
-        raise ConfigError(f"reference: one of {', '.join(METHODS)}; got {spec.reference!r}")
-    searched_keys = {k for params in [spec.common, *searched.values()] for k in (params or {})}
-    overlap = sorted(set(spec.final) & searched_keys)
-    if overlap:  # final comes after the winner's knobs: it would replace the winning value
-        raise ConfigError(f"final: {overlap[0]} is searched; final may set only what the search does not")
-    if not isinstance(spec.trials, int) or spec.trials < 1:
-        raise ConfigError(f"trials: an integer >= 1; got {spec.trials!r}")
-    if spec.searcher not in SEARCHERS or spec.searcher == "bohb":
-        raise ConfigError(f"searcher: random or tpe (bohb stops trials before their budget); got {spec.searcher!r}")
-    points = spec.points_to_evaluate or {}
-    if not isinstance(points, dict) or any(m not in searched or not isinstance(p, list) for m, p in points.items()):
-        raise ConfigError("points_to_evaluate: a mapping of searched method to a list of its fixed first trials")
-    if any(len(p) > spec.trials for p in points.values()):
-        raise ConfigError(f"points_to_evaluate: at most trials ({spec.trials}) fixed trials per method")
-    for model, budget, _ in spec.cells():
-        for method in spec.methods:
-            try:
-                check_study(spec.sweep(model, budget, method), [])
-            except ConfigError as err:
-                raise ConfigError(f"methods.{method} ({model}, budget {budget:g}): {err}") from None
-        reference = load_config(spec.dataset, spec.recipe, final_overrides(spec, model, budget, spec.reference, [], 0))
-        if "pgd20" not in reference.eval.attacks:
-            raise ConfigError("final: eval.attacks must include pgd20 (the study's tables and plots are in PGD-20)")
-    return spec
-
-
-def final_overrides(spec: BudgetStudy, model: str, budget: float, method: str, knobs: list,
-                    seed_index: int) -> list[tuple[str, Any]]:
-    """A final run's config overrides: the cell, the winner's knobs, ``final``, the recipe's seed + index."""
-    base = [("model", model), ("train.method", method), ("train.budget", budget), *knobs, *spec.final.items()]
-    return [*base, ("seed", load_config(spec.dataset, spec.recipe, base).seed + seed_index)]
-
-
-def cell_dir(out: Path, stage: str, model: str, budget: float, method: str) -> Path:
-    return out / stage / model / f"budget{budget:g}" / method
-
-
-def run_search(spec: BudgetStudy, out: Path, record: Path | None = None) -> None:
-    """Every (network, budget, method) sweep not yet done, one after the other."""
-    for model, budget, _ in spec.cells():
-        for method in spec.methods:
-            sweep_dir = cell_dir(out, "search", model, budget, method)
-            if (sweep_dir / "done.json").exists():
-                continue
-            study = spec.sweep(model, budget, method)
-            sizing = Sizing(overrides=[], workers=1, cpus_per_worker=1.0,
-                            validation=validation_resources(study.config()))
-            sweep_dir.parent.mkdir(parents=True, exist_ok=True)
-            grid = run_sweep(study, sizing, sweep_dir, resume=True)
-            rows = results_table(grid, study, sweep_dir.resolve())
-            failed = [r["trial_id"] for r in rows if r["status"] not in ("completed", "diverged")]
-            if failed:
-                raise RuntimeError(f"{sweep_dir}: trials {', '.join(failed)} did not complete; rerun to retry them")
-            (sweep_dir / "done.json").write_text(json.dumps({"trials": len(rows)}) + "\n")
-            save_record(out, record)
-            log.info("%s: best %s = %.4f", study.study, OBJECTIVE, rows[0][OBJECTIVE])
-
-
-def winner(spec: BudgetStudy, out: Path, model: str, budget: float, method: str) -> dict:
-    """The searched cell's best completed trial (a diverged one never wins, whatever it reported
-    before): {trial_id, params, overrides, objective}."""
-    import pyarrow.parquet as pq
-
-    sweep_dir = cell_dir(out, "search", model, budget, method)
-    if not (sweep_dir / "done.json").exists():
-        raise ConfigError(f"{sweep_dir}: the search of this cell has not finished (run --stage search)")
-    completed = [r for r in pq.read_table(sweep_dir / "results.parquet").to_pylist() if r["status"] == "completed"]
-    if not completed:
-        raise ConfigError(f"{sweep_dir}: no trial completed (all diverged?); widen or move the search space")
-    best = max(completed, key=lambda r: r[OBJECTIVE])
-    study = spec.sweep(model, budget, method)
-    params = {name: best[name] for name in study.params}
-    overrides = study.trial_overrides(params)[len(study.fixed):]  # the trial's own, after the fixed ones
-    return {"trial_id": best["trial_id"], "params": params, "overrides": overrides, OBJECTIVE: best[OBJECTIVE]}
-
-
-def final_runs(spec: BudgetStudy, out: Path) -> list[tuple[Path, int]]:
-    """Every final run of the study, in order: (its directory, its AutoAttack images)."""
-    return [(cell_dir(out, "final", model, budget, method) / f"seed{seed_index}", spec.autoattack_n[i])
-            for model, budget, i in spec.cells() for method in [spec.reference, *spec.methods]
-            for seed_index in range(spec.final_seeds[i])]
-
-
-def run_final(spec: BudgetStudy, out: Path, record: Path | None = None) -> None:
-    """Each winner (and the reference) on the whole training set, then the AutoAttack images of
-    every run: all the training first, so that nothing else (an evaluation, another job beside it,
-    since the evaluations can share the machine) need run while wall seconds are being measured."""
-    winners = {}
-    for model, budget, i in spec.cells():
-        for method in [spec.reference, *spec.methods]:
-            reference = method == spec.reference
-            chosen = {"overrides": [], "params": {}} if reference else winner(spec, out, model, budget, method)
-            winners[f"{model}/budget{budget:g}/{method}"] = chosen
-            for seed_index in range(spec.final_seeds[i]):
-                run = cell_dir(out, "final", model, budget, method) / f"seed{seed_index}"
-                overrides = final_overrides(spec, model, budget, method, chosen["overrides"], seed_index)
-                if not (run / "summary.json").exists():
-                    check_launch(load_config(spec.dataset, spec.recipe, overrides), 1)  # one line, not a traceback
-                    _python("atcd_ray.train", spec.dataset, "--workers", "0", "--quiet", "--out", str(run),
-                            *(["--recipe", spec.recipe] if spec.recipe else []),
-                            *[a for k, v in overrides for a in ("--set", f"{k}={json.dumps(v)}")])
-                    save_record(out, record)
-    (out / "winners.json").write_text(json.dumps(winners, indent=2) + "\n")
-    save_record(out, record)
-    run_autoattack(spec, out, record=record)
-
-
-def run_autoattack(spec: BudgetStudy, out: Path, jobs: int = 1, data_dir: str | None = None,
-                   record: Path | None = None) -> None:
-    """AutoAttack (and PGD-20, on the same images) on every trained final run that lacks it. On
-    the CPU one run at a time, its batches over one single-threaded Ray actor per core in batches
-    of 50 (1.27x faster than one actor with every core here, docs/PERFORMANCE.md; a killed study
-    resumes by batch); on a GPU machine ``jobs`` runs at once, each in its own process on the GPU
-    in batches of 500 (AutoAttack's small networks leave an H100 mostly idle one at a time).
-    Needs neither Ray on a GPU nor the search's results: ``--stage autoattack`` runs this alone."""
-    import torch
-
-    gpu = torch.cuda.is_available()
-    device = ["--gpu", "--batch-size", "500"] if gpu else \
-        ["--workers", str(len(os.sched_getaffinity(0))), "--batch-size", "50"]
-    commands = []
-    for run, autoattack_n in final_runs(spec, out):
-        aa_json = run / "autoattack.json"
-        if autoattack_n and (run / "summary.json").exists() and not aa_json.exists():
-            summary = json.loads((run / "summary.json").read_text())
-            commands.append([str(run / summary["checkpoint"]), "--attacks", "pgd20,autoattack", "--eval-n",
-                             str(autoattack_n), "--json", str(aa_json), *device,
-                             *(["--data-dir", data_dir] if data_dir else [])])
-    if not gpu or jobs == 1:
-        for command in commands:  # the first failure (or Ctrl-C) stops the stage; a rerun resumes
-            _python("atcd_ray.evaluate", *command)
-            save_record(out, record)
-        return
-    failed = []
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(_python, "atcd_ray.evaluate", *c): c[c.index("--json") + 1] for c in commands}
-        try:
-            for done in concurrent.futures.as_completed(futures):
-                if done.exception() is not None:
-                    failed.append(f"{futures[done]}: {done.exception()}")
-                    pool.shutdown(wait=False, cancel_futures=True)  # the running ones finish; no new one starts
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-    save_record(out, record)
-    if failed:
-        raise RuntimeError("AutoAttack failed for " + "; ".join(failed) + " (rerun to retry)")
-
-
-# What a record keeps (--record): all the report and a resumed study read, and no trial's files.
-STUDY_FILES = ("budget_study.json", "winners.json", "search/*/*/*/done.json", "search/*/*/*/results.parquet")
-RUN_FILES = ("summary.json", "weights.safetensors", "autoattack.json")  # of each final run, recorded
-
-
-def save_record(out: Path, record: Path | None) -> None:
-    """Copy into ``record`` what it lacks or holds older: final runs as their summary and a
-    weights-only copy of the checkpoint it names (``recorded_from``: that checkpoint), which the
-    summary then names, so that the record's runs evaluate as they are."""
-    if record is None:
-        return
-    for summary_path in sorted(out.glob("final/*/*/*/seed*/summary.json")):
-        kept = record / summary_path.relative_to(out)
-        summary = json.loads(summary_path.read_text())
-        if kept.exists() or summary["checkpoint"] == "weights.safetensors":  # recorded, or restored from one
-            continue
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        save_weights_only(summary_path.parent / summary["checkpoint"], kept.parent / "weights.safetensors")
-        write_text_atomic(kept, json.dumps({**summary, "checkpoint": "weights.safetensors",
-                                            "recorded_from": summary["checkpoint"]}, indent=2) + "\n")
-    for pattern in (*STUDY_FILES, "final/*/*/*/seed*/autoattack.json"):
-        for path in sorted(out.glob(pattern)):
-            kept = record / path.relative_to(out)
-            if not kept.exists() or kept.read_bytes() != path.read_bytes():
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, kept)
-
-
-def restore_record(record: Path, out: Path) -> int:
-    """Copy into ``out`` what ``record`` has and ``out`` lacks; the number of files copied. A final
-    run comes back whole or not at all: one that ``out`` holds (trained here, or half trained and
-    resuming) is left as it is."""
-    copies = [(path, out / path.relative_to(record))
-              for pattern in STUDY_FILES for path in sorted(record.glob(pattern))]
-    for run in sorted(record.glob("final/*/*/*/seed*")):
-        target = out / run.relative_to(record)
-        summary = target / "summary.json"
-        if not target.exists() or (summary.exists() and summary.read_bytes() == (run / "summary.json").read_bytes()):
-            copies += [(run / name, target / name) for name in RUN_FILES if (run / name).exists()]
-    copied = 0
-    for path, target in copies:
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
-            copied += 1
-    return copied
-
-
-def _python(module: str, *args: str) -> None:
-    log.info("python -m %s %s", module, " ".join(args))
-    subprocess.run([sys.executable, "-m", module, *args], check=True)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -327,15 +48,33 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="study directory (default: runs/<study>)")
     p.add_argument("--record", help="a directory that keeps the study's outcome across machines (results/STUDY in "
                                      "git): read first, then written as the study goes")
-    p.add_argument("--jobs", type=int, default=1, help="--stage autoattack on a GPU: runs evaluated at once")
+    p.add_argument("--jobs", type=int, default=1, help="--stage final: runs trained at once, each on cores / jobs "
+                                                         "threads; --stage autoattack on a GPU: runs evaluated at once")
     p.add_argument("--data-dir", help="--stage autoattack: the test data's directory (default: the checkpoints')")
     return p
 
 
+# What a study may change once it has begun: how many final seeds, AutoAttack's images, the
+# weight-averaged finals. Not the search, the finals' overrides or anything else the runs used.
+FINAL_STAGE_KEYS = ("final_seeds", "autoattack_n", "ema")
+
+
+def check_same_study(recorded: Path, spec, refusal: str) -> None:
+    """A study's directory (or record) goes on only under its own spec, final-stage keys aside."""
+    if not recorded.exists():
+        return
+    old, new = json.loads(recorded.read_text()), vars(spec)
+    begun = lambda tree: {k: v for k, v in tree.items() if k not in FINAL_STAGE_KEYS}  # noqa: E731
+    if begun(old) != begun(new):
+        raise ConfigError(refusal)
+    if old != new:
+        log.info("%s: %s changed", recorded, ", ".join(k for k in FINAL_STAGE_KEYS if old.get(k) != new.get(k)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.stage != "autoattack" and (args.jobs != 1 or args.data_dir):
-        raise ConfigError("--jobs and --data-dir belong to --stage autoattack")
+    if args.stage not in ("autoattack", "final") and args.jobs != 1 or args.stage != "autoattack" and args.data_dir:
+        raise ConfigError("--jobs belongs to --stage final and autoattack, --data-dir to --stage autoattack")
     if args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")
     spec = load_budget_study(args.spec)
@@ -344,22 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     out.mkdir(parents=True, exist_ok=True)
     recorded = out / "budget_study.json"
-    if recorded.exists() and json.loads(recorded.read_text()) != vars(spec):
-        raise ConfigError(f"{out} holds a study with another spec; give another --out")
+    check_same_study(recorded, spec, f"{out} holds a study with another spec; give another --out")
     record = Path(args.record).resolve() if args.record else None
-    if record and (record / "budget_study.json").exists() and \
-            json.loads((record / "budget_study.json").read_text()) != vars(spec):
-        raise ConfigError(f"{record} records a study with another spec; give another --record")
-    recorded.write_text(json.dumps(vars(spec), indent=2) + "\n")
+    if record:
+        check_same_study(record / "budget_study.json", spec,
+                         f"{record} records a study with another spec; give another --record")
+    write_text_atomic(recorded, json.dumps(vars(spec), indent=2) + "\n")
     if record:
         log.info("%d files restored from %s", restore_record(record, out), record)
         save_record(out, record)
     if args.stage in ("search", "all"):
         run_search(spec, out, record)
     if args.stage in ("final", "all"):
-        run_final(spec, out, record)
+        run_final(spec, out, record, jobs=args.jobs)
     if args.stage == "autoattack":
-        run_autoattack(spec, out, args.jobs, args.data_dir, record)
+        run_autoattack(spec, out, jobs=args.jobs, data_dir=args.data_dir, record=record)
     print(f"study: {out}; python -m atcd_ray.report {out}")
     return 0
 

@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, help="L-inf radius for inputs in [0, 1]")
     p.add_argument("--epochs", type=int, help="passes over the training data (replaces the recipe's train.budget)")
     p.add_argument("--budget", type=float, help="compute in natural-epoch equivalents (forward+backward passes over "
-                                                "the training set): the most whole epochs of the method within it")
+                                                "the training set): budget / the method's passes a minibatch epochs, "
+                                                "the last one a fraction where they do not divide it")
     p.add_argument("--subset", type=int, help="train on the first N training examples")
     p.add_argument("--eval-n", type=int, help="evaluate on the first N test examples")
     p.add_argument("--workers", type=worker_range, default=(1, 1), metavar="N|MIN-MAX",
@@ -49,9 +50,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=3, help="restarts of the worker group after a failure")
     p.add_argument("--data-dir", help="where the dataset lives")
     p.add_argument("--out", help="run directory (default: runs/<dataset>-<method>), or a URI: s3://BUCKET/PATH")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seeds the weights, the data order and every draw (default: the "
+                                           "recipe's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set methods.atcd.T=2 (repeatable)")
+                   help="override any config key, e.g. --set methods.atcd.T=2, train.ema=0.999, "
+                        "train.select_best=robust_val, train.val_async=true, train.val_every=5, "
+                        "train.checkpoint_steps=200, train.amp=true (repeatable; the keys: atcd_ray/config.py "
+                        "and docs/TRAINING.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines during an epoch")
     return p
 
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="atcd-run-") if uri else contextlib.nullcontext() as copy:
         # A run on object storage is checked, and trained in-process, in a local copy of its files.
         out = download_run(uri, Path(copy)) if uri else Path(args.out or f"runs/{cfg.dataset}-{cfg.train.method}")
-        from .trainer import check_launcher, check_resumable
+        from .run_dir import check_launcher, check_resumable
 
         check_resumable(out, cfg)
         check_launcher(out, "ray" if ray_workers else "in-process")  # the first file of a new run
@@ -90,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging()
         if ray_workers:
             from .distributed import fit_distributed
-            from .trainer import read_summary
+            from .run_dir import read_summary
 
-            fit_distributed(cfg, uri or out, args.workers, args.gpu, args.cpus_per_worker, args.max_failures,
+            fit_distributed(cfg, uri or out, workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+                            max_failures=args.max_failures,
                             progress=not args.quiet)
             if uri:  # the summary only: the rest of the run stays in the bucket
                 local_copy(f"{uri}/summary.json", out)

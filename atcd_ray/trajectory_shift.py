@@ -23,9 +23,10 @@ import torch
 
 from .cli import ArgumentParser, run_main, setup_logging
 from .config import ConfigError, load_config, parse_override
+from .core.checkpoint import write_text_atomic
 from .core.methods import ATCD
 from .data import build_splits
-from .trainer import build_optimizer, model_for, seed_everything
+from .factories import build_optimizer, model_for, seed_everything
 
 
 class GradientAverager:
@@ -47,13 +48,14 @@ class GradientAverager:
         return mean
 
 
-def measure(cfg, k: int, k_prime: int, replays: int, epochs: int, device=torch.device("cpu"),
+def measure(cfg, *, k: int, k_prime: int, replays: int, epochs: int, device=torch.device("cpu"),
             same_weights: bool = False) -> dict:
     """``same_weights``: before every minibatch, copy B takes copy A's weights, optimiser state,
     chain state and random stream, so the two gradients differ only by the trajectory length
     (copy A trains, copy B is a probe). Otherwise each copy trains on its own, as Eq. 15 reads."""
     d = cfg.data
-    splits = build_splits(cfg.dataset, d.dir, d.batch_size, d.val_size, d.subset, 1, 1, cfg.seed, d.loader_workers)
+    splits = build_splits(cfg.dataset, data_dir=d.dir, batch_size=d.batch_size, val_size=d.val_size, subset=d.subset,
+                          eval_n=1, val_n=1, seed=cfg.seed, loader_workers=d.loader_workers)
     copies = []
     for trajectory, t in [(k, replays), (k_prime, max(1, replays * k // k_prime))]:
         seed_everything(cfg.seed, device)  # the same initial weights and random stream
@@ -105,7 +107,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    from .report import pyplot, save_figure
+    from .figures import pyplot, save_figure
 
     fig, (ax_l2, ax_cos) = pyplot().subplots(1, 2, figsize=(11, 4))
     for name in result["layers"]:
@@ -138,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [("train.method", "atcd")] + ([("data.subset", args.subset)] if args.subset else [])
     cfg = load_config(args.dataset, args.recipe, overrides + [parse_override(s) for s in args.set])
     setup_logging()
-    result = measure(cfg, args.k, args.k_prime, args.T, args.epochs, same_weights=args.same_weights)
+    result = measure(cfg, k=args.k, k_prime=args.k_prime, replays=args.T, epochs=args.epochs,
+                     same_weights=args.same_weights)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "trajectory_shift.json").write_text(json.dumps(result) + "\n")
-    (out / "trajectory_shift.md").write_text(markdown(result))
+    write_text_atomic(out / "trajectory_shift.json", json.dumps(result) + "\n")
+    write_text_atomic(out / "trajectory_shift.md", markdown(result))
     plot(result, out / "trajectory_shift.png")
     print(markdown(result))
     return 0

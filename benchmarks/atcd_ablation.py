@@ -86,7 +86,7 @@ def input_ce(model_path: Path, batches: int) -> None:
     from atcd_ray import load_model
     from atcd_ray.config import load_config
     from atcd_ray.core.methods import METHODS
-    from atcd_ray.data import build_splits
+    from atcd_ray.factories import build_splits_of
 
     references = {"free-4": {"train.method": "free", "methods.free.replays": 4},
                   "fast": {"train.method": "fast", "methods.fast.alpha_factor": 1.25},
@@ -96,7 +96,7 @@ def input_ce(model_path: Path, batches: int) -> None:
     for name in [*VARIANTS, *COMBINED, *references]:
         sets = {**COMMON, **references[name]} if name in references else overrides(name)
         cfg = load_config("fashion-mnist", recipe=ROOT / RECIPE, overrides=list(sets.items()))
-        splits = build_splits(cfg.dataset, cfg.data.dir, cfg.data.batch_size, cfg.seed, None, cfg.data.val_size, None, 0)
+        splits = build_splits_of(cfg, torch.device("cpu"))
         model = load_model(model_path).train()
         frozen = torch.optim.SGD(model.parameters(), lr=0.0)
         method = METHODS[cfg.train.method](model, frozen, cfg.eps, cfg.method_options)

@@ -60,7 +60,7 @@ def main():
     p.add_argument("--train-steps", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(0)
-    model = build_model("preactresnet18", 10, 3, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+    model = build_model("preactresnet18", 10, 3, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
     gen = torch.Generator().manual_seed(1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for _ in range(args.train_steps):

@@ -22,7 +22,8 @@ from atcd_ray.core.checkpoint import save_checkpoint
 from atcd_ray.core.engine import EpochProgress
 from atcd_ray.core.methods import METHODS
 from atcd_ray.data import DATASETS
-from atcd_ray.trainer import build_optimizer, hardware, model_for
+from atcd_ray.factories import build_optimizer, model_for
+from atcd_ray.provenance import hardware
 
 
 def main(argv=None):
@@ -51,8 +52,8 @@ def main(argv=None):
         path = Path(tmp) / "last.safetensors"
         for _ in range(args.rounds):
             t0 = time.perf_counter()
-            save_checkpoint(path, model, cfg.to_dict(), {"epoch": 0, "epoch_progress": progress}, optimizer,
-                            method.state_dict(), torch.get_rng_state(), keep_previous=True)
+            save_checkpoint(path, model, cfg.to_dict(), {"epoch": 0, "epoch_progress": progress}, optimizer=optimizer,
+                            method_state=method.state_dict(), rng_state=torch.get_rng_state(), keep_previous=True)
             writes.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             for _ in range(args.steps):

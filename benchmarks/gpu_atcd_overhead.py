@@ -50,7 +50,8 @@ def main(argv=None):
     if args.skip_profile:
         return
     size, batch, classes, eps = gt.SHAPES["preactresnet18"]
-    model = build_model("preactresnet18", classes, 3, (0.5,) * 3, (0.25,) * 3).to(device, memory_format=torch.channels_last)
+    model = build_model("preactresnet18", classes, 3, mean=(0.5,) * 3, std=(0.25,) * 3)
+    model = model.to(device, memory_format=torch.channels_last)
     method = METHODS["atcd"](model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), eps,
                              METHODS["atcd"].Options(T=2, K=2, mh_rerun="rows"))
     x = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)

@@ -113,7 +113,8 @@ def steps_per_second(model_name, shape, variant, labels, device, steps, rounds, 
     channels_last, amp, compiled = VARIANTS[variant]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    model = build_model(model_name, classes, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).to(device, memory_format=memory_format)
+    model = build_model(model_name, classes, 3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    model = model.to(device, memory_format=memory_format)
     if compiled:
         model.compile(backend=compile_backend)  # one compiled model shared by every method of this variant
     x = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
@@ -160,7 +161,7 @@ def ffcv_loader(device, smoke: bool) -> dict:
     try:
         from atcd_ray.data import DATASETS
         from atcd_ray.data.ffcv_batches import FFCVBatches
-        from atcd_ray.pipelines.write import main as write_main
+        from atcd_ray.write_ffcv import main as write_main
     except ImportError as err:
         return {"loader": "ffcv", "skipped": f"FFCV not importable: {err}"}
     from tests.test_data import make_image_folder
@@ -170,7 +171,7 @@ def ffcv_loader(device, smoke: bool) -> dict:
         per_class = 8 if smoke else 256
         make_image_folder(tree, classes=8, per_class=per_class, size=64 if smoke else 400)
         write_main(["imagenet", "--data-dir", str(tree), "--split", "train", "--out", str(beton)])
-        batches = FFCVBatches(str(beton), "imagenet", DATASETS["imagenet"], 16 if smoke else 256, True, 0,
+        batches = FFCVBatches(str(beton), "imagenet", DATASETS["imagenet"], 16 if smoke else 256, train=True, seed=0,
                               workers=os.cpu_count(), device=device)
         rates = []
         for epoch in range(1 if smoke else 3):

@@ -3,7 +3,7 @@
     python benchmarks/loader_throughput.py --ffcv-dir DIR [--tree TREE --imagenet-ffcv-dir DIR2] [--rounds 3]
 
 Fashion-MNIST: the in-memory loader against FFCV (DIR/train.beton, val.beton from
-``python -m atcd_ray.pipelines.write``). ImageNet layout: the torchvision ImageFolder loader
+``python -m atcd_ray.write_ffcv``). ImageNet layout: the torchvision ImageFolder loader
 against FFCV on the same JPEG tree. Medians over rounds of one pass each.
 """
 import argparse
@@ -29,15 +29,19 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
     loaders = {
-        "fashion-mnist in-memory": build_splits("fashion-mnist", None, 128, 5000, None, None, None, 0).train,
-        "fashion-mnist ffcv": build_splits("fashion-mnist", None, 128, 5000, None, None, None, 0,
-                                           args.workers, args.ffcv_dir).train,
+        "fashion-mnist in-memory": build_splits("fashion-mnist", data_dir=None, batch_size=128, val_size=5000,
+                                                subset=None, eval_n=None, val_n=None, seed=0).train,
+        "fashion-mnist ffcv": build_splits("fashion-mnist", data_dir=None, batch_size=128, val_size=5000, subset=None,
+                                           eval_n=None, val_n=None, seed=0,
+                                           loader_workers=args.workers, ffcv_dir=args.ffcv_dir).train,
     }
     if args.tree:
-        loaders["imagenet-tree torchvision"] = build_splits("imagenet", args.tree, 32, 10, None, None, None, 0,
-                                                             args.workers).train
-        loaders["imagenet-tree ffcv"] = build_splits("imagenet", args.tree, 32, 10, None, None, None, 0,
-                                                      args.workers, args.imagenet_ffcv_dir).train
+        loaders["imagenet-tree torchvision"] = build_splits("imagenet", data_dir=args.tree, batch_size=32, val_size=10,
+                                                            subset=None, eval_n=None, val_n=None, seed=0,
+                                                             loader_workers=args.workers).train
+        loaders["imagenet-tree ffcv"] = build_splits("imagenet", data_dir=args.tree, batch_size=32, val_size=10,
+                                                     subset=None, eval_n=None, val_n=None, seed=0,
+                                                      loader_workers=args.workers, ffcv_dir=args.imagenet_ffcv_dir).train
     for batches in loaders.values():  # warm-up (FFCV compiles its pipeline on the first pass)
         images_per_second(batches)
     rates = {name: [] for name in loaders}

@@ -24,7 +24,8 @@ from bare import BareLoop
 
 from atcd_ray.config import load_config, parse_override
 from atcd_ray.core.methods import METHODS
-from atcd_ray.trainer import build_optimizer, hardware, model_for
+from atcd_ray.factories import build_optimizer, model_for
+from atcd_ray.provenance import hardware
 from atcd_ray.data import DATASETS, build_splits
 
 
@@ -48,7 +49,8 @@ def main():
     torch.manual_seed(0)
     if args.model == "smallcnn":
         dataset, batch_size = "fashion-mnist", args.batch_size or 128
-        batches = list(build_splits(dataset, None, batch_size, 5000, batch_size * args.steps, None, None, 0).train)
+        batches = list(build_splits(dataset, data_dir=None, batch_size=batch_size, val_size=5000,
+                                    subset=batch_size * args.steps, eval_n=None, val_n=None, seed=0).train)
         names, atcd = [n for n in METHODS if n != "atcd"], args.atcd
     else:
         dataset, batch_size = "cifar10", args.batch_size or 64

@@ -34,7 +34,7 @@ import torch
 from atcd_ray.core.checkpoint import Checkpoint, save_weights_only, write_text_atomic
 from atcd_ray.data.sources import FASHION_MNIST_DIR
 from atcd_ray.evaluate import file_sha256
-from atcd_ray.trainer import provenance
+from atcd_ray.provenance import provenance
 
 # What atcd_ray.evaluate imports beyond torch and numpy (AutoAttack: pyautoattack; torchattacks'
 # PGD; checkpoints: safetensors; configs: PyYAML), as import name -> distribution name. On

@@ -38,7 +38,8 @@ def random_batch():
 
 @pytest.fixture(scope="session")
 def digits_splits():
-    return build_splits("digits", None, batch_size=64, val_size=197, subset=None, eval_n=None, val_n=None, seed=0)
+    return build_splits("digits", data_dir=None, batch_size=64, val_size=197, subset=None, eval_n=None, val_n=None,
+                        seed=0)
 
 
 @pytest.fixture(scope="session")

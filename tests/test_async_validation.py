@@ -15,7 +15,7 @@ import torch
 
 from atcd_ray.config import ConfigError, load_config
 from atcd_ray.core.checkpoint import Checkpoint
-from atcd_ray.tune import Sizing
+from atcd_ray.sweep import Sizing
 
 from .test_distributed import _env
 from .test_tune import _space
@@ -80,7 +80,7 @@ def test_validation_runs_beside_training_and_tune_and_the_best_checkpoint_use_it
     ckpt = Checkpoint(trial / "best.safetensors")
     assert ckpt.meta["epoch"] == best["epoch"] and summary["checkpoint"] == "best.safetensors"
     assert summary["final_epoch"]["val_robust_acc"] == validated[-1]["val_robust_acc"]
-    from atcd_ray.trainer import validate_checkpoint
+    from atcd_ray.validation import validate_checkpoint
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the validation task (one CPU): the same sums
@@ -133,7 +133,7 @@ def test_ray_still_runs_one_validation_at_a_time():
 
 
 # Loaded by every Python process of a run (sitecustomize on PYTHONPATH), Ray's validation tasks
-# included: once atcd_ray.trainer is imported, the validation of epoch PLANT_EPOCH fails on every
+# included: once atcd_ray.validation is imported, the validation of epoch PLANT_EPOCH fails on every
 # try (PLANT=fail), or waits until the file PLANT_RELEASE exists, having written its placement
 # group's id to PLANT_HELD (hold).
 PLANT = '''
@@ -141,7 +141,7 @@ import importlib.machinery, os, pathlib, sys, time
 
 class PlantInValidation:
     def find_spec(self, name, path, target=None):
-        if name != "atcd_ray.trainer":
+        if name != "atcd_ray.validation":
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         load = spec.loader.exec_module

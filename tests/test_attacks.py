@@ -13,13 +13,13 @@ EPS = [0.0, 0.03, 0.3]
 
 ATTACKS = {
     "fgsm": lambda m, x, y, e: fgsm(m, x, y, e),
-    "pgd": lambda m, x, y, e: pgd(m, x, y, e, e / 4, 5),
-    "pgd_restarts": lambda m, x, y, e: pgd(m, x, y, e, e / 2, 3, restarts=3),
-    "pgd_no_start": lambda m, x, y, e: pgd(m, x, y, e, 2 * e, 3, random_start=False),
-    "mifgsm": lambda m, x, y, e: mifgsm(m, x, y, e, e / 4, 5),
-    "cw": lambda m, x, y, e: cw_inf(m, x, y, e, e / 4, 5),
-    "torchattacks_pgd": lambda m, x, y, e: torchattacks_pgd(m, x, y, e, e / 4, 5),
-    "hmc": lambda m, x, y, e: hmc_attack(m, x, y, e, 5),
+    "pgd": lambda m, x, y, e: pgd(m, x, y, e, alpha=e / 4, steps=5),
+    "pgd_restarts": lambda m, x, y, e: pgd(m, x, y, e, alpha=e / 2, steps=3, restarts=3),
+    "pgd_no_start": lambda m, x, y, e: pgd(m, x, y, e, alpha=2 * e, steps=3, random_start=False),
+    "mifgsm": lambda m, x, y, e: mifgsm(m, x, y, e, alpha=e / 4, steps=5),
+    "cw": lambda m, x, y, e: cw_inf(m, x, y, e, alpha=e / 4, steps=5),
+    "torchattacks_pgd": lambda m, x, y, e: torchattacks_pgd(m, x, y, e, alpha=e / 4, steps=5),
+    "hmc": lambda m, x, y, e: hmc_attack(m, x, y, e, proposals=5),
     "rays": lambda m, x, y, e: rays(m, x, y, e, queries=60),
     "square": lambda m, x, y, e: square(m, x, y, e, queries=30),
     "autoattack": lambda m, x, y, e: autoattack(m, x, y, e),
@@ -90,9 +90,11 @@ def test_our_pgd_agrees_with_torchattacks(trained_digits_model, digits_splits):
 def test_restarts_never_weaken_pgd(trained_digits_model, digits_splits):
     x, y = next(iter(digits_splits.test))
     torch.manual_seed(0)
-    one = (trained_digits_model(pgd(trained_digits_model, x, y, 0.05, 0.0125, 5)).argmax(1) == y).float().mean()
+    one = (trained_digits_model(pgd(trained_digits_model, x, y, 0.05, alpha=0.0125,
+                                    steps=5)).argmax(1) == y).float().mean()
     torch.manual_seed(0)  # the first restart is the same draw
-    three = (trained_digits_model(pgd(trained_digits_model, x, y, 0.05, 0.0125, 5, restarts=3)).argmax(1) == y).float().mean()
+    three = (trained_digits_model(pgd(trained_digits_model, x, y, 0.05, alpha=0.0125, steps=5,
+                                      restarts=3)).argmax(1) == y).float().mean()
     assert three <= one
 
 

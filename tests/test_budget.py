@@ -20,8 +20,8 @@ from atcd_ray.core.models import build_model
 from atcd_ray.report import check_one_commit
 from atcd_ray.report import main as report_main
 from atcd_ray.report import budget_study_report
-from atcd_ray.study import load_budget_study
-from atcd_ray.trainer import provenance
+from atcd_ray.budget import load_budget_study
+from atcd_ray.provenance import provenance
 
 from .test_distributed import _env
 
@@ -188,6 +188,24 @@ def test_the_repository_study_spec_is_valid():
                         assert cfg.train.epochs * cfg.passes_per_minibatch == budget, (method, value)
 
 
+def test_the_fair_study_searches_every_method_alike_with_its_published_setting_first():
+    spec = load_budget_study(ROOT / "tune_spaces" / "fashion-mnist_fair.yaml")
+    assert set(spec.methods) == {"pgd", "trades", "free", "fast", "nfgsm", "atcd"} and spec.reference == "natural"
+    assert spec.budgets == [12, 24, 48] and spec.trials >= 16 and spec.searcher == "tpe"
+    assert min(spec.final_seeds) >= 5 and spec.autoattack_n[spec.budgets.index(48)] == 1000
+    assert set(spec.points_to_evaluate) == set(spec.methods)  # each method's published setting, its first trial
+    (paper,) = spec.points_to_evaluate["atcd"]
+    assert paper["T, K"] == {"methods.atcd.T": 4, "methods.atcd.K": 2} and paper["methods.atcd.lam"] == 2.0
+    assert paper["methods.atcd.alpha"] == paper["methods.atcd.eta"] == 0.1 == load_config(
+        "fashion-mnist", ROOT / spec.recipe).eps and paper["methods.atcd.tau"] == paper["methods.atcd.kappa"] == 1.0
+    assert spec.methods["atcd"]["methods.atcd.lam"]["loguniform"][0] >= 1.0  # lam / rho >= 1 (rho stays 1)
+    for model, budget, _ in spec.cells():
+        study = spec.sweep(model, budget, "atcd")
+        cfg = study.config(study.trial_overrides(study.tune_points()[0])[len(study.fixed):])
+        assert (cfg.methods["atcd"].T, cfg.methods["atcd"].K, cfg.methods["atcd"].rho) == (4, 2, 1.0)
+        assert cfg.train.val_n >= 2000 and cfg.data.subset == 10000
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"colour": 1}, "colour: unknown key"),
     ({"budgets": [4, 2]}, "budgets: increasing positive numbers"),
@@ -197,6 +215,9 @@ def test_the_repository_study_spec_is_valid():
     ({"final": {"eval.attacks": ["pgd5"]}}, "final: eval.attacks must include pgd20"),
     ({"trials": 0}, "trials: an integer >= 1"),
     ({"final": {"eval.attacks": ["pgd20"], "optim.lr": 0.1}}, "final: optim.lr is searched"),
+    ({"ema": {"decay": 0.999, "budgets": [48], "top": 1}}, "ema: {decay"),
+    ({"ema": {"decay": 1.0, "budgets": [4], "top": 1}}, "ema: {decay"),
+    ({"ema": {"decay": 0.999, "budgets": [4], "top": 2}}, "ema: {decay"),  # one searched method
 ])
 def test_bad_study_specs_are_refused_with_the_key(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -209,7 +230,7 @@ def _write_final(directory, budget, method, seed, commit, clean, pgd20, seconds,
     (run / "summary.json").write_text(json.dumps({
         "provenance": {"commit": commit, "dirty": False, "versions": {"torch": "2.14.1"}},
         "hardware": {"cpu": "AMD EPYC", "cpu_count": 2, "cpu_id": cpu_id}, "train_examples": 1100, "eval_n": 597,
-        "passes_per_minibatch": 2 if method == "fast" else 1, "epochs": 1, "train_seconds": seconds,
+        "passes_per_minibatch": 2 if method == "fast" else 1, "epochs": 1, "train_seconds": seconds, "seed": seed,
         "clean_acc": clean, "robust_acc": {"pgd20": pgd20}}))
     if aa is not None:
         (run / "autoattack.json").write_text(json.dumps({"n": 16, "robust_acc": {"autoattack": aa, "pgd20": pgd20},
@@ -232,7 +253,9 @@ def test_study_report_tables_time_to_target_and_refuses_mixed_commits(tmp_path):
     text = (directory / "report" / "report.md").read_text()
     assert "| fast | compactcnn | 4 | 21 | 87.00% | 75.00% |" in text  # the mean over two seeds reaches it
     assert "| natural | compactcnn" not in text.split("## Winners")[0]  # natural never reaches 74%
-    assert "| compactcnn | 4 | fast | lr=0.05 | 2 | 1 | 2 | 21 | 87.00% | 75.00% |  | 73.00% | 75.00% | 16 | 2 |" in text
+    # Means with their 95% t intervals over the two seeds: t(0.975, 1) = 12.706, sd = 0.01 * sqrt(2)
+    assert "| compactcnn | 4 | fast | lr=0.05 | 2 | 1 | 2 | 21 | 87.00 ± 12.71 | 75.00 ± 12.71 |  | 73.00 ± 12.71 | " \
+           "75.00 ± 12.71 | 16 | 2 |" in text
     assert (directory / "report" / "budget_compactcnn.png").stat().st_size > 10_000
     _write_final(directory, 2, "fast", 1, "d" * 40, 0.86, 0.70, 9.0)
     with pytest.raises(ConfigError, match="different commits"):
@@ -309,7 +332,7 @@ def test_the_winner_is_the_best_completed_trial_never_a_diverged_one(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from atcd_ray.study import winner
+    from atcd_ray.budget import winner
 
     spec = load_budget_study(_spec_file(tmp_path))
     sweep = tmp_path / "study" / "search" / "compactcnn" / "budget2" / "fast"
@@ -320,9 +343,9 @@ def test_the_winner_is_the_best_completed_trial_never_a_diverged_one(tmp_path):
                              "methods.fast.alpha_factor": [r[2] for r in rows], "status": [r[3] for r in rows],
                              "objective": [r[4] for r in rows]}), sweep / "results.parquet")
     with pytest.raises(ConfigError, match="has not finished"):
-        winner(spec, tmp_path / "study", "compactcnn", 2, "fast")
+        winner(spec, tmp_path / "study", model="compactcnn", budget=2, method="fast")
     (sweep / "done.json").write_text("{}")
-    best = winner(spec, tmp_path / "study", "compactcnn", 2, "fast")
+    best = winner(spec, tmp_path / "study", model="compactcnn", budget=2, method="fast")
     assert best["trial_id"] == "t2" and best["overrides"] == [("optim.lr", 0.05), ("methods.fast.alpha_factor", 0.9)]
 
 
@@ -353,7 +376,7 @@ def test_gpu_autoattack_stages_runs_evaluates_them_alone_and_collects(tmp_path, 
     the checkpoint it was copied from."""
     import importlib.util
 
-    from atcd_ray import evaluate, study
+    from atcd_ray import budget, evaluate, study
     from atcd_ray.core.checkpoint import save_checkpoint
 
     loaded = importlib.util.spec_from_file_location("gpu_autoattack", ROOT / "scripts" / "gpu_autoattack.py")
@@ -389,7 +412,7 @@ def test_gpu_autoattack_stages_runs_evaluates_them_alone_and_collects(tmp_path, 
         assert evaluate.main([a for a in args if a != "--gpu"] + ["--workers", "0"]) == 0
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(study, "_python", evaluate_here)
+    monkeypatch.setattr(budget, "_python", evaluate_here)
     study.main([str(spec_file), "--stage", "autoattack", "--out", str(staged), "--jobs", "2",
                 "--data-dir", str(staged / "data")])
     assert len(commands) == 1 and commands[0][commands[0].index("--eval-n") + 1] == "8"
@@ -437,16 +460,16 @@ def test_the_fashion_mnist_recipes_hold_the_budget_studys_winners(model, monkeyp
     its record (results/fashion-mnist-budget, in the repository) has them: each method's config
     from the recipe equals the study's final run of that method (the same training, bit for bit).
     The study itself reads its pinned base (tune_spaces/), not these recipes."""
-    from atcd_ray.study import final_overrides, winner
+    from atcd_ray.budget import final_overrides, winner
 
     monkeypatch.chdir(ROOT)  # the study's paths, as its command's, are the repository root's
     spec = load_budget_study(Path("tune_spaces/fashion-mnist_budget.yaml"))
     assert Path(spec.recipe).parent.name == "tune_spaces"
     record = Path("results/fashion-mnist-budget")
     for method in spec.methods:
-        chosen = winner(spec, record, model, 12, method)
-        final = load_config(spec.dataset, spec.recipe, final_overrides(spec, model, 12, method,
-                                                                       chosen["overrides"], 0)).to_dict()
+        chosen = winner(spec, record, model=model, budget=12, method=method)
+        overrides = final_overrides(spec, model, 12, method, knobs=chosen["overrides"], seed_index=0)
+        final = load_config(spec.dataset, spec.recipe, overrides).to_dict()
         recipe = load_config(recipe=ROOT / "pipelines" / f"fashion-mnist_{model}.yaml",
                              overrides=[("train.method", method)]).to_dict()
         for key in ("model", "seed", "optim", "data", "eps"):
@@ -460,13 +483,14 @@ def test_the_records_final_runs_trained_the_configs_the_study_builds(monkeypatch
     """Each final run in the record trained exactly the config that the spec, its pinned base and
     the recorded search give today: neither file may drift from the record (positive control: the
     same run's config with the next seed differs)."""
-    from atcd_ray.study import final_overrides, final_runs, winner
+    from atcd_ray.budget import final_overrides, final_runs, winner
+    from atcd_ray.run_dir import UNSET_KEYS
 
     def used(config):  # the selected method's options only: the other methods' are not used
         config = {**config, "methods": config["methods"][config["train"]["method"]]}
         config.pop("per_method")
-        if config["train"].get("ema", None) is None:  # a key added later, off: trains nothing new
-            config["train"] = {k: v for k, v in config["train"].items() if k != "ema"}
+        # Keys added later, at the value that trains as before they existed (run_dir.UNSET_KEYS)
+        config["train"] = {k: v for k, v in config["train"].items() if (k, v) not in UNSET_KEYS}
         return config
 
     monkeypatch.chdir(ROOT)
@@ -476,10 +500,11 @@ def test_the_records_final_runs_trained_the_configs_the_study_builds(monkeypatch
     runs = final_runs(spec, record)
     for run, _ in runs:
         model, budget, method, seed = run.parts[-4], float(run.parts[-3][6:]), run.parts[-2], int(run.parts[-1][4:])
-        knobs = [] if method == spec.reference else winner(spec, record, model, budget, method)["overrides"]
+        knobs = [] if method == spec.reference else winner(spec, record, model=model, budget=budget,
+                                                           method=method)["overrides"]
 
         def built(seed_index):
-            overrides = final_overrides(spec, model, budget, method, knobs, seed_index)
+            overrides = final_overrides(spec, model, budget, method, knobs=knobs, seed_index=seed_index)
             return used(load_config(spec.dataset, spec.recipe, overrides).to_dict())
 
         trained = used(json.loads((run / "summary.json").read_text())["config"])
@@ -515,3 +540,91 @@ def test_the_last_epoch_of_a_budget_stops_part_way_where_the_schedule_ends(tmp_p
     assert lrs[-1] == pytest.approx(cfg.optim.lr * 0.5 * (1 + math.cos(math.pi * (2 + 5 / 11) / 2.5)))
     assert lrs[-1] < 0.02 * cfg.optim.lr
     assert summary["epochs"] == 3 and summary["budget"] == 2.5
+
+
+def test_a_mean_interval_is_students_t_and_paired_differences_give_a_verdict():
+    from atcd_ray.report import mean_interval, paired_differences
+
+    mean, half = mean_interval([0.70, 0.72, 0.74, 0.71, 0.73])  # sd 0.0158, t(0.975, 4) = 2.776
+    assert mean == pytest.approx(0.72) and half == pytest.approx(2.7764 * 0.015811 / 5 ** 0.5, rel=1e-3)
+    assert mean_interval([0.7]) == (0.7, None) and mean_interval([]) == (None, None)
+
+    def row(method, pgd20, budget="48"):  # five seeds, 10..14
+        return {"network": "compactcnn", "budget": budget, "method": method, "pgd20": sum(pgd20) / 5,
+                "_by_seed": {"pgd20": dict(zip(range(10, 15), pgd20)), "clean": {}, "autoattack": {}}}
+
+    free = [0.70, 0.72, 0.74, 0.71, 0.73]
+    cases = {"wins": [v + 0.02 for v in free], "ties": [0.70, 0.74, 0.72, 0.73, 0.71], "loses": [v - 0.02 for v in free]}
+    for verdict, atcd in cases.items():
+        finals = [row("natural", [0.9] * 5), row("free", free), row("fast", [0.6] * 5), row("atcd", atcd),
+                  row("free+ema", [0.99] * 5)]  # neither the reference nor a weight-averaged variant is "best other"
+        (contest,) = paired_differences(finals, challenger="atcd", reference="natural")
+        assert contest["best other"] == "free" and contest["pgd20 difference"].endswith(f"(5 seeds): {verdict}")
+    # The pairing is by seed: the same values, shuffled across seeds, no longer tie exactly.
+    finals = [row("free", free), row("atcd", free[::-1])]
+    (contest,) = paired_differences(finals, challenger="atcd", reference="natural")
+    assert contest["pgd20 difference"].startswith("+0.00 ± ") and not contest["pgd20 difference"].startswith(
+        "+0.00 ± 0.00")
+
+
+def test_the_weight_averaged_finals_are_the_best_methods_and_get_rows_of_their_own(tmp_path):
+    from atcd_ray.budget import ema_choice
+
+    spec = load_budget_study(_spec_file(tmp_path, methods={
+        "fast": {"methods.fast.alpha_factor": {"uniform": [0.75, 1.5]}},
+        "free": {"methods.free.replays": {"choice": [2, 4]}}, "pgd": {"methods.pgd.steps": {"choice": [1, 3]}}},
+        ema={"decay": 0.99, "budgets": [4], "top": 2}))
+    directory = tmp_path / "study"
+    for method, pgd20 in (("fast", 0.70), ("free", 0.74), ("pgd", 0.72)):
+        for seed in (0, 1):
+            _write_final(directory, 4, method, seed, "c" * 40, 0.85, pgd20 + seed / 100, 10.0)
+    assert ema_choice(spec, directory, model="compactcnn", budget=4) == ["free", "pgd"]
+    for seed in (0, 1):
+        _write_final(directory, 4, "free+ema", seed, "c" * 40, 0.86, 0.76, 10.0)
+    (directory / "budget_study.json").write_text(json.dumps(vars(spec)))
+    (directory / "report").mkdir()
+    budget_study_report(directory, directory / "report")
+    assert "| compactcnn | 4 | free+ema | recipe |" in (directory / "report" / "report.md").read_text()
+
+
+def test_a_begun_study_may_change_its_final_stage_keys_only(tmp_path):
+    from atcd_ray.study import check_same_study
+
+    recorded = tmp_path / "budget_study.json"
+    recorded.write_text(json.dumps(vars(load_budget_study(_spec_file(tmp_path)))))
+    more_seeds = load_budget_study(_spec_file(tmp_path, final_seeds=[3, 5], ema={"decay": 0.99, "budgets": [4],
+                                                                                   "top": 1}))
+    check_same_study(recorded, more_seeds, "refused")
+    with pytest.raises(ConfigError, match="refused"):
+        check_same_study(recorded, load_budget_study(_spec_file(tmp_path, trials=3)), "refused")
+
+
+def test_finals_train_jobs_at_a_time_each_on_its_share_of_the_cores(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from atcd_ray import budget
+
+    spec = load_budget_study(_spec_file(tmp_path))
+    monkeypatch.setattr(budget, "winner", lambda *args, **kwargs: {"overrides": [], "params": {}})
+    monkeypatch.setattr(budget, "run_autoattack", lambda *args, **kwargs: None)
+    monkeypatch.setattr(budget.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    lock, running, peak, threads = threading.Lock(), [0], [0], []
+
+    def train(module, *args, env=None):  # a final run: a summary after a while
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.3)
+        run = Path(args[args.index("--out") + 1])
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text("{}")
+        with lock:
+            running[0] -= 1
+            threads.append(env["OMP_NUM_THREADS"])
+
+    monkeypatch.setattr(budget, "_python", train)
+    budget.run_final(spec, tmp_path / "out", jobs=2)
+    assert peak[0] == 2 and threads == ["2"] * 6  # natural and fast: 1 seed at budget 2, 2 at budget 4
+    budget.run_final(spec, tmp_path / "out", jobs=2)  # all trained: nothing runs again
+    assert len(threads) == 6

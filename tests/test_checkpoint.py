@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import atcd_ray
-from atcd_ray import trainer
+from atcd_ray import run_dir, trainer
 from atcd_ray.config import ConfigError, load_config
 from atcd_ray.core.checkpoint import Checkpoint, save_checkpoint
 from atcd_ray.core.methods import ATCD
@@ -22,8 +22,9 @@ def test_round_trip_without_pickle(tmp_path, monkeypatch):
     method = ATCD(model, opt, 0.1, ATCDOptions(T=2, K=1))
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     method.step(x, y)
-    path = save_checkpoint(tmp_path / "c.safetensors", model, {"a": 1}, {"epoch": 3}, opt, method.state_dict(),
-                           torch.get_rng_state())
+    path = save_checkpoint(tmp_path / "c.safetensors", model, {"a": 1}, {"epoch": 3}, optimizer=opt,
+                           method_state=method.state_dict(),
+                           rng_state=torch.get_rng_state())
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]  # no temporary file left behind
 
     def no_unpickling(*args, **kwargs):
@@ -78,10 +79,10 @@ def crash_in_epoch_3(cfg, out, monkeypatch):
     """Train ``cfg`` into ``out`` until a simulated crash at the start of its third epoch."""
     real = trainer.train_epoch
 
-    def crash(method, batches, epoch, *args, **kwargs):
-        if epoch == 2:
+    def crash(method, batches, **kwargs):
+        if kwargs["epoch"] == 2:
             raise KeyboardInterrupt("simulated crash")
-        return real(method, batches, epoch, *args, **kwargs)
+        return real(method, batches, **kwargs)
 
     monkeypatch.setattr(trainer, "train_epoch", crash)
     with pytest.raises(KeyboardInterrupt):
@@ -124,10 +125,10 @@ def test_resume_ignores_the_options_of_methods_not_trained():
         return config, name
 
     other = next(m for m, options in started["methods"].items() if m != cfg.train.method and options)
-    trainer.check_same_config(Path("run/last.safetensors"), changed(other)[0], cfg)
+    run_dir.check_same_config(Path("run/last.safetensors"), changed(other)[0], cfg)
     own, name = changed(cfg.train.method)
     with pytest.raises(ConfigError, match=rf"another config \(methods\.{cfg.train.method}\.{name}:"):
-        trainer.check_same_config(Path("run/last.safetensors"), own, cfg)
+        run_dir.check_same_config(Path("run/last.safetensors"), own, cfg)
 
 
 def test_load_model_gives_eval_mode_logits(tmp_path):

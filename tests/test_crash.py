@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from atcd_ray import trainer
+from atcd_ray import run_dir, trainer
 from atcd_ray.core.checkpoint import Checkpoint, previous_path
 from tests.test_checkpoint import crash_in_epoch_3, quick_config
 
@@ -127,7 +127,7 @@ def test_truncated_checkpoint_and_torn_metrics_line_resume_with_one_warning(tmp_
     metrics.write_text(metrics.read_text() + '{"epoch": 3, "train_lo')
 
     with caplog.at_level("WARNING", logger="atcd_ray"):
-        assert [h["epoch"] for h in trainer.read_history(out)] == [1, 2]
+        assert [h["epoch"] for h in run_dir.read_history(out)] == [1, 2]
     assert [r.getMessage() for r in caplog.records] == [f"{metrics}: last line is torn (22 characters); ignored"]
     caplog.clear()
     with caplog.at_level("WARNING", logger="atcd_ray"):
@@ -140,13 +140,13 @@ def test_truncated_checkpoint_and_torn_metrics_line_resume_with_one_warning(tmp_
     b = Checkpoint(last)
     for key, tensor in a.tensors.items():
         assert torch.equal(tensor, b.tensors[key]), key
-    assert [h["epoch"] for h in trainer.read_history(out)] == [1, 2, 3]
+    assert [h["epoch"] for h in run_dir.read_history(out)] == [1, 2, 3]
 
 
 def test_a_middle_line_that_is_not_json_is_an_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n')
     with pytest.raises(ValueError, match="line 2: not a JSON record"):
-        trainer.read_history(tmp_path)
+        run_dir.read_history(tmp_path)
 
 
 def test_non_finite_weights_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -155,9 +155,9 @@ def test_non_finite_weights_stop_the_run_and_keep_the_last_good_checkpoint(tmp_p
     cfg = quick_config()
     real = trainer.train_epoch
 
-    def poison_epoch_2(method, batches, epoch, *args, **kwargs):
-        stats = real(method, batches, epoch, *args, **kwargs)
-        if epoch == 1:
+    def poison_epoch_2(method, batches, **kwargs):
+        stats = real(method, batches, **kwargs)
+        if kwargs["epoch"] == 1:
             with torch.no_grad():
                 next(method.model.parameters())[0].fill_(float("inf"))
         return stats
@@ -166,7 +166,7 @@ def test_non_finite_weights_stop_the_run_and_keep_the_last_good_checkpoint(tmp_p
     with pytest.raises(NonFiniteError, match=r"non-finite values in [\w.]+ after epoch 2"):
         trainer.fit(cfg, tmp_path, progress=False)
     assert Checkpoint(tmp_path / "last.safetensors").meta["epoch"] == 1
-    assert [h["epoch"] for h in trainer.read_history(tmp_path)] == [1]
+    assert [h["epoch"] for h in run_dir.read_history(tmp_path)] == [1]
     monkeypatch.setattr(trainer, "train_epoch", real)
     with pytest.raises(NonFiniteError, match="stopped on a non-finite"):  # at once, not after another epoch
         trainer.fit(cfg, tmp_path, progress=False)
@@ -205,9 +205,9 @@ def test_a_run_from_scratch_ignores_validations_left_in_its_directory(tmp_path):
     out = tmp_path / "reused"
     out.mkdir()
     stale = {"epoch": 1, "val_clean_acc": 0.123, "val_robust_acc": 0.0456}
-    (out / trainer.VALIDATIONS).write_text(json.dumps(stale) + "\n")
+    (out / run_dir.VALIDATIONS).write_text(json.dumps(stale) + "\n")
     reused = trainer.fit(cfg, out, progress=False)
-    first, expected = trainer.read_history(out)[0], trainer.read_history(tmp_path / "straight")[0]
+    first, expected = run_dir.read_history(out)[0], run_dir.read_history(tmp_path / "straight")[0]
     assert (first["val_clean_acc"], first["val_robust_acc"]) == (
         expected["val_clean_acc"], expected["val_robust_acc"]) != (0.123, 0.0456)
-    assert not (out / trainer.VALIDATIONS).exists() and reused["clean_acc"] == straight["clean_acc"]
+    assert not (out / run_dir.VALIDATIONS).exists() and reused["clean_acc"] == straight["clean_acc"]

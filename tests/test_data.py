@@ -39,7 +39,7 @@ def test_read_idx_roundtrip(tmp_path):
 @pytest.mark.parametrize("gz", [True, False])
 def test_fashion_mnist_from_idx_files(tmp_path, gz):
     write_mnist_like(tmp_path, gz=gz, suffix=".gz" if gz else "")
-    splits = build_splits("fashion-mnist", str(tmp_path), batch_size=32, val_size=50, subset=None, eval_n=60,
+    splits = build_splits("fashion-mnist", data_dir=str(tmp_path), batch_size=32, val_size=50, subset=None, eval_n=60,
                           val_n=None, seed=0)
     assert len(splits.train.labels) == 250 and len(splits.val.labels) == 50 and len(splits.test.labels) == 60
     x, y = next(iter(splits.train))
@@ -49,13 +49,15 @@ def test_fashion_mnist_from_idx_files(tmp_path, gz):
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
     with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
-        build_splits("fashion-mnist", str(tmp_path), 32, 10, None, None, None, 0)
+        build_splits("fashion-mnist", data_dir=str(tmp_path), batch_size=32, val_size=10, subset=None, eval_n=None,
+                     val_n=None, seed=0)
 
 
 def test_real_fashion_mnist_default_location():
     """Debian's dataset-fashion-mnist, which .ci/run installs, read from its default location."""
     assert Path(FASHION_MNIST_DIR).is_dir(), "apt-get install -y dataset-fashion-mnist"
-    splits = build_splits("fashion-mnist", None, 128, 5000, None, None, None, 0)
+    splits = build_splits("fashion-mnist", data_dir=None, batch_size=128, val_size=5000, subset=None, eval_n=None,
+                          val_n=None, seed=0)
     assert len(splits.train.labels) == 55000 and len(splits.val.labels) == 5000 and len(splits.test.labels) == 10000
     assert torch.bincount(splits.test.labels).tolist() == [1000] * 10
 
@@ -63,7 +65,8 @@ def test_real_fashion_mnist_default_location():
 def test_mnist_through_torchvision(tmp_path):
     """torchvision's MNIST reads the raw IDX files it would have downloaded."""
     write_mnist_like(tmp_path / "MNIST" / "raw", gz=False, suffix="")
-    splits = build_splits("mnist", str(tmp_path), 64, 100, subset=128, eval_n=None, val_n=None, seed=0)
+    splits = build_splits("mnist", data_dir=str(tmp_path), batch_size=64, val_size=100, subset=128, eval_n=None,
+                          val_n=None, seed=0)
     assert len(splits.train.labels) == 128 and len(splits.test.labels) == 100
     assert next(iter(splits.test))[0].shape == (64, 1, 28, 28)
 
@@ -76,7 +79,8 @@ def test_mnist_offline_error_names_the_fix(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
     with pytest.raises(DataError, match="could not be downloaded.*download=True"):
-        build_splits("mnist", str(tmp_path), 64, 10, None, None, None, 0)
+        build_splits("mnist", data_dir=str(tmp_path), batch_size=64, val_size=10, subset=None, eval_n=None, val_n=None,
+                     seed=0)
 
 
 def make_cifar10(directory: Path, monkeypatch) -> None:
@@ -97,7 +101,8 @@ def make_cifar10(directory: Path, monkeypatch) -> None:
 def test_cifar10_through_torchvision(tmp_path, monkeypatch):
     """Generated batches in CIFAR-10's python layout, read by torchvision (its md5 check bypassed)."""
     make_cifar10(tmp_path, monkeypatch)
-    splits = build_splits("cifar10", str(tmp_path), 16, 10, None, None, None, seed=0)
+    splits = build_splits("cifar10", data_dir=str(tmp_path), batch_size=16, val_size=10, subset=None, eval_n=None,
+                          val_n=None, seed=0)
     assert len(splits.train.labels) == 90 and len(splits.test.labels) == 20
     x, _ = next(iter(splits.train))
     assert x.shape == (16, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
@@ -118,7 +123,8 @@ def make_image_folder(root: Path, classes=3, per_class=6, size=40):
 
 def test_imagenet_folder(tmp_path):
     make_image_folder(tmp_path)
-    splits = build_splits("imagenet", str(tmp_path), 4, 3, None, None, None, seed=0, loader_workers=0)
+    splits = build_splits("imagenet", data_dir=str(tmp_path), batch_size=4, val_size=3, subset=None, eval_n=None,
+                          val_n=None, seed=0, loader_workers=0)
     x, y = next(iter(splits.train))
     assert x.shape == (4, 3, 224, 224) and 0 <= x.min() and x.max() <= 1 and y.max() < 3
     assert len(splits.train) == 15 // 4 and splits.val.num_examples == 3 and splits.test.num_examples == 18
@@ -132,28 +138,32 @@ def test_the_test_split_alone_reads_no_training_data(tmp_path):
     from atcd_ray.data.sources import check_available
 
     write_mnist_like(tmp_path / "both")
-    both = build_splits("fashion-mnist", str(tmp_path / "both"), 32, 50, None, 60, None, 0).test
+    both = build_splits("fashion-mnist", data_dir=str(tmp_path / "both"), batch_size=32, val_size=50, subset=None,
+                        eval_n=60, val_n=None, seed=0).test
     (tmp_path / "test").mkdir()
     for f in (tmp_path / "both").glob("t10k-*"):
         f.rename(tmp_path / "test" / f.name)
-    alone = build_test_split("fashion-mnist", str(tmp_path / "test"), 32, 60)
+    alone = build_test_split("fashion-mnist", data_dir=str(tmp_path / "test"), batch_size=32, eval_n=60)
     assert torch.equal(alone.images, both.images) and torch.equal(alone.labels, both.labels)
     with pytest.raises(DataError):  # positive control: the whole splits need the training files
-        build_splits("fashion-mnist", str(tmp_path / "test"), 32, 50, None, 60, None, 0)
+        build_splits("fashion-mnist", data_dir=str(tmp_path / "test"), batch_size=32, val_size=50, subset=None,
+                     eval_n=60, val_n=None, seed=0)
     make_image_folder(tmp_path / "imagenet")
-    whole = build_splits("imagenet", str(tmp_path / "imagenet"), 4, 3, None, 10, None, 0, loader_workers=0).test
+    whole = build_splits("imagenet", data_dir=str(tmp_path / "imagenet"), batch_size=4, val_size=3, subset=None,
+                         eval_n=10, val_n=None, seed=0, loader_workers=0).test
     (tmp_path / "imagenet" / "train").rename(tmp_path / "train-elsewhere")
     check_available("imagenet", str(tmp_path / "imagenet"), test_only=True)
     with pytest.raises(DataError, match="ImageFolder"):
         check_available("imagenet", str(tmp_path / "imagenet"))
-    test = build_test_split("imagenet", str(tmp_path / "imagenet"), 4, 10, loader_workers=0)
+    test = build_test_split("imagenet", data_dir=str(tmp_path / "imagenet"), batch_size=4, eval_n=10, loader_workers=0)
     assert test.num_examples == whole.num_examples == 10
     assert all(torch.equal(a, b) for (xa, ya), (xb, yb) in zip(test, whole) for a, b in ((xa, xb), (ya, yb)))
 
 
 def test_imagenet_missing_tree(tmp_path):
     with pytest.raises(DataError, match="ImageFolder"):
-        build_splits("imagenet", str(tmp_path), 4, 3, None, None, None, 0)
+        build_splits("imagenet", data_dir=str(tmp_path), batch_size=4, val_size=3, subset=None, eval_n=None,
+                     val_n=None, seed=0)
 
 
 def test_validation_split_is_fixed_and_disjoint():
@@ -165,7 +175,7 @@ def test_validation_split_is_fixed_and_disjoint():
 
 
 def test_subset_is_first_n_and_split_ignores_seed(digits_splits):
-    a = build_splits("digits", None, 64, 197, subset=200, eval_n=None, val_n=None, seed=5)
+    a = build_splits("digits", data_dir=None, batch_size=64, val_size=197, subset=200, eval_n=None, val_n=None, seed=5)
     assert torch.equal(a.train.images, digits_splits.train.images[:200])
     assert torch.equal(a.val.images, digits_splits.val.images)
 

@@ -46,7 +46,7 @@ def test_shards_are_disjoint_equal_and_cover_the_epoch():
 
 def _model():
     """SmallCNN with its dropout off, so that ranks differ only by their data and random starts."""
-    model = build_model("smallcnn", 10, 1, None, None)
+    model = build_model("smallcnn", 10, 1, mean=None, std=None)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

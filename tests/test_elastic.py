@@ -8,12 +8,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from atcd_ray import trainer
+from atcd_ray import run_dir, trainer
 from atcd_ray.core.checkpoint import Checkpoint
 from atcd_ray.core.methods import METHODS
 from atcd_ray.core.methods.base import weighted_mean_hook
 from atcd_ray.data import TensorBatches
-from atcd_ray.trainer import reshard_rows
+from atcd_ray.group import Group
+from atcd_ray.resume import reshard_rows
 from tests.test_checkpoint import quick_config
 from tests.test_distributed import _free_port, _model
 from tests.test_mid_epoch import CountedSteps, _assert_same
@@ -112,7 +113,7 @@ def test_ranks_with_unequal_rows_train_as_the_full_batch():
         assert close == weighted
 
 
-class NoticeAt(trainer.Group):
+class NoticeAt(Group):
     """A group that receives a preemption notice at its n-th check, as Ray's would."""
 
     def __init__(self, notice_at_check: int):
@@ -188,7 +189,7 @@ def _cluster_run(out: str) -> None:
 
     def train():
         try:
-            fit_distributed(cfg, out, (1, 2), cpus_per_worker=1, max_failures=3, progress=False,
+            fit_distributed(cfg, out, workers=(1, 2), cpus_per_worker=1, max_failures=3, progress=False,
                             resize_check_seconds=2)
         except BaseException as err:  # noqa: BLE001 - reported to the test
             errors.append(repr(err))
@@ -267,7 +268,7 @@ def test_a_resume_may_change_how_often_it_checkpoints_but_not_what_it_trains(tmp
     old = json.loads(cfg.to_json())
     del old["train"]["preemption_check_steps"]  # a run checkpointed before the key existed
     old["train"]["checkpoint_steps"] = 7
-    trainer.check_same_config(tmp_path / "last.safetensors", old, cfg)
+    run_dir.check_same_config(tmp_path / "last.safetensors", old, cfg)
     old["optim"]["lr"] = 1.0  # positive control: what it trains may not change
     with pytest.raises(ConfigError, match="optim.lr"):
-        trainer.check_same_config(tmp_path / "last.safetensors", old, cfg)
+        run_dir.check_same_config(tmp_path / "last.safetensors", old, cfg)

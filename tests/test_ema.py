@@ -14,6 +14,7 @@ from atcd_ray.config import load_config
 from atcd_ray.core.checkpoint import Checkpoint
 from atcd_ray.core.engine import EMA
 from atcd_ray.core.methods import METHODS
+from atcd_ray.validation import validate_checkpoint
 from tests.test_bad_input import refused
 from tests.test_mid_epoch import TIMING, CountedSteps
 
@@ -130,7 +131,7 @@ def test_both_validations_are_recorded_and_the_average_is_what_is_tested(straigh
     # The validation apart from training (train.val_async's task) validates the average of the
     # checkpoint, from the seed the run's own validation of the average used, and keeps its weights.
     cfg = small_config(**{"train.select_best": "robust_val"})
-    record = trainer.validate_checkpoint(cfg, out / "last.safetensors", tmp_path, torch.device("cpu"))
+    record = validate_checkpoint(cfg, out / "last.safetensors", tmp_path, torch.device("cpu"))
     assert record["val_robust_acc"] == pytest.approx(records[-1]["val_robust_acc"])
     assert record["val_clean_acc"] == pytest.approx(records[-1]["val_clean_acc"])
     assert "val_robust_acc_raw" in record

@@ -106,3 +106,140 @@ def test_the_cycle_check_finds_one(tmp_path):
     graph = import_graph(package)
     assert graph["pkg.quiet"] == set()  # TYPE_CHECKING imports do not count
     assert cycles(graph) == [["pkg.other", "pkg.sub", "pkg.other"]]
+
+
+# The layers, bottom up: a module may import its own layer and those below it, never one above.
+# Entry modules (python -m atcd_ray.X) sit on the run layer and do not import one another.
+LAYERS = [
+    ("core", lambda m: m.startswith("atcd_ray.core")),
+    ("data", lambda m: m == "atcd_ray.data" or m.startswith("atcd_ray.data.")),
+    ("config", lambda m: m in ("atcd_ray.config", "atcd_ray.cli", "atcd_ray.storage", "atcd_ray.provenance")),
+    ("run", lambda m: m in ("atcd_ray", *(f"atcd_ray.{n}" for n in RUN_LAYER))),
+    ("entry", lambda m: m in (f"atcd_ray.{n}" for n in ENTRY_MODULES)),
+]
+RUN_LAYER = ("board", "factories", "group", "run_dir", "resume", "validation", "trainer", "distributed", "sweep",
+             "budget", "figures")
+ENTRY_MODULES = ("train", "tune", "study", "report", "evaluate", "trajectory_shift", "write_ffcv")
+
+
+def layer_of(module: str) -> int:
+    (index,) = [i for i, (_, member) in enumerate(LAYERS) if member(module)]
+    return index
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for module, targets in graph.items():
+        for target in targets:
+            if layer_of(target) > layer_of(module) or (layer_of(module) == layer_of(target) == len(LAYERS) - 1):
+                found.append(f"{module} -> {target}")
+    return sorted(found)
+
+
+def test_every_module_has_a_layer_and_imports_none_above_it():
+    graph = import_graph(PACKAGE)
+    for module in graph:
+        layer_of(module)  # exactly one layer each: a new module must be placed
+    assert layer_violations(graph) == []
+
+
+def test_the_layer_check_finds_an_import_upwards_and_one_between_entry_modules():
+    graph = {"atcd_ray.core.engine": {"atcd_ray.trainer"}, "atcd_ray.report": {"atcd_ray.study"},
+             "atcd_ray.trainer": {"atcd_ray.core.engine"}, "atcd_ray.study": set()}
+    assert layer_violations(graph) == ["atcd_ray.core.engine -> atcd_ray.trainer",
+                                       "atcd_ray.report -> atcd_ray.study"]
+
+
+# No call passes more than four positional arguments to a function of the project (the rest by
+# keyword): checked on the sources of the package, the tests, the benchmarks and the scripts.
+MAX_POSITIONAL = 4
+ROOT = PACKAGE.parent
+
+
+def _project_functions() -> dict[tuple[str, str], ast.arguments]:
+    """(module, name) -> arguments of each function and class (its __init__, or a dataclass's
+    fields) of atcd_ray."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = _module(path, PACKAGE)
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef):
+                found[(module, node.name)] = node.args
+            elif isinstance(node, ast.ClassDef):
+                init = [n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"]
+                if init:
+                    found[(module, node.name)] = init[0].args
+                elif any("dataclass" in ast.unparse(d) for d in node.decorator_list):  # its fields, in order
+                    found[(module, node.name)] = ast.arguments(
+                        posonlyargs=[], args=[ast.arg(f.target.id) for f in node.body if isinstance(f, ast.AnnAssign)],
+                        vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[])
+    return found
+
+
+def _names_in_scope(path: Path, tree: ast.Module) -> dict[str, tuple]:
+    """Local name -> ("function", module, name) for project functions imported or defined here,
+    or ("module", module) for project modules imported here."""
+    own = _module(path, PACKAGE) if path.is_relative_to(PACKAGE) else None
+    names = {node.name: ("function", own, node.name) for node in tree.body
+             if own and isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level and own is None:  # a test's own helpers (from .test_x import ...)
+                continue
+            if node.level:
+                base = own.split(".") if path.name == "__init__.py" else own.split(".")[:-1]
+                module = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module.split(".")[0] != "atcd_ray":
+                continue
+            for alias in node.names:
+                names[alias.asname or alias.name] = ("function", module, alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("atcd_ray") and alias.asname:
+                    names[alias.asname] = ("module", alias.name)
+    return names
+
+
+def positional_violations(paths: list[Path]) -> list[str]:
+    functions = _project_functions()
+    found = []
+    for path in paths:
+        tree = ast.parse(path.read_text())
+        names = _names_in_scope(path, tree)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            target = None
+            if isinstance(node.func, ast.Name) and names.get(node.func.id, ("",))[0] == "function":
+                _, module, name = names[node.func.id]
+                target = (module, name)
+            elif isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name):
+                entry = names.get(node.func.value.id)
+                if entry and entry[0] == "module":
+                    target = (entry[1], node.func.attr)
+                elif entry and entry[0] == "function":  # `from atcd_ray import trainer`: a module
+                    target = (f"{entry[1]}.{entry[2]}", node.func.attr)
+            args = functions.get(target) if target else None
+            if args is None or args.vararg is not None:  # *names: a list, not positions
+                continue
+            if len(node.args) > MAX_POSITIONAL:
+                where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+                found.append(f"{where}:{node.lineno}: {target[1]} gets {len(node.args)} positionals")
+    return found
+
+
+def test_no_call_passes_more_than_four_positional_arguments_to_a_project_function():
+    paths = [p for folder in ("atcd_ray", "tests", "benchmarks", "scripts") for p in (ROOT / folder).rglob("*.py")]
+    assert len(paths) > 60
+    assert positional_violations(paths) == []
+
+
+def test_the_positional_check_finds_a_long_call(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from atcd_ray.data import build_test_split\nfrom atcd_ray.core import attacks\n"
+                   "build_test_split('digits', None, 64, None, 0)\nattacks.pgd(1, 2, 3, 4, 5)\n"
+                   "attacks.pgd(1, 2, 3, 4, alpha=5)\n")
+    found = positional_violations([bad])
+    assert len(found) == 2 and "build_test_split gets 5" in found[0] and "pgd gets 5" in found[1]

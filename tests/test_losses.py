@@ -15,7 +15,7 @@ def test_cd_potential_logit_gradient(lam, rho):
     logits = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 5, (8,))
     p_prev = F.softmax(torch.randn(8, 5, dtype=torch.float64), dim=1)
-    (grad,) = torch.autograd.grad(cd_potential(logits, y, p_prev, lam, rho).sum(), logits)
+    (grad,) = torch.autograd.grad(cd_potential(logits, y, p_prev, lam=lam, rho=rho).sum(), logits)
     onehot = F.one_hot(y, 5).double()
     p = F.softmax(logits.detach(), dim=1)
     torch.testing.assert_close(grad, lam * (p - onehot) - rho * (p_prev - onehot))
@@ -27,14 +27,15 @@ def test_cd_potential_eq14_form():
     logits = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 1, 2, 1])
     p_prev = F.softmax(torch.randn(4, 3, dtype=torch.float64), dim=1)
-    (grad,) = torch.autograd.grad(cd_potential(logits, y, p_prev, 2.0, 1.0).sum(), logits)
+    (grad,) = torch.autograd.grad(cd_potential(logits, y, p_prev, lam=2.0, rho=1.0).sum(), logits)
     p, onehot = F.softmax(logits.detach(), dim=1), F.one_hot(y, 3).double()
     torch.testing.assert_close(grad, p - (onehot - (p - p_prev)))
 
 
 def test_cd_potential_without_previous_output_is_scaled_ce():
     logits, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
-    torch.testing.assert_close(cd_potential(logits, y, None, 2.0, 1.0), 2.0 * F.cross_entropy(logits, y, reduction="none"))
+    torch.testing.assert_close(cd_potential(logits, y, None, lam=2.0, rho=1.0), 2.0 * F.cross_entropy(logits, y,
+                                                                                                      reduction="none"))
 
 
 def test_cw_margin_sign():

@@ -11,7 +11,7 @@ SHAPES = {"smallcnn": (1, 28), "compactcnn": (1, 28), "preactresnet18": (3, 32),
 def test_forward_shapes_and_first_layer(name):
     channels, size = SHAPES[name]
     torch.manual_seed(0)
-    model = build_model(name, 7, channels, [0.5] * channels, [0.25] * channels).eval()
+    model = build_model(name, 7, channels, mean=[0.5] * channels, std=[0.25] * channels).eval()
     with torch.no_grad():
         out = model(torch.rand(2, channels, size, size))
     assert out.shape == (2, 7) and torch.isfinite(out).all()
@@ -20,7 +20,7 @@ def test_forward_shapes_and_first_layer(name):
 
 
 def test_normalisation_is_a_buffer_inside_the_model():
-    model = build_model("smallcnn", 10, 1, [0.5], [0.25])
+    model = build_model("smallcnn", 10, 1, mean=[0.5], std=[0.25])
     assert torch.equal(model.mean.flatten(), torch.tensor([0.5])) and "mean" in dict(model.named_buffers())
     x = torch.rand(3, 1, 28, 28)
     model.eval()

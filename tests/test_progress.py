@@ -23,7 +23,8 @@ def test_progress_lines_carry_step_loss_images_per_second_and_eta(caplog):
     batches = Batches((torch.rand(16, 1, 12, 12, generator=gen), torch.randint(0, 10, (16,), generator=gen))
                       for _ in range(4))
     with caplog.at_level(logging.INFO, logger="atcd_ray"):
-        stats = train_epoch(method, batches, 0, 3, lambda epoch: 0.05, torch.device("cpu"), progress=True,
+        stats = train_epoch(method, batches, epoch=0, total_epochs=3, set_lr=lambda epoch: 0.05,
+                            device=torch.device("cpu"), progress=True,
                             progress_interval=0.0, world_size=2)
     lines = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
     assert [line.split("  ")[1] for line in lines] == ["step 1/4", "step 2/4", "step 3/4"]  # none at the last step
@@ -32,6 +33,7 @@ def test_progress_lines_carry_step_loss_images_per_second_and_eta(caplog):
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="atcd_ray"):
-        train_epoch(method, batches, 1, 3, lambda epoch: 0.05, torch.device("cpu"), progress=False,
+        train_epoch(method, batches, epoch=1, total_epochs=3, set_lr=lambda epoch: 0.05, device=torch.device("cpu"),
+                    progress=False,
                     progress_interval=0.0)
     assert not [r for r in caplog.records if "ETA" in r.getMessage()]

@@ -51,7 +51,8 @@ def masking_check(model):
     from atcd_ray.core.engine import evaluate
     from atcd_ray.evaluate import masking_suspected
 
-    test = build_splits("fashion-mnist", None, 100, 0, None, 100, None, 0).test
+    test = build_splits("fashion-mnist", data_dir=None, batch_size=100, val_size=0, subset=None, eval_n=100,
+                        val_n=None, seed=0).test
     torch.manual_seed(0)
     acc = evaluate(model, test, {name: build_attack(name, 0.1) for name in MASKING_CHECK}, torch.device("cpu"))
     return masking_suspected({k: v for k, v in acc.items() if k != "clean"}), acc
@@ -82,7 +83,8 @@ def test_autoattack_and_rays_on_the_atcd_model(runs):
 
     summary, out = runs["atcd"]
     model = atcd_ray.load_model(out / summary["checkpoint"])
-    test = build_splits("fashion-mnist", None, 48, 0, None, 48, None, 0).test
+    test = build_splits("fashion-mnist", data_dir=None, batch_size=48, val_size=0, subset=None, eval_n=48, val_n=None,
+                        seed=0).test
     torch.manual_seed(0)
     acc = evaluate(model, test, {n: build_attack(n, 0.1) for n in ["pgd20", "autoattack", "rays1000", "hmc"]},
                    torch.device("cpu"))

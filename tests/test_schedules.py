@@ -6,7 +6,7 @@ from atcd_ray.core.schedules import learning_rate
 
 
 def test_piecewise_steps_at_milestones():
-    lrs = [learning_rate("piecewise", 0.2, e, 40, [30, 36]) for e in (0, 29.99, 30, 35.9, 36, 39)]
+    lrs = [learning_rate("piecewise", 0.2, e, 40, milestones=[30, 36]) for e in (0, 29.99, 30, 35.9, 36, 39)]
     assert lrs == pytest.approx([0.2, 0.2, 0.02, 0.02, 0.002, 0.002])
 
 
@@ -31,7 +31,7 @@ def test_optimisers(tmp_path):
     import torch
 
     from atcd_ray.config import load_config
-    from atcd_ray.trainer import build_optimizer
+    from atcd_ray.factories import build_optimizer
 
     model = torch.nn.Linear(2, 2)
     assert isinstance(build_optimizer(load_config("digits", overrides=[("optim.name", "adam")]), model), torch.optim.Adam)

@@ -183,3 +183,13 @@ sys.exit(run_main(lambda argv: run_batches(spec, Parts(Path({str(tmp_path)!r}), 
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: {checkpoint} changed during the evaluation (sha256 differs)" in proc.stderr.splitlines()
+
+
+def test_the_library_call_gives_what_the_command_writes(checkpoint, tmp_path):
+    """``evaluate_checkpoint`` with typed arguments: the same result as the command's --json (which
+    prints it and writes it, nothing else), its parts where it is told."""
+    command = evaluated(checkpoint, tmp_path / "cli.json", "--attacks", "fgsm,pgd10")
+    library = evaluate.evaluate_checkpoint(checkpoint, attacks=["fgsm", "pgd10"], eval_n=64, batch_size=8,
+                                           parts_dir=tmp_path / "library.parts")
+    assert library["correct"] == command["correct"] and library["robust_acc"] == command["robust_acc"]
+    assert sorted(p.name for p in (tmp_path / "library.parts").iterdir() if p.suffix == ".json")[:1]

@@ -13,13 +13,14 @@ import pytest
 import yaml
 
 from atcd_ray.config import ConfigError
-from atcd_ray.tune import Sizing, bundle_label, load_study, make_scheduler, make_searcher, param_space
+from atcd_ray.sweep import Sizing, bundle_label, load_study, make_scheduler, make_searcher, param_space
 
 from .test_distributed import _env
 
 ROOT = Path(__file__).resolve().parent.parent
 # Not the budget study's files (its spec and its pinned base recipe): python -m atcd_ray.study reads them
-SPACES = sorted(p for p in (ROOT / "tune_spaces").glob("*.yaml") if "_budget" not in p.stem)
+SPACES = sorted(p for p in (ROOT / "tune_spaces").glob("*.yaml")
+                if "_budget" not in p.stem and "_fair" not in p.stem)  # budget studies and their pinned bases
 
 
 def _space(tmp_path, **tree):
@@ -342,7 +343,7 @@ def test_a_resumed_tpe_sweep_goes_on_with_the_same_search(tmp_path):
 
 
 def test_a_budget_study_passes_its_searcher_and_fixed_trials_to_each_sweep(tmp_path):
-    from atcd_ray.study import BudgetStudy, load_budget_study
+    from atcd_ray.budget import BudgetStudy, load_budget_study
 
     from .test_budget import SPEC
 

@@ -19,7 +19,7 @@ from torch import nn
 from .hmc import hmc_attack, select_examples
 from .losses import cross_entropy, cw_margin
 from .rays import rays
-from .threat import project, uniform_start
+from .threat import default_step, project, uniform_start
 
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 LOSSES = {"ce": cross_entropy, "cw": cw_margin}
@@ -44,7 +44,7 @@ def pgd(
     x: torch.Tensor,
     y: torch.Tensor,
     eps: float,
-    alpha: float,
+    *, alpha: float,
     steps: int,
     restarts: int = 1,
     random_start: bool = True,
@@ -73,13 +73,13 @@ def pgd(
     return best
 
 
-def cw_inf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int) -> torch.Tensor:
+def cw_inf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha: float, steps: int) -> torch.Tensor:
     """CW-inf: PGD on the Carlini-Wagner margin loss (the "CW" column of the paper's tables)."""
-    return pgd(model, x, y, eps, alpha, steps, loss="cw")
+    return pgd(model, x, y, eps, alpha=alpha, steps=steps, loss="cw")
 
 
 def mifgsm(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int, decay: float = 1.0
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha: float, steps: int, decay: float = 1.0
 ) -> torch.Tensor:
     """MI-FGSM (Dong et al. 2018): the signed step follows g <- decay * g + grad / |grad|_1."""
     delta = torch.zeros_like(x)
@@ -109,7 +109,8 @@ class _LeaveAsFound:
             p.grad = g
 
 
-def torchattacks_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int) -> torch.Tensor:
+def torchattacks_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha: float,
+                     steps: int) -> torch.Tensor:
     """torchattacks' PGD: an implementation independent of this project, to cross-check ours."""
     import torchattacks  # installed with --no-deps (see scripts/setup.sh)
 
@@ -117,7 +118,7 @@ def torchattacks_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
         return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)(x, y)
 
 
-def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int = 5000) -> torch.Tensor:
+def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, queries: int = 5000) -> torch.Tensor:
     """Square Attack (Andriushchenko et al. 2020), score-based and gradient-free, from torchattacks."""
     import torchattacks
 
@@ -158,7 +159,8 @@ def autoattack_flags() -> Iterator[list[str]]:
 
 
 _ITERATIVE = {"pgd": pgd, "mifgsm": mifgsm, "cw": cw_inf, "tapgd": torchattacks_pgd,
-              "hmc": lambda model, x, y, eps, step, proposals: hmc_attack(model, x, y, eps, proposals, step, step)}
+              "hmc": lambda model, x, y, eps, *, alpha, steps: hmc_attack(model, x, y, eps, proposals=steps,
+                                                                          alpha=alpha, eta=alpha)}
 _NAME = re.compile(r"^(pgd|mifgsm|cw|tapgd|hmc)(\d+)(?:x(\d+))?$")
 _QUERY_NAME = re.compile(r"^(square|rays)(\d*)$")
 HMC_PROPOSALS = 20  # "hmc" alone: as many passes as pgd20
@@ -182,15 +184,15 @@ def build_attack(name: str, eps: float, alpha: float | None = None) -> Attack:
         if queries < 1:
             raise ValueError(f"attack {name!r}: the query budget must be >= 1")
         if kind == "square":
-            return lambda model, x, y: square(model, x, y, eps, queries)
-        return lambda model, x, y: rays(model, x, y, eps, queries)
+            return lambda model, x, y: square(model, x, y, eps, queries=queries)
+        return lambda model, x, y: rays(model, x, y, eps, queries=queries)
     match = _NAME.match(f"hmc{HMC_PROPOSALS}" if name == "hmc" else name)
     if not match or int(match[2]) < 1:
         raise ValueError(f"unknown attack {name!r}; allowed: {ATTACK_NAMES}")
     kind, steps, restarts = match[1], int(match[2]), int(match[3] or 1)
-    step = eps / 4 if alpha is None else alpha
+    step = default_step(eps, alpha)
     if restarts > 1 and kind != "pgd":
         raise ValueError(f"attack {name!r}: restarts are supported for pgd only")
     if kind == "pgd":
-        return lambda model, x, y: pgd(model, x, y, eps, step, steps, restarts=restarts)
-    return lambda model, x, y: _ITERATIVE[kind](model, x, y, eps, step, steps)
+        return lambda model, x, y: pgd(model, x, y, eps, alpha=step, steps=steps, restarts=restarts)
+    return lambda model, x, y: _ITERATIVE[kind](model, x, y, eps, alpha=step, steps=steps)

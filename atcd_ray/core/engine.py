@@ -26,7 +26,7 @@ def autocast(enabled: bool, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool = False,
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, *, channels_last: bool = False,
               pin_memory: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """A host batch on ``device``: on CUDA through page-locked memory with non-blocking copies,
     so the copy overlaps the GPU's work; images channels-last when asked (tensor cores' layout)."""
@@ -73,7 +73,7 @@ class Progress:
     file) one log line every ``interval`` seconds, with images/s and the epoch's ETA. Reading the
     device-side statistics for it is the only host synchronisation of the loop, once a line."""
 
-    def __init__(self, total: int, desc: str, enabled: bool, interval: float = 5.0, world_size: int = 1):
+    def __init__(self, total: int, desc: str, *, enabled: bool, interval: float = 5.0, world_size: int = 1):
         self.total, self.desc, self.interval, self.world_size = total, desc, interval, world_size
         self.enabled = enabled
         self.start = self.last = time.perf_counter()
@@ -168,7 +168,7 @@ class EMA(AveragedModel):
         return optimizer.register_step_post_hook(lambda *_: self.update_parameters(model))
 
 
-def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: Callable[[float], float],
+def train_epoch(method: Method, batches, *, epoch: int, total_epochs: int, set_lr: Callable[[float], float],
                 device: torch.device, amp: bool = False, progress: bool = True, channels_last: bool = False,
                 pin_memory: bool = True, world_size: int = 1, progress_interval: float = 5.0,
                 done: EpochProgress | None = None, checkpoint_steps: int | None = None,
@@ -186,7 +186,8 @@ def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: 
     batches.set_epoch(epoch, start_batch=done.steps)
     per_epoch = len(batches)  # the schedule's unit, even in an epoch that stops part-way
     n = per_epoch if steps is None else min(per_epoch, steps)
-    report = Progress(n, f"epoch {epoch + 1}/{math.ceil(total_epochs)}", progress, progress_interval, world_size)
+    report = Progress(n, f"epoch {epoch + 1}/{math.ceil(total_epochs)}", enabled=progress, interval=progress_interval,
+                      world_size=world_size)
     guard = FiniteLossGuard(epoch, device, progress_interval)
     totals = {key: torch.tensor(value, device=device) for key, value in done.totals.items()}
     steps, images, lr_sum, wait = done.steps, done.images, done.lr_sum, done.wait
@@ -194,7 +195,7 @@ def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: 
     for i, (x, y) in enumerate(batches, done.steps):
         if i >= n:
             break
-        x, y = to_device(x, y, device, channels_last, pin_memory)
+        x, y = to_device(x, y, device, channels_last=channels_last, pin_memory=pin_memory)
         wait += time.perf_counter() - t_fetch
         lr_sum += set_lr(epoch + i / per_epoch)
         with autocast(amp, device):
@@ -209,8 +210,9 @@ def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: 
         asked = steps < n and checkpoint_now is not None and checkpoint_now(steps)
         if steps < n and (asked or (checkpoint_steps and steps % checkpoint_steps == 0)):
             guard.check()  # never checkpoint a step past a non-finite loss
-            checkpoint(EpochProgress(steps, images, lr_sum, wait, time.perf_counter() - start,
-                                     {key: total.item() for key, total in totals.items()}))
+            checkpoint(EpochProgress(steps=steps, images=images, lr_sum=lr_sum, wait=wait,
+                                     seconds=time.perf_counter() - start,
+                                     totals={key: total.item() for key, total in totals.items()}))
         t_fetch = time.perf_counter()
     report.close()
     guard.check()
@@ -223,7 +225,7 @@ def train_epoch(method: Method, batches, epoch: int, total_epochs: int, set_lr: 
 
 
 def correct_per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Mapping[str, Attack],
-                        amp: bool = False, seed: int | None = None) -> dict[str, torch.Tensor]:
+                        *, amp: bool = False, seed: int | None = None) -> dict[str, torch.Tensor]:
     """Which examples of one batch the model classifies correctly, clean and under each attack
     (boolean per example, on the batch's device). The model is used as the caller set it.
     ``seed``: each attack starts from torch's generator seeded with it, so its draws do not depend
@@ -240,7 +242,7 @@ def correct_per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor, atta
     return correct
 
 
-def evaluate(model: nn.Module, batches: Iterable, attacks: Mapping[str, Attack], device: torch.device,
+def evaluate(model: nn.Module, batches: Iterable, attacks: Mapping[str, Attack], device: torch.device, *,
              amp: bool = False, progress: bool = False, channels_last: bool = False) -> dict[str, float]:
     """Clean accuracy and accuracy under each attack, in eval mode (restored afterwards).
 
@@ -251,10 +253,10 @@ def evaluate(model: nn.Module, batches: Iterable, attacks: Mapping[str, Attack],
     model.eval()
     correct = {"clean": torch.zeros((), device=device), **{name: torch.zeros((), device=device) for name in attacks}}
     total = 0
-    report = Progress(len(batches), "evaluate", progress)
+    report = Progress(len(batches), "evaluate", enabled=progress)
     try:
         for step, (x, y) in enumerate(batches, 1):
-            x, y = to_device(x, y, device, channels_last)
+            x, y = to_device(x, y, device, channels_last=channels_last)
             for name, hits in correct_per_example(model, x, y, attacks, amp=amp).items():
                 correct[name] += hits.sum()
             total += len(y)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .losses import cross_entropy, mh_log_accept
-from .threat import project, uniform_start
+from .threat import default_step, project, uniform_start
 
 
 def kick(v, grad, *, alpha, eps, momentum=True, direction="sign"):
@@ -56,7 +56,7 @@ def select_examples(mask, new, old):
     return torch.where(mask.view(-1, *[1] * (new.ndim - 1)), new, old)
 
 
-def hmc_attack(model, x, y, eps, proposals, alpha=None, eta=None, tau=1.0, kappa=1.0, return_sequence=False):
+def hmc_attack(model, x, y, eps, *, proposals, alpha=None, eta=None, tau=1.0, kappa=1.0, return_sequence=False):
     """The HMC attack of the paper's appendix A.6: a chain on U = -CE with M-H correction.
 
     Each proposal is one leapfrog step from the current state (one forward and backward pass: the
@@ -65,7 +65,7 @@ def hmc_attack(model, x, y, eps, proposals, alpha=None, eta=None, tau=1.0, kappa
     propose the same point again. Returns the strongest state visited per example (misclassified
     first, then highest loss), and with ``return_sequence`` also the sequence of chain states.
     """
-    alpha, eta = alpha or eps / 4, eta or eps / 4
+    alpha, eta = default_step(eps, alpha), default_step(eps, eta)
 
     def energy_and_grad(delta):
         x_adv = (x + delta).detach().requires_grad_(True)

@@ -27,7 +27,7 @@ def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def cd_potential(
-    logits: torch.Tensor, y: torch.Tensor, p_prev: torch.Tensor | None, lam: float, rho: float
+    logits: torch.Tensor, y: torch.Tensor, p_prev: torch.Tensor | None, *, lam: float, rho: float
 ) -> torch.Tensor:
     """The contrastive-divergence objective J_cd of the paper's Eq. 13-14, per example.
 

@@ -183,9 +183,8 @@ MODELS: dict[str, tuple[Callable[[int, int], nn.Module], str]] = {
 }
 
 
-def build_model(
-    name: str, num_classes: int, in_channels: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
-) -> Normalized:
+def build_model(name: str, num_classes: int, in_channels: int, *, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> Normalized:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
     model = Normalized(MODELS[name][0](num_classes, in_channels), mean, std)

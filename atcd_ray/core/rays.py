@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 
-def _misclassified(model, x, direction, radius, y, mask=None):
+def _misclassified(model, x, direction, radius, *, y, mask=None):
     """One query for each example in ``mask`` (all by default); False elsewhere."""
     mask = torch.ones_like(y, dtype=torch.bool) if mask is None else mask
     out = torch.zeros_like(mask)
@@ -23,7 +23,7 @@ def _misclassified(model, x, direction, radius, y, mask=None):
     return out
 
 
-def rays(model, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int = 10000,
+def rays(model, x: torch.Tensor, y: torch.Tensor, eps: float, *, queries: int = 10000,
          bisection_steps: int = 10) -> torch.Tensor:
     n, dim = x.shape[0], x[0].numel()
     direction = torch.ones_like(x)
@@ -31,9 +31,10 @@ def rays(model, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int = 100
     used = torch.zeros(n, dtype=torch.long, device=x.device)
     one = torch.ones(n, device=x.device)
     # Initial radius along d = 1: the whole box if that is adversarial at all, then bisection.
-    found = _misclassified(model, x, direction, one, y)
+    found = _misclassified(model, x, direction, one, y=y)
     used += 1
-    radius = _bisect(model, x, y, direction, torch.zeros(n, device=x.device), one, found, radius, used, bisection_steps)
+    radius = _bisect(model, x, y, direction, low=torch.zeros(n, device=x.device), high=one, mask=found, radius=radius,
+                     used=used, steps=bisection_steps)
     level, block = 0, 0
     while True:
         active = (radius > eps) & (used < queries)
@@ -45,12 +46,13 @@ def rays(model, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int = 100
         candidate[:, start:end] *= -1
         candidate = candidate.view_as(x)
         finite = torch.where(torch.isfinite(radius), radius, one)
-        better = _misclassified(model, x, candidate, finite, y, active)
+        better = _misclassified(model, x, candidate, finite, y=y, mask=active)
         used += active.long()
         if better.any():
             direction[better] = candidate[better]
-            radius = _bisect(model, x, y, direction, torch.zeros_like(radius), finite, better, radius, used,
-                             bisection_steps)
+            radius = _bisect(model, x, y, direction, low=torch.zeros_like(radius), high=finite, mask=better,
+                             radius=radius, used=used,
+                             steps=bisection_steps)
         block += 1
         if block == 2 ** level or end == dim:
             level, block = level + 1, 0
@@ -61,14 +63,14 @@ def rays(model, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int = 100
     return x + (x_adv - x).clamp(-eps, eps)
 
 
-def _bisect(model, x, y, direction, low, high, mask, radius, used, steps):
+def _bisect(model, x, y, direction, *, low, high, mask, radius, used, steps):
     """For examples in ``mask`` (adversarial at ``high``), shrink [low, high] around the boundary."""
     if not mask.any():
         return radius
     low, high = low.clone(), high.clone()
     for _ in range(steps):
         mid = (low + high) / 2
-        adv = _misclassified(model, x, direction, mid, y, mask)
+        adv = _misclassified(model, x, direction, mid, y=y, mask=mask)
         used += mask.long()
         high = torch.where(mask & adv, mid, high)
         low = torch.where(mask & ~adv, mid, low)

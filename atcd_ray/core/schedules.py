@@ -23,7 +23,7 @@ def cosine(lr: float, epoch: float, total: float) -> float:
 
 
 def learning_rate(schedule: str, lr: float, epoch: float, total: float,
-                  milestones: Sequence[float] = (), gamma: float = 0.1, peak_fraction: float = 0.4) -> float:
+                  *, milestones: Sequence[float] = (), gamma: float = 0.1, peak_fraction: float = 0.4) -> float:
     if schedule == "constant":
         return lr
     if schedule == "piecewise":

@@ -29,13 +29,16 @@ class DatasetSpec:
     augment: str = "none"  # "crop_flip" for CIFAR-10; ImageNet uses torchvision transforms
 
 
+_GRAY_28 = {"num_classes": 10, "in_channels": 1, "image_size": 28, "mean": None, "std": None}
 DATASETS = {
-    "fashion-mnist": DatasetSpec(10, 1, 28, None, None, "fashion-mnist_smallcnn.yaml"),
-    "mnist": DatasetSpec(10, 1, 28, None, None, "mnist_smallcnn.yaml"),
-    "digits": DatasetSpec(10, 1, 28, None, None, "digits_smallcnn.yaml"),
-    "cifar10": DatasetSpec(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616),
-                           "cifar10_preactresnet18.yaml", augment="crop_flip"),
-    "imagenet": DatasetSpec(1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "imagenet_resnet50.yaml"),
+    "fashion-mnist": DatasetSpec(**_GRAY_28, default_recipe="fashion-mnist_smallcnn.yaml"),
+    "mnist": DatasetSpec(**_GRAY_28, default_recipe="mnist_smallcnn.yaml"),
+    "digits": DatasetSpec(**_GRAY_28, default_recipe="digits_smallcnn.yaml"),
+    "cifar10": DatasetSpec(num_classes=10, in_channels=3, image_size=32, mean=(0.4914, 0.4822, 0.4465),
+                           std=(0.2471, 0.2435, 0.2616), default_recipe="cifar10_preactresnet18.yaml",
+                           augment="crop_flip"),
+    "imagenet": DatasetSpec(num_classes=1000, in_channels=3, image_size=224, mean=(0.485, 0.456, 0.406),
+                            std=(0.229, 0.224, 0.225), default_recipe="imagenet_resnet50.yaml"),
 }
 
 SPLIT_SEED = 20201011  # fixed: the validation split must not move with the run seed
@@ -63,7 +66,7 @@ def split_indices(n: int, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return mask.nonzero().squeeze(1), val.sort().values
 
 
-def build_splits(dataset: str, data_dir: str | None, batch_size: int, val_size: int, subset: int | None,
+def build_splits(dataset: str, *, data_dir: str | None, batch_size: int, val_size: int, subset: int | None,
                  eval_n: int | None, val_n: int | None, seed: int, loader_workers: int = 4,
                  ffcv_dir: str | None = None, device: torch.device | None = None, pin_memory: bool = True) -> Splits:
     """``device``: where FFCV loaders deliver (on CUDA they copy to the GPU themselves); the
@@ -78,7 +81,8 @@ def build_splits(dataset: str, data_dir: str | None, batch_size: int, val_size: 
         train_file, test_file = beton_files(ffcv_dir, dataset)
         train_idx, val_idx = split_indices(num_samples(str(train_file)), val_size)
         make = lambda path, idx, train: FFCVBatches(  # noqa: E731
-            str(path), dataset, spec, batch_size, train, seed, idx, loader_workers, device)
+            str(path), dataset, spec, batch_size, train=train, seed=seed, indices=idx, workers=loader_workers,
+            device=device)
         test_idx = torch.arange(num_samples(str(test_file)))[:eval_n]
         return Splits(make(train_file, train_idx[:subset].numpy(), True), make(train_file, val_idx[:val_n].numpy(), False),
                       make(test_file, test_idx.numpy(), False), spec)
@@ -87,11 +91,12 @@ def build_splits(dataset: str, data_dir: str | None, batch_size: int, val_size: 
         train_idx, val_idx = split_indices(len(train_folder), val_size)
         val_folder = imagenet_folder(data_dir, train=True)  # own copy: it gets the evaluation transform
         make = lambda folder, idx, train: FolderBatches(  # noqa: E731
-            folder, idx.tolist(), batch_size, train, spec.image_size, loader_workers, seed,
+            folder, idx.tolist(), batch_size, train=train, image_size=spec.image_size, workers=loader_workers, seed=seed,
             pin_memory=_pins(device, pin_memory))
         return Splits(make(train_folder, train_idx[:subset], True), make(val_folder, val_idx[:val_n], False),
-                      build_test_split(dataset, data_dir, batch_size, eval_n, seed, loader_workers, device,
-                                       pin_memory), spec)
+                      build_test_split(dataset, data_dir=data_dir, batch_size=batch_size, eval_n=eval_n, seed=seed,
+                                       loader_workers=loader_workers, device=device,
+                                       pin_memory=pin_memory), spec)
 
     images, labels = IN_MEMORY[dataset](data_dir, train=True)
     train_idx, val_idx = split_indices(len(labels), val_size)
@@ -102,12 +107,12 @@ def build_splits(dataset: str, data_dir: str | None, batch_size: int, val_size: 
         TensorBatches(images[train_idx], labels[train_idx], batch_size, shuffle=True, drop_last=True,
                       seed=seed, augment=spec.augment),
         TensorBatches(images[val_idx], labels[val_idx], batch_size),
-        build_test_split(dataset, data_dir, batch_size, eval_n, seed),
+        build_test_split(dataset, data_dir=data_dir, batch_size=batch_size, eval_n=eval_n, seed=seed),
         spec,
     )
 
 
-def build_test_split(dataset: str, data_dir: str | None, batch_size: int, eval_n: int | None, seed: int = 0,
+def build_test_split(dataset: str, *, data_dir: str | None, batch_size: int, eval_n: int | None, seed: int = 0,
                      loader_workers: int = 4, device: torch.device | None = None, pin_memory: bool = True) -> Sharded:
     """The first ``eval_n`` test examples (all: None), in order, from the data directory (not
     FFCV); nothing of the training set is read: an evaluation needs none of it (on ImageNet that
@@ -115,8 +120,9 @@ def build_test_split(dataset: str, data_dir: str | None, batch_size: int, eval_n
     spec = DATASETS[dataset]
     if dataset == "imagenet":
         test_folder = imagenet_folder(data_dir, train=False)
-        return FolderBatches(test_folder, list(range(len(test_folder)))[:eval_n], batch_size, False, spec.image_size,
-                             loader_workers, seed, pin_memory=_pins(device, pin_memory))
+        return FolderBatches(test_folder, list(range(len(test_folder)))[:eval_n], batch_size, train=False,
+                             image_size=spec.image_size,
+                             workers=loader_workers, seed=seed, pin_memory=_pins(device, pin_memory))
     test_images, test_labels = IN_MEMORY[dataset](data_dir, train=False)
     return TensorBatches(test_images[:eval_n], test_labels[:eval_n], batch_size)
 

@@ -71,7 +71,7 @@ class Sharded:
 class TensorBatches(Sharded):
     """Minibatches from uint8 NCHW images held in memory; float [0, 1] on the way out."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = False,
                  drop_last: bool = False, seed: int = 0, augment: str = "none"):
         super().__init__(batch_size, shuffle, drop_last, seed)
         self.images, self.labels, self.augment = images, labels, augment
@@ -87,12 +87,12 @@ class TensorBatches(Sharded):
             x = self.images[idx].float().div_(255)
             if self.augment == "crop_flip":  # drawn per global batch: the same on a resume, on any number of ranks
                 key = (self.seed * 100_003 + self.epoch) * 1_000_003 + batch
-                x = random_crop_flip(x, torch.Generator().manual_seed(key % 2**63), self.batch_size,
-                                     slice(self.rank, None, self.world_size))
+                x = random_crop_flip(x, torch.Generator().manual_seed(key % 2**63), batch_size=self.batch_size,
+                                     rows=slice(self.rank, None, self.world_size))
             yield x, self.labels[idx]
 
 
-def random_crop_flip(x: torch.Tensor, gen: torch.Generator, batch_size: int | None = None,
+def random_crop_flip(x: torch.Tensor, gen: torch.Generator, *, batch_size: int | None = None,
                      rows: slice = slice(None), pad: int = 4) -> torch.Tensor:
     """RandomCrop(size, padding=4) and RandomHorizontalFlip, per example, as the CIFAR-10 recipes.
     ``x`` is ``rows`` of a global batch of ``batch_size`` (default: all of it); the draws are the
@@ -110,7 +110,7 @@ def random_crop_flip(x: torch.Tensor, gen: torch.Generator, batch_size: int | No
 class FolderBatches(Sharded):
     """ImageNet-style ImageFolder through a torch DataLoader (JPEG decoding needs worker processes)."""
 
-    def __init__(self, folder, indices, batch_size: int, train: bool, image_size: int, workers: int, seed: int,
+    def __init__(self, folder, indices, batch_size: int, *, train: bool, image_size: int, workers: int, seed: int,
                  pin_memory: bool = False):
         import torchvision.transforms as T
 

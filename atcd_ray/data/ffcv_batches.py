@@ -1,6 +1,6 @@
 """FFCV loaders with the augmentations of the paper's setup, behind the ``Sharded`` interface.
 The one module of ``atcd_ray.data`` that imports FFCV; ``build_splits`` imports it only when a
-run sets ``data.ffcv_dir``. The .beton writer is ``atcd_ray.pipelines.write``.
+run sets ``data.ffcv_dir``. The .beton writer is ``atcd_ray.write_ffcv``.
 
 CIFAR-10 training: random crop (4 pixels of padding) and horizontal flip; ImageNet training:
 random-resized-crop decode and flip; ImageNet evaluation: centre crop (224/256). The 28x28
@@ -66,7 +66,7 @@ def _to_device(device: torch.device | None) -> list:
 class FFCVBatches(Sharded):
     """Batches of one .beton file (optionally a subset of its indices), float [0, 1] NCHW."""
 
-    def __init__(self, path: str, dataset: str, spec: DatasetSpec, batch_size: int, train: bool, seed: int,
+    def __init__(self, path: str, dataset: str, spec: DatasetSpec, batch_size: int, *, train: bool, seed: int,
                  indices=None, workers: int = 4, device: torch.device | None = None):
         super().__init__(batch_size, shuffle=train, drop_last=train, seed=seed)
         self.path, self.dataset, self.spec, self.workers, self.device = path, dataset, spec, workers, device

@@ -127,7 +127,7 @@ def beton_files(directory: str, dataset: str) -> tuple[Path, Path]:
     files = Path(directory) / "train.beton", Path(directory) / "val.beton"
     for f in files:
         if not f.is_file():
-            raise DataError(f"{f} does not exist: python -m atcd_ray.pipelines.write {dataset} --split {f.stem} --out {f}")
+            raise DataError(f"{f} does not exist: python -m atcd_ray.write_ffcv {dataset} --split {f.stem} --out {f}")
     return files
 
 

@@ -161,7 +161,8 @@ class ATCD(Method):
                 self.replay_seed = _draw_seed()  # this replay's dropout masks
             start, proposal = self._trajectory(x, y, chain, p_prev)  # lines 6-9
             x_adv, logits = self._forward(x, proposal)  # Stage 2's forward, also H_new for line 10
-            chain, logits, decision = self._metropolis_hastings(x, y, start, proposal, x_adv, logits, p_prev)
+            chain, logits, decision = self._metropolis_hastings(x, y, start=start, proposal=proposal, x_adv=x_adv,
+                                                                logits=logits, p_prev=p_prev)
             loss, p_prev = self._update(x_adv, logits, y)  # lines 11-13
             losses.append(loss)
             decisions += [decision] if decision else []
@@ -216,7 +217,7 @@ class ATCD(Method):
         with self.batch_stats.record() if recording else contextlib.nullcontext():
             return x_adv, self._net(self.loss_model, x_adv)
 
-    def _metropolis_hastings(self, x, y, start, proposal, x_adv, logits, p_prev):
+    def _metropolis_hastings(self, x, y, *, start, proposal, x_adv, logits, p_prev):
         """Line 10: per example, keep the proposal with probability min(1, exp((H_old - H_new) /
         tau)), H = U + kappa mean|v| / eps, else revert to the replay's start; then the update's
         logits at the corrected chain. Returns (chain, logits, decision or None)."""
@@ -227,7 +228,7 @@ class ATCD(Method):
             if o.mh_start == "reuse":  # the minibatch's first replay: its start was never evaluated
                 return proposal, logits, None
             start = start._replace(potential=self._potential(x, start.delta, y, p_prev))
-        potential = -cd_potential(logits.detach(), y, self._p_prev(x_adv.detach(), p_prev), o.lam, o.rho)
+        potential = -cd_potential(logits.detach(), y, self._p_prev(x_adv.detach(), p_prev), lam=o.lam, rho=o.rho)
         accept = mh_accept(start.potential + kinetic(start.v, self.eps, o.kappa),
                            potential + kinetic(proposal.v, self.eps, o.kappa), o.tau)
         chain = Chain(select_examples(accept, proposal.delta, start.delta), select_examples(accept, proposal.v, start.v))
@@ -271,7 +272,7 @@ class ATCD(Method):
             # At w~ and this theta, p = p_prev, so grad J_cd = (lam - rho) * grad CE (decision 3).
             self.pending_grad = (o.lam - o.rho) * x_adv.grad
         if o.mh_start == "reuse":  # U at the next replay's start, by the weights before this step
-            self.pending_potential = -cd_potential(logits.detach(), y, p_prev, o.lam, o.rho)
+            self.pending_potential = -cd_potential(logits.detach(), y, p_prev, lam=o.lam, rho=o.rho)
         return loss.detach(), p_prev
 
     def _p_prev(self, x_adv, p_prev):
@@ -285,7 +286,7 @@ class ATCD(Method):
         """One pass: grad_theta J_cd at theta = x + delta, and U = -J_cd there, per example."""
         x_adv = (x + delta).detach().requires_grad_(True)
         logits = self._net(self.model, x_adv)
-        j = cd_potential(logits, y, self._p_prev(x_adv.detach(), p_prev), self.options.lam, self.options.rho)
+        j = cd_potential(logits, y, self._p_prev(x_adv.detach(), p_prev), lam=self.options.lam, rho=self.options.rho)
         (grad,) = torch.autograd.grad(j.sum(), x_adv)
         return grad, -j.detach()
 
@@ -294,7 +295,7 @@ class ATCD(Method):
         with torch.no_grad():
             x_adv = x + delta
             logits = self._net(self.model, x_adv)
-            return -cd_potential(logits, y, self._p_prev(x_adv, p_prev), self.options.lam, self.options.rho)
+            return -cd_potential(logits, y, self._p_prev(x_adv, p_prev), lam=self.options.lam, rho=self.options.rho)
 
     def _net(self, net, x_adv):
         """``net(x_adv)``; in a replay of a dropout network, with the replay's dropout masks (the

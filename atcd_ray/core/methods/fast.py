@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import input_grad, pgd
-from ..threat import project, uniform_start
+from ..threat import default_step, project, uniform_start
 from .base import Method, accuracy
 
 
@@ -54,7 +54,7 @@ class FastFGSM(Method):
         if not self.options.early_stop:
             return False
         x, y = first_batch
-        x_adv = pgd(self.model, x, y, self.eps, self.eps / 4, steps=5)
+        x_adv = pgd(self.model, x, y, self.eps, alpha=default_step(self.eps), steps=5)
         with torch.no_grad():
             robust_acc = accuracy(self.model(x_adv), y).item()
         if robust_acc - self.previous_robust_acc < -self.options.early_stop_drop:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from ..attacks import pgd
+from ..threat import default_step
 from .base import Method, accuracy
 
 
@@ -27,8 +28,8 @@ class PGDAT(Method):
         return options.steps + 1  # k attack steps and the training pass
 
     def step(self, x, y):
-        alpha = self.options.alpha or self.eps / 4
-        x_adv = pgd(self.model, x, y, self.eps, alpha, self.options.steps)
+        alpha = default_step(self.eps, self.options.alpha)
+        x_adv = pgd(self.model, x, y, self.eps, alpha=alpha, steps=self.options.steps)
         logits = self.loss_model(x_adv)
         loss = F.cross_entropy(logits, y)
         self.update(loss)

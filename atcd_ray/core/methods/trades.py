@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import kl_to
-from ..threat import project
+from ..threat import default_step, project
 from .base import Method, accuracy
 
 
@@ -29,7 +29,7 @@ class TRADESOptions:
             raise ValueError("need steps >= 1 and beta >= 0")
 
 
-def trades_adversary(model, x, eps, alpha, steps):
+def trades_adversary(model, x, eps, *, alpha, steps):
     """x' maximising KL(f(x) || f(x')) in the eps-ball, in eval mode (restored afterwards)."""
     was_training = model.training
     model.eval()
@@ -53,7 +53,7 @@ class TRADES(Method):
 
     def step(self, x, y):
         o = self.options
-        x_adv = trades_adversary(self.model, x, self.eps, o.alpha or self.eps / 4, o.steps)
+        x_adv = trades_adversary(self.model, x, self.eps, alpha=default_step(self.eps, o.alpha), steps=o.steps)
         logits = self.loss_model(x)
         robust = kl_to(self.loss_model(x_adv), F.softmax(logits, dim=1)).mean()
         loss = F.cross_entropy(logits, y) + o.beta * robust

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..losses import kl_to
 from ..models import first_layer, first_layer_output
-from ..threat import project, uniform_start
+from ..threat import default_step, project, uniform_start
 from .base import Method, accuracy
 
 
@@ -53,7 +53,7 @@ def costate(model, x_adv, loss_fn):
     return loss, logits, captured["z1"]
 
 
-def layer_one_ascent(model, x, delta, p, eps, sigma, steps):
+def layer_one_ascent(model, x, delta, p, *, eps, sigma, steps):
     """n updates of delta through the first layer only: ascent on <z1(x + delta), -p>."""
     for _ in range(steps):
         delta = delta.detach().requires_grad_(True)
@@ -71,14 +71,14 @@ class YOPO(Method):
         return options.m  # the n first-layer updates per pass are not counted: wall seconds show them
 
     def step(self, x, y):
-        o, sigma = self.options, self.options.sigma or self.eps / 4
+        o, sigma = self.options, default_step(self.eps, self.options.sigma)
         delta = uniform_start(x, self.eps)
         self.optimizer.zero_grad(set_to_none=True)
         for _ in range(o.m):
             loss, logits, z1 = costate(self.model, x + delta, lambda out: F.cross_entropy(out, y))
             loss.backward()  # weight gradients of every layer accumulate over the m passes
             p = -z1.grad.detach()
-            delta = layer_one_ascent(self.model, x, delta, p, self.eps, sigma, o.n)
+            delta = layer_one_ascent(self.model, x, delta, p, eps=self.eps, sigma=sigma, steps=o.n)
             # The first layer's weight gradient at the new delta, through the co-state.
             (-(first_layer_output(self.model, x + delta) * p).sum()).backward()
         self.average_gradients()  # the m + m backwards above ran on the bare module: rank-local
@@ -94,7 +94,7 @@ class TRADESYOPO(Method):
         return options.m + 1  # m propagations on the KL term, then the TRADES training pass
 
     def step(self, x, y):
-        o, sigma = self.options, self.options.sigma or self.eps / 4
+        o, sigma = self.options, default_step(self.eps, self.options.sigma)
         self.model.eval()  # the adversary, as TRADES, in eval mode
         with torch.no_grad():
             p_clean = F.softmax(self.model(x), dim=1)
@@ -102,7 +102,7 @@ class TRADESYOPO(Method):
         for _ in range(o.m):
             kl, _, z1 = costate(self.model, x + delta, lambda out: kl_to(out, p_clean).sum())
             (grad_z1,) = torch.autograd.grad(kl, z1)  # only the co-state: no weight gradients
-            delta = layer_one_ascent(self.model, x, delta, -grad_z1, self.eps, sigma, o.n)
+            delta = layer_one_ascent(self.model, x, delta, -grad_z1, eps=self.eps, sigma=sigma, steps=o.n)
         self.model.train()
         logits = self.loss_model(x)
         robust = kl_to(self.loss_model(x + delta), F.softmax(logits, dim=1)).mean()

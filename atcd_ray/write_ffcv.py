@@ -1,12 +1,12 @@
-"""``python -m atcd_ray.pipelines.write DATASET --split train|val --out FILE.beton``
+"""``python -m atcd_ray.write_ffcv DATASET --split train|val --out FILE.beton``
 
 Writes a dataset split as an FFCV file. 28x28 grayscale datasets are stored raw as (28, 28, 1)
 arrays, CIFAR-10 as raw RGB, ImageNet as JPEG with ffcv-imagenet's choices as options
 (``--max-resolution 256 --jpeg-quality 90 --compress-probability 0.5`` by default; their
 "proportion" mode compresses a random share of images, the rest stay raw).
 
-    python -m atcd_ray.pipelines.write cifar10 --split train --out /data/cifar10/train.beton
-    python -m atcd_ray.pipelines.write imagenet --data-dir /data/imagenet --split val --out val.beton
+    python -m atcd_ray.write_ffcv cifar10 --split train --out /data/cifar10/train.beton
+    python -m atcd_ray.write_ffcv imagenet --data-dir /data/imagenet --split val --out val.beton
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import ArgumentParser, run_main
-from ..config import ConfigError
-from ..data import DATASETS
-from ..data.sources import IN_MEMORY, imagenet_folder
+from .cli import ArgumentParser, run_main
+from .config import ConfigError
+from .data import DATASETS
+from .data.sources import IN_MEMORY, imagenet_folder
 
 
 class _InMemory:
@@ -35,7 +35,7 @@ class _InMemory:
         return self.images[i], int(self.labels[i])
 
 
-def write(dataset: str, split: str, out: str | Path, data_dir: str | None = None, max_resolution: int = 256,
+def write(dataset: str, split: str, out: str | Path, *, data_dir: str | None = None, max_resolution: int = 256,
           jpeg_quality: int = 90, compress_probability: float = 0.5, workers: int = 2) -> Path:
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -59,7 +59,7 @@ def write(dataset: str, split: str, out: str | Path, data_dir: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m atcd_ray.pipelines.write", description=__doc__,
+    p = ArgumentParser(prog="python -m atcd_ray.write_ffcv", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", help=f"one of: {', '.join(d for d in DATASETS if d != 'digits')}")
     p.add_argument("--split", required=True, choices=["train", "val"], help="val = the test split")
@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"{', '.join(d for d in DATASETS if d != 'digits')}")
     if not (0 < args.jpeg_quality <= 100 and 0 <= args.compress_probability <= 1 and args.max_resolution > 0):
         raise ConfigError("need 0 < --jpeg-quality <= 100, 0 <= --compress-probability <= 1, --max-resolution > 0")
-    path = write(args.dataset, args.split, args.out, args.data_dir, args.max_resolution, args.jpeg_quality,
-                 args.compress_probability, args.workers)
+    path = write(args.dataset, args.split, args.out, data_dir=args.data_dir, max_resolution=args.max_resolution,
+                 jpeg_quality=args.jpeg_quality,
+                 compress_probability=args.compress_probability, workers=args.workers)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 

@@ -48,7 +48,7 @@ def test_yopo_costate_matches_autograd(name, shape):
     """p = -dL/dz1 turns the first layer alone into the full input gradient:
     grad_x <z1(x), -p> = grad_x L, in float64, to rounding."""
     torch.manual_seed(0)
-    model = build_model(name, 10, shape[1], [0.5] * shape[1], [0.3] * shape[1]).double().eval()
+    model = build_model(name, 10, shape[1], mean=[0.5] * shape[1], std=[0.3] * shape[1]).double().eval()
     for param in model.parameters():  # SmallCNN's zero last layer would make every gradient zero
         torch.nn.init.normal_(param, std=0.1)
     x, y = torch.rand(shape, dtype=torch.double), torch.randint(0, 10, (shape[0],))

@@ -11,7 +11,7 @@ import torch
 
 from atcd_ray.data import DATASETS, DataError, build_splits
 from atcd_ray.data.ffcv_batches import FFCVBatches
-from atcd_ray.pipelines.write import main as write_main
+from atcd_ray.write_ffcv import main as write_main
 from tests.test_data import make_cifar10, make_image_folder
 
 
@@ -19,8 +19,10 @@ from tests.test_data import make_cifar10, make_image_folder
 def test_fashion_mnist_beton_gives_the_same_images_as_the_in_memory_loader(tmp_path):
     assert write_main(["fashion-mnist", "--split", "val", "--out", str(tmp_path / "val.beton")]) == 0
     spec = DATASETS["fashion-mnist"]
-    ffcv_test = FFCVBatches(str(tmp_path / "val.beton"), "fashion-mnist", spec, 256, False, 0, list(range(512)), 1)
-    memory_test = build_splits("fashion-mnist", None, 256, 5000, None, 512, 10, 0).test
+    ffcv_test = FFCVBatches(str(tmp_path / "val.beton"), "fashion-mnist", spec, 256, train=False, seed=0,
+                            indices=list(range(512)), workers=1)
+    memory_test = build_splits("fashion-mnist", data_dir=None, batch_size=256, val_size=5000, subset=None, eval_n=512,
+                               val_n=10, seed=0).test
     assert len(ffcv_test) == len(memory_test) == 2 and ffcv_test.num_examples == 512
     for (x, y), (x_ref, y_ref) in zip(ffcv_test, memory_test):
         assert x.dtype == torch.float32 and x.shape == x_ref.shape == (256, 1, 28, 28)
@@ -34,8 +36,10 @@ def test_cifar10_beton_test_split_is_exact_and_training_is_augmented(tmp_path, m
     for split in ["train", "val"]:
         assert write_main(["cifar10", "--data-dir", str(tmp_path), "--split", split, "--out",
                            str(tmp_path / f"{split}.beton")]) == 0
-    memory = build_splits("cifar10", str(tmp_path), 10, 10, None, None, None, 0)
-    ffcv_splits = build_splits("cifar10", str(tmp_path), 10, 10, None, None, None, 0, 1, str(tmp_path))
+    memory = build_splits("cifar10", data_dir=str(tmp_path), batch_size=10, val_size=10, subset=None, eval_n=None,
+                          val_n=None, seed=0)
+    ffcv_splits = build_splits("cifar10", data_dir=str(tmp_path), batch_size=10, val_size=10, subset=None, eval_n=None,
+                               val_n=None, seed=0, loader_workers=1, ffcv_dir=str(tmp_path))
     for (x, y), (x_ref, y_ref) in zip(ffcv_splits.test, memory.test):  # no augmentation: the same pixels
         torch.testing.assert_close(x, x_ref, rtol=0, atol=0)
         assert torch.equal(y, y_ref)
@@ -57,14 +61,14 @@ def test_imagenet_folder_written_loaded_and_trained_with_and_without_ffcv(tmp_pa
         assert write_main(["imagenet", "--data-dir", str(tree), "--split", split, "--out",
                            str(betons / f"{split}.beton"), "--max-resolution", "64", "--jpeg-quality", "90"]) == 0
     spec = DATASETS["imagenet"]
-    train = FFCVBatches(str(betons / "train.beton"), "imagenet", spec, 4, True, 0, None, 1)
+    train = FFCVBatches(str(betons / "train.beton"), "imagenet", spec, 4, train=True, seed=0, indices=None, workers=1)
     train.set_epoch(2)
     first = [y.tolist() for _, y in train]
     train.set_epoch(2)
     assert [y.tolist() for _, y in train] == first  # the order is a function of (seed, epoch)
     x, y = next(iter(train))
     assert x.shape == (4, 3, 224, 224) and 0 <= x.min() and x.max() <= 1 and y.max() < 3
-    val = FFCVBatches(str(betons / "val.beton"), "imagenet", spec, 4, False, 0, None, 1)
+    val = FFCVBatches(str(betons / "val.beton"), "imagenet", spec, 4, train=False, seed=0, indices=None, workers=1)
     assert val.num_examples == 18 and sum(len(y) for _, y in val) == 18
 
     for extra in ([], ["--set", f"data.ffcv_dir={betons}"]):
@@ -110,7 +114,8 @@ def test_an_exception_in_the_loader_thread_is_an_error_not_a_hang(cifar_beton, m
         return real(self, b_ix, *args)
 
     monkeypatch.setattr(EpochIterator, "run_pipeline", fail_on_batch_2)
-    batches = FFCVBatches(str(cifar_beton), "cifar10", DATASETS["cifar10"], 4, False, 0, None, 1)
+    batches = FFCVBatches(str(cifar_beton), "cifar10", DATASETS["cifar10"], 4, train=False, seed=0, indices=None,
+                          workers=1)
     with pytest.raises(DataError, match=rf"{cifar_beton}: FFCV loader failed \(OSError: disk read failed\)"):
         list(batches)
     # Positive control: FFCV's own Loader waits for ever on the same failure.
@@ -132,9 +137,9 @@ def test_a_corrupt_beton_is_one_error_naming_the_file(cifar_beton, tmp_path):
         path = tmp_path / name
         path.write_bytes(content)
         with pytest.raises(DataError, match=f"^{path}: {message}") as err:
-            FFCVBatches(str(path), "cifar10", DATASETS["cifar10"], 4, False, 0, None, 1)
+            FFCVBatches(str(path), "cifar10", DATASETS["cifar10"], 4, train=False, seed=0, indices=None, workers=1)
         assert "\n" not in str(err.value)
-    FFCVBatches(str(cifar_beton), "cifar10", DATASETS["cifar10"], 4, False, 0, None, 1)  # the whole file opens
+    FFCVBatches(str(cifar_beton), "cifar10", DATASETS["cifar10"], 4, train=False, seed=0, indices=None, workers=1)  # the whole file opens
 
 
 def test_ffcv_dir_without_ffcv_is_an_error(tmp_path, monkeypatch):
@@ -142,4 +147,5 @@ def test_ffcv_dir_without_ffcv_is_an_error(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # as if FFCV were not installed
     monkeypatch.delitem(sys.modules, "atcd_ray.data.ffcv_batches")
     with pytest.raises(DataError, match="data.ffcv_dir is set but FFCV is not importable"):
-        build_splits("digits", None, 64, 197, None, None, None, 0, ffcv_dir=str(tmp_path))
+        build_splits("digits", data_dir=None, batch_size=64, val_size=197, subset=None, eval_n=None, val_n=None,
+                     seed=0, ffcv_dir=str(tmp_path))

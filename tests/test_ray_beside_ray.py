@@ -1,0 +1,62 @@
+"""A run beside another Ray on the same machine (another run, or a ``ray start --head``): it
+starts a Ray of its own, prints no traceback (Ray Train's placement-group cleaner used to fail
+with "Found multiple active Ray instances"), and leaves no placement group behind."""
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from .test_distributed import _env
+
+# Another Ray: a driver that started a local instance and waits (what another run looks like).
+OTHER = "import ray, time; ray.init(address='local', include_dashboard=True); print('up', flush=True); time.sleep(900)"
+# The run, then the state of every placement group its Ray made, before that Ray goes.
+RUN = """
+import json, sys
+import ray
+from atcd_ray.cli import run_main
+from atcd_ray.train import main
+code = run_main(main, sys.argv[1:])
+print("PLACEMENT_GROUPS " + json.dumps(sorted(g["state"] for g in ray.util.placement_group_table().values())))
+sys.exit(code)
+"""
+
+
+@pytest.mark.timeout(600)
+def test_a_run_beside_another_ray_is_quiet_and_cleans_its_placement_groups(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", OTHER], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, env=_env())
+    try:
+        assert other.stdout.readline().strip() == "up"
+        proc = subprocess.run([sys.executable, "-c", RUN, "digits", "--workers", "1", "--epochs", "2", "--subset",
+                               "256", "--eval-n", "64", "--out", str(tmp_path / "run"), "--set",
+                               "eval.attacks=[fgsm]"], capture_output=True, text=True, env=_env(), timeout=500)
+    finally:
+        other.send_signal(signal.SIGINT)  # its ray.shutdown at exit stops its instance
+        other.wait(timeout=60)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "Traceback" not in output and "multiple active Ray instances" not in output, output[-6000:]
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("PLACEMENT_GROUPS ")]
+    states = json.loads(line.split(" ", 1)[1])
+    assert states and set(states) == {"REMOVED"}, states  # the workers' group (and any other), removed
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 2
+
+
+def test_positive_control_the_state_api_without_an_address_fails_beside_another_ray():
+    """What the cleaner hit: beside another Ray, the state API with no address refuses to pick.
+    (The check above would see the traceback it printed.)"""
+    other = subprocess.Popen([sys.executable, "-c", OTHER], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, env=_env())
+    try:
+        assert other.stdout.readline().strip() == "up"
+        probe = ("import ray\nfrom ray.util.state import list_actors\nray.init(address='local')\n"
+                 "try:\n    list_actors()\nexcept ConnectionError as err:\n    print('REFUSED', err)\n")
+        env = {k: v for k, v in _env().items() if k != "RAY_API_SERVER_ADDRESS"}
+        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        other.send_signal(signal.SIGINT)
+        other.wait(timeout=60)
+    assert "REFUSED Found multiple active Ray instances" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]

@@ -319,11 +319,14 @@ def _trial(config: dict, study: Study, sizing: Sizing, sweep_dir: str) -> None:
     class ReportObjective(TuneReportCallback):
         """Rank 0's epoch record, plus the study's objective (a weighted sum of reported metrics)."""
 
+        reported = 0
+
         def after_report(self, run_context, metrics, checkpoint):
             if "val_robust_acc" not in metrics[0]:
                 return  # inside an epoch, or not validated yet (train.val_async): Tune's schedulers count epochs
             first = {**metrics[0], OBJECTIVE: objective(metrics[0], study.metric)}
             super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+            self.reported += 1
 
     cfg = load_config(study.dataset, study.recipe, study.trial_overrides(config) + sizing.overrides)
     cfg.seed += config.get(REPEAT, 0)
@@ -331,22 +334,35 @@ def _trial(config: dict, study: Study, sizing: Sizing, sweep_dir: str) -> None:
     fit = functools.partial(fit_distributed, cfg, run_dir, workers=sizing.workers, gpu=sizing.gpu,
                             cpus_per_worker=sizing.cpus_per_worker, max_failures=sizing.max_failures)
     if not cfg.train.val_async:
-        fit(callbacks=[ReportObjective()])
-        return
-    # Under train.val_async an epoch's record reaches Tune from its validation task, which puts it
-    # on a queue of this trial's; a thread here passes each to tune.report, in epoch order (Ray
-    # validates one checkpoint at a time, in the order reported). Not also through the callback:
-    # one route into Tune.
-    records = Queue(actor_options={"num_cpus": 0})
-    pump = threading.Thread(target=lambda: [tune.report(r) for r in iter(records.get, None)], daemon=True)
-    pump.start()
-    try:
-        # The validation task's bundle is the trial's own second one (run_sweep): Tune frees it with the trial.
-        fit(callbacks=[], on_validated=ForwardToTune(records, study.metric),
-            validation_bundle=(ray.util.get_current_placement_group(), 1))
-    finally:
-        records.put(None)  # after the last validation: fit returns once every one is done
-        pump.join(timeout=60)  # Tune takes a trial's results while its function runs
+        fit(callbacks=[callback := ReportObjective()])
+        reported = callback.reported
+    else:
+        # An epoch's record reaches Tune from its validation task, which puts it on a queue of this
+        # trial's; a thread here passes each to tune.report, in epoch order (Ray validates one
+        # checkpoint at a time, in the order reported). Not also through the callback: one route.
+        records, sent = Queue(actor_options={"num_cpus": 0}), []
+        pump = threading.Thread(target=lambda: [sent.append(tune.report(r)) for r in iter(records.get, None)],
+                                daemon=True)
+        pump.start()
+        try:
+            # The validation task's bundle is the trial's own second one (run_sweep): Tune frees it with the trial.
+            fit(callbacks=[], on_validated=ForwardToTune(records, study.metric),
+                validation_bundle=(ray.util.get_current_placement_group(), 1))
+        finally:
+            records.put(None)  # after the last validation: fit returns once every one is done
+            pump.join(timeout=60)  # Tune takes a trial's results while its function runs
+        reported = len(sent)
+    last = None if reported else last_validated(run_dir)
+    if last is not None:  # a trial restarted after its last epoch, with nothing left to train: that epoch again
+        tune.report({**last, OBJECTIVE: objective(last, study.metric)})
+
+
+def last_validated(run_dir: Path) -> dict | None:
+    """The run's last validated epoch record: what Tune gets from a trial that was interrupted
+    after its last epoch and, restarted, has nothing left to train (nor to report)."""
+    from .run_dir import read_history
+
+    return next((h for h in reversed(read_history(run_dir)) if "val_robust_acc" in h), None)
 
 
 def objective(record: dict, weights: dict[str, float]) -> float:

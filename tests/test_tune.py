@@ -365,3 +365,15 @@ def test_a_budget_study_passes_its_searcher_and_fixed_trials_to_each_sweep(tmp_p
         spec(points_to_evaluate={"fast": [{**point, "optim.lr": 5}]})
     with pytest.raises(ConfigError, match="points_to_evaluate: a mapping of searched method"):
         spec(points_to_evaluate={"pgd": [point]})
+
+
+def test_a_trial_restarted_after_its_last_epoch_reports_that_epoch_again(tmp_path):
+    """Killed after its run's last epoch but before Tune took the result, a trial restarts with
+    nothing to train and nothing to report; it reports the run's last validated record (epochs
+    between validations, train.val_every, carry none), which Tune requires of every trial."""
+    from atcd_ray.sweep import last_validated
+
+    assert last_validated(tmp_path) is None  # a run that never finished an epoch: nothing to report
+    records = [{"epoch": 1, "val_robust_acc": 0.5}, {"epoch": 2, "val_robust_acc": 0.6}, {"epoch": 3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert last_validated(tmp_path) == records[1]

@@ -232,7 +232,7 @@ def validation_placement(cfg: Config, given: tuple | None, report_every_s: float
     reserved for the whole run rather than found free each epoch: at the end the workers wait for
     the last validation, and on a shared cluster a task that had to find free resources could wait
     behind other work for as long as that work runs. ``given``: a Tune trial's own group and the
-    bundle ``tune.run_sweep`` added for it (Tune frees it with the trial, however the trial ends);
+    bundle ``sweep.run_sweep`` added for it (Tune frees it with the trial, however the trial ends);
     else a group is reserved here, waiting until the cluster grants it (as Ray Train waits for its
     workers), and removed after the run. Without ``train.val_async``: ``given`` (None)."""
     if not cfg.train.val_async or given is not None:

@@ -512,7 +512,7 @@ def results_table(grid, study: Study, out: Path) -> list[dict]:
 
     recorded = read_searcher(out) or {"searcher": study.searcher, "search_seed": study.search_seed}
     rows = []
-    for number, result in enumerate(grid):  # Tune's trials in the order the searcher made them (a resumed sweep's too)
+    for number, result in enumerate(_searcher_order(grid, study)):
         trial_id = Path(result.path).name
         run = out / "runs" / trial_id
         summary, history = read_summary(run), read_history(run)
@@ -540,6 +540,25 @@ def results_table(grid, study: Study, out: Path) -> list[dict]:
     pyarrow.csv.write_csv(table, out / "results.csv")
     write_text_atomic(out / "study.json", json.dumps({**vars(study), "search_seed": recorded["search_seed"]}, indent=2))
     return rows
+
+
+def _searcher_order(grid, study: Study) -> list:
+    """Tune's trials, the fixed ones (``points_to_evaluate``, which the searcher proposes first)
+    first in their order, then the others as Tune lists them. Tune lists a fresh sweep's trials in
+    the order they were made, but not a resumed one's: the fixed trials are found by their values."""
+    def point_of(result) -> int:
+        for index, point in enumerate(study.tune_points()):
+            if all(_same(result.config.get(name), value) for name, value in point.items()):
+                return index
+        return len(study.points_to_evaluate)
+
+    return sorted(grid, key=point_of)  # stable: the others keep Tune's order
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
+    return a == b
 
 
 def _cell(value):

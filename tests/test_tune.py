@@ -377,3 +377,19 @@ def test_a_trial_restarted_after_its_last_epoch_reports_that_epoch_again(tmp_pat
     records = [{"epoch": 1, "val_robust_acc": 0.5}, {"epoch": 2, "val_robust_acc": 0.6}, {"epoch": 3}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert last_validated(tmp_path) == records[1]
+
+
+def test_the_fixed_trials_are_numbered_first_even_where_tune_lists_them_later():
+    """A resumed sweep's ResultGrid does not list the trials in the order they were made: the
+    fixed trials (points_to_evaluate) are found by their values and numbered first."""
+    from types import SimpleNamespace
+
+    from atcd_ray.sweep import Study, _searcher_order
+
+    study = Study(study="s", dataset="digits", params={"optim.lr": {"loguniform": [0.01, 0.3]}},
+                  points_to_evaluate=[{"optim.lr": 0.05}], searcher="tpe", num_samples=3)
+    grid = [SimpleNamespace(config={"optim.lr": lr}, name=name)
+            for name, lr in (("drawn", 0.2), ("other", 0.0501), ("fixed", 0.05))]
+    assert [r.name for r in _searcher_order(grid, study)] == ["fixed", "drawn", "other"]
+    assert [r.name for r in _searcher_order(grid, Study(**{**vars(study), "points_to_evaluate": []}))] == [
+        "drawn", "other", "fixed"]  # no fixed trial: Tune's order

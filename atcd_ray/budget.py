@@ -160,6 +160,9 @@ def run_search(spec: BudgetStudy, out: Path, record: Path | None = None) -> None
             sweep_dir.parent.mkdir(parents=True, exist_ok=True)
             grid = run_sweep(study, sizing, sweep_dir, resume=True)
             rows = results_table(grid, study, sweep_dir.resolve())
+            if len(rows) < study.num_samples:  # Tune returns normally on Ctrl-C, with the trials made so far
+                raise RuntimeError(f"{sweep_dir}: {len(rows)} of {study.num_samples} trials ran (interrupted?); "
+                                   "rerun to resume")
             failed = [r["trial_id"] for r in rows if r["status"] not in ("completed", "diverged")]
             if failed:
                 raise RuntimeError(f"{sweep_dir}: trials {', '.join(failed)} did not complete; rerun to retry them")

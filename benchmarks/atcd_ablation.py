@@ -33,7 +33,6 @@ import sys
 from pathlib import Path
 
 import torch
-from scipy import stats as scipy_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "atcd-ablation"
@@ -114,11 +113,11 @@ def input_ce(model_path: Path, batches: int) -> None:
 
 
 def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, scipy_stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    """Mean and the half-width of its 95% t-interval (the report's; NaN for one value)."""
+    from atcd_ray.report import mean_interval
+
+    mean, half = mean_interval(values)
+    return mean, float("nan") if half is None else half
 
 
 def table() -> str:

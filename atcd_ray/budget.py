@@ -147,12 +147,19 @@ def cell_dir(out: Path, stage: str, *, model: str, budget: float, method: str) -
     return out / stage / model / f"budget{budget:g}" / method
 
 
+def search_done(spec: BudgetStudy, sweep_dir: Path) -> bool:
+    """Whether a cell's search finished with every trial the spec asks for. A ``done.json`` that
+    counts fewer (an interrupted sweep recorded by an older version) does not count as done."""
+    done = sweep_dir / "done.json"
+    return done.exists() and json.loads(done.read_text() or "{}").get("trials", 0) >= spec.trials
+
+
 def run_search(spec: BudgetStudy, out: Path, record: Path | None = None) -> None:
     """Every (network, budget, method) sweep not yet done, one after the other."""
     for model, budget, _ in spec.cells():
         for method in spec.methods:
             sweep_dir = cell_dir(out, "search", model=model, budget=budget, method=method)
-            if (sweep_dir / "done.json").exists():
+            if search_done(spec, sweep_dir):
                 continue
             study = spec.sweep(model, budget, method)
             sizing = Sizing(overrides=[], workers=1, cpus_per_worker=1.0,
@@ -177,7 +184,7 @@ def winner(spec: BudgetStudy, out: Path, *, model: str, budget: float, method: s
     import pyarrow.parquet as pq
 
     sweep_dir = cell_dir(out, "search", model=model, budget=budget, method=method)
-    if not (sweep_dir / "done.json").exists():
+    if not search_done(spec, sweep_dir):
         raise ConfigError(f"{sweep_dir}: the search of this cell has not finished (run --stage search)")
     completed = [r for r in pq.read_table(sweep_dir / "results.parquet").to_pylist() if r["status"] == "completed"]
     if not completed:

@@ -344,7 +344,10 @@ def test_the_winner_is_the_best_completed_trial_never_a_diverged_one(tmp_path):
                              "objective": [r[4] for r in rows]}), sweep / "results.parquet")
     with pytest.raises(ConfigError, match="has not finished"):
         winner(spec, tmp_path / "study", model="compactcnn", budget=2, method="fast")
-    (sweep / "done.json").write_text("{}")
+    (sweep / "done.json").write_text(json.dumps({"trials": spec.trials - 1}))  # an interrupted sweep's count
+    with pytest.raises(ConfigError, match="has not finished"):
+        winner(spec, tmp_path / "study", model="compactcnn", budget=2, method="fast")
+    (sweep / "done.json").write_text(json.dumps({"trials": spec.trials}))
     best = winner(spec, tmp_path / "study", model="compactcnn", budget=2, method="fast")
     assert best["trial_id"] == "t2" and best["overrides"] == [("optim.lr", 0.05), ("methods.fast.alpha_factor", 0.9)]
 

@@ -173,20 +173,21 @@ def init_ray() -> None:
     this one): Ray Train's placement-group cleaner asks the state API whether the run's controller
     lives, and without an address that API looks for Ray instances on the machine and fails
     (its thread dies, printing a traceback) when another Ray runs beside this one."""
+    global _own_dashboard
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    if os.environ.get("RAY_API_SERVER_ADDRESS", _OWN_DASHBOARD[0]) == _OWN_DASHBOARD[0]:  # unset, or ours
+    if os.environ.get("RAY_API_SERVER_ADDRESS", _own_dashboard) == _own_dashboard:  # unset, or ours
         port = free_port()
-        _OWN_DASHBOARD[0] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        _own_dashboard = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
     else:  # the caller's choice
         ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True)
 
 
-_OWN_DASHBOARD = [""]  # the RAY_API_SERVER_ADDRESS this process set for the local Ray it started
+_own_dashboard = ""  # the RAY_API_SERVER_ADDRESS this process set for the local Ray it started
 
 
 def free_port() -> int:

@@ -340,9 +340,14 @@ def _trial(config: dict, study: Study, sizing: Sizing, sweep_dir: str) -> None:
         # An epoch's record reaches Tune from its validation task, which puts it on a queue of this
         # trial's; a thread here passes each to tune.report, in epoch order (Ray validates one
         # checkpoint at a time, in the order reported). Not also through the callback: one route.
-        records, sent = Queue(actor_options={"num_cpus": 0}), []
-        pump = threading.Thread(target=lambda: [sent.append(tune.report(r)) for r in iter(records.get, None)],
-                                daemon=True)
+        records, forwarded = Queue(actor_options={"num_cpus": 0}), []
+
+        def forward_records():
+            for record in iter(records.get, None):
+                tune.report(record)
+                forwarded.append(record["epoch"])
+
+        pump = threading.Thread(target=forward_records, daemon=True)
         pump.start()
         try:
             # The validation task's bundle is the trial's own second one (run_sweep): Tune frees it with the trial.
@@ -351,7 +356,7 @@ def _trial(config: dict, study: Study, sizing: Sizing, sweep_dir: str) -> None:
         finally:
             records.put(None)  # after the last validation: fit returns once every one is done
             pump.join(timeout=60)  # Tune takes a trial's results while its function runs
-        reported = len(sent)
+        reported = len(forwarded)
     last = None if reported else last_validated(run_dir)
     if last is not None:  # a trial restarted after its last epoch, with nothing left to train: that epoch again
         tune.report({**last, OBJECTIVE: objective(last, study.metric)})

@@ -1,10 +1,18 @@
+import os
+
 import pytest
 import torch
 
 from atcd_ray.core.models import build_model
 from atcd_ray.data import build_splits
 
-torch.set_num_threads(2)
+# Under pytest-xdist two tests share the two cores: a torch thread each.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+# Ray Train's controller polls its workers every 2 s and its preemption watcher every 5 s: each
+# start, end, failure, resize and preemption in a test's run waits for a poll. The tests' runs (and
+# their subprocesses, which inherit this environment) poll faster; what they check is unchanged.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
 
 
 class TinyNet(torch.nn.Module):
@@ -112,3 +120,41 @@ def s3_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+# The shared Ray's process: started with the tests' environment (a run's Ray workers inherit the
+# raylet's, not their driver's), it holds the instance until its stdin closes, then shuts it down.
+SHARED_RAY = """
+import sys, ray
+ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port={port})
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """One local Ray (2 CPUs, its dashboard) for the tests whose runs need nothing but a cluster:
+    their drivers join it (RAY_ADDRESS) instead of each starting and stopping one of its own. A
+    test that kills a run's processes, plants code in them or starts its own Ray does not use it.
+    Returns the environment variables a driver needs to join it."""
+    import subprocess
+    import sys
+
+    from atcd_ray.distributed import free_port
+    from tests.test_distributed import _env
+
+    port = free_port()
+    dashboard = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}  # for the state API of its processes
+    proc = subprocess.Popen([sys.executable, "-c", SHARED_RAY.format(port=port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env={**_env(), **dashboard})
+    address = proc.stdout.readline().strip()
+    if not address:
+        proc.kill()
+        raise RuntimeError("the shared Ray did not start")
+    yield {"RAY_ADDRESS": address, **dashboard}
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()

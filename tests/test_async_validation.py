@@ -20,7 +20,7 @@ from atcd_ray.sweep import Sizing
 from .test_distributed import _env
 from .test_tune import _space
 
-RUN = [("train.method", "pgd"), ("train.epochs", 3), ("data.batch_size", 64),
+RUN = [("train.method", "pgd"), ("methods.pgd.steps", 3), ("train.epochs", 3), ("data.batch_size", 64),
        ("train.val_n", 197), ("train.val_attack", "pgd20"), ("train.select_best", "robust_val"),
        ("eval.n", 100), ("eval.attacks", ["pgd10"])]
 
@@ -112,13 +112,13 @@ def test_a_validation_task_is_counted_in_the_resources_a_trial_needs():
         Sizing([], workers=2, cpus_per_worker=1, validation=(1, 0)).concurrent_trials(cpus=2, gpus=0)
 
 
-def test_a_validation_task_that_could_never_start_is_refused_before_training(tmp_path):
+def test_a_validation_task_that_could_never_start_is_refused_before_training(tmp_path, shared_ray):
     """At the end the workers wait for the validations: with no room beside them, a validation
     would wait for the workers to leave, forever. One line, exit 2, before any training."""
-    cpus = str(os.cpu_count())  # the workers take every CPU of this machine
+    cpus = "2"  # the workers take every CPU of the (shared, 2-CPU) cluster
     proc = subprocess.run([sys.executable, "-m", "atcd_ray.train", "digits", "--epochs", "1", "--out",
                            str(tmp_path / "run"), "--cpus-per-worker", cpus, "--set", "train.val_async=true"],
-                          capture_output=True, text=True, env=_env(), timeout=300)
+                          capture_output=True, text=True, env=_env(shared_ray), timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"train.val_async: 1 worker(s) x {cpus} CPUs and a validation task of 1 CPUs, 0 GPUs need " in proc.stderr
     assert not list((tmp_path / "run").glob("checkpoint_*"))

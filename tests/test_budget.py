@@ -271,17 +271,19 @@ def test_study_report_tables_time_to_target_and_refuses_mixed_commits(tmp_path):
     assert "| AMD EPYC, AuthenticAMD family 26 model 2, 2 cores; AMD EPYC, generation not recorded, 2 cores |" in text
 
 
-def test_study_runs_search_and_finals_through_ray_and_resumes(tmp_path):
+@pytest.mark.timeout(900)
+def test_study_runs_search_and_finals_through_ray_and_resumes(tmp_path, shared_ray):
     """The whole driver on the digits: a 2-trial Ray Tune search of Fast-FGSM at one budget,
     the winner and the natural reference retrained, then AutoAttack on 16 images of each; a rerun
     redoes nothing; a rerun from the record alone (another machine) trains nothing again."""
-    spec = _spec_file(tmp_path, budgets=[2], final_seeds=[1], autoattack_n=[16])
+    spec = _spec_file(tmp_path, budgets=[2], final_seeds=[1], autoattack_n=[16], search_seed=11)
     out = tmp_path / "study"
     command = [sys.executable, "-m", "atcd_ray.study", str(spec), "--out", str(out),
                "--record", str(tmp_path / "record")]
-    subprocess.run(command, check=True, env=_env(), timeout=900, capture_output=True)
+    subprocess.run(command, check=True, env=_env(shared_ray), timeout=900, capture_output=True)
     trials = list((out / "search" / "compactcnn" / "budget2" / "fast" / "runs").glob("*/summary.json"))
     assert len(trials) == 2
+    assert json.loads((out / "search/compactcnn/budget2/fast/searcher.json").read_text())["search_seed"] == 11
     for path in trials:
         summary = json.loads(path.read_text())
         assert summary["budget"] == 2 and summary["train_examples"] == 1100
@@ -299,7 +301,7 @@ def test_study_runs_search_and_finals_through_ray_and_resumes(tmp_path):
     lr = dict(map(tuple, winners["compactcnn/budget2/fast"]["overrides"]))["optim.lr"]
     assert json.loads((finals["fast"] / "summary.json").read_text())["config"]["optim"]["lr"] == lr
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name in ("summary.json", "autoattack.json")}
-    rerun = subprocess.run(command, check=True, env=_env(), timeout=300, capture_output=True, text=True)
+    rerun = subprocess.run(command, check=True, env=_env(shared_ray), timeout=300, capture_output=True, text=True)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, rerun.stderr[-2000:]
 
     # The record: no trial's files, each final run as its summary and a weights-only checkpoint.
@@ -316,7 +318,7 @@ def test_study_runs_search_and_finals_through_ray_and_resumes(tmp_path):
     first = json.loads(aa_kept.read_text())
     aa_kept.unlink()
     shutil.rmtree(out)
-    elsewhere = subprocess.run(command, check=True, env=_env(), timeout=600, capture_output=True, text=True)
+    elsewhere = subprocess.run(command, check=True, env=_env(shared_ray), timeout=600, capture_output=True, text=True)
     assert not list(out.rglob("runs")) and not list(out.rglob("metrics.jsonl")), elsewhere.stderr[-2000:]
     assert not list(out.rglob("last.safetensors"))
     again = json.loads(aa_kept.read_text())

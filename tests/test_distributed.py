@@ -93,11 +93,13 @@ def test_ddp_keeps_ranks_identical_and_natural_equals_the_full_batch(method_name
             torch.testing.assert_close(rank0[key], value, rtol=1e-5, atol=1e-6)
 
 
-def _env():
+def _env(ray: dict | None = None) -> dict:
+    """A subprocess's environment: this checkout and venv first; its own Ray, or the one whose
+    variables ``ray`` holds (the ``shared_ray`` fixture's)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="token", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
-    return env
+    return {**env, **(ray or {})}
 
 
 def _epochs_logged(text):
@@ -109,7 +111,7 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "atcd_ray.train", "digits", "--method", "pgd", "--workers", "2", "--epochs", "5",
            "--eval-n", "100", "--seed", "1", "--out", str(out), "--set", "eval.attacks=[pgd10]",
-           "--set", "train.val_n=64", "--set", "data.batch_size=32", "--quiet"]
+           "--set", "train.val_n=64", "--set", "data.batch_size=32", "--set", "methods.pgd.steps=3", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path)
     try:
         # Kill once Ray has registered the first epoch's checkpoint (its snapshot file is written then).
@@ -142,7 +144,8 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes(tmp_path):
     from atcd_ray.config import load_config
 
     cfg = load_config("digits", overrides=[("train.method", "pgd"), ("train.epochs", 5), ("eval.n", 100), ("seed", 1),
-                                           ("eval.attacks", ["pgd10"]), ("train.val_n", 64), ("data.batch_size", 32)])
+                                           ("eval.attacks", ["pgd10"]), ("train.val_n", 64), ("data.batch_size", 32),
+                                           ("methods.pgd.steps", 3)])
     straight = trainer.fit(cfg, tmp_path / "straight", progress=False)
     assert abs(summary["clean_acc"] - straight["clean_acc"]) <= 0.08, (summary["clean_acc"], straight["clean_acc"])
     assert abs(summary["robust_acc"]["pgd10"] - straight["robust_acc"]["pgd10"]) <= 0.08, (summary, straight)
@@ -192,7 +195,8 @@ def test_ray_job_submit_trains_two_workers_and_writes_tensorboard(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="atcd-ray-", dir="/tmp")  # Unix socket paths must stay short
     head = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
                            "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", "--num-cpus=2",
-                           f"--temp-dir={temp_dir}"], env=env, capture_output=True, text=True, timeout=300)
+                           # the job agent's port is fixed by default (52365): another Ray on the machine holds it
+                           f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={temp_dir}"], env=env, capture_output=True, text=True, timeout=300)
     assert head.returncode == 0, head.stderr[-3000:]
     try:
         _wait_for(f"http://127.0.0.1:{port}/api/version")

@@ -345,7 +345,7 @@ def _trial(config: dict, study: Study, sizing: Sizing, sweep_dir: str) -> None:
         def forward_records():
             for record in iter(records.get, None):
                 tune.report(record)
-                forwarded.append(record["epoch"])
+                forwarded.append(record.get("epoch"))
 
         pump = threading.Thread(target=forward_records, daemon=True)
         pump.start()

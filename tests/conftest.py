@@ -1,4 +1,6 @@
+import hashlib
 import os
+import secrets
 
 import pytest
 import torch
@@ -13,6 +15,11 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 # their subprocesses, which inherit this environment) poll faster; what they check is unchanged.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
+# Every Ray the tests start uses one token, the same in both pytest-xdist workers (their run's id):
+# on a fresh machine two first starts at once would each write ~/.ray/auth_token, and a driver
+# could read the other's.
+os.environ.setdefault("RAY_AUTH_TOKEN", hashlib.sha256(
+    os.environ.get("PYTEST_XDIST_TESTRUNUID", secrets.token_hex(16)).encode()).hexdigest())
 
 
 class TinyNet(torch.nn.Module):
@@ -126,8 +133,9 @@ def s3_server(tmp_path_factory):
 # raylet's, not their driver's), it holds the instance until its stdin closes, then shuts it down.
 SHARED_RAY = """
 import sys, ray
-ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port={port})
-print(ray.get_runtime_context().gcs_address, flush=True)
+ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port={port},
+         log_to_driver=False)
+print("gcs_address", ray.get_runtime_context().gcs_address, flush=True)
 sys.stdin.read()
 """
 
@@ -148,10 +156,11 @@ def shared_ray():
     dashboard = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}  # for the state API of its processes
     proc = subprocess.Popen([sys.executable, "-c", SHARED_RAY.format(port=port)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env={**_env(), **dashboard})
-    address = proc.stdout.readline().strip()
-    if not address:
+    line = proc.stdout.readline().split()
+    if line[:1] != ["gcs_address"]:
         proc.kill()
-        raise RuntimeError("the shared Ray did not start")
+        raise RuntimeError(f"the shared Ray did not start: {line}")
+    address = line[1]
     yield {"RAY_ADDRESS": address, **dashboard}
     proc.stdin.close()
     try:

@@ -251,20 +251,20 @@ def _interrupt_after_first_trial(cmd, out, *, env, wait, finish):
 @pytest.mark.timeout(900)
 def test_an_interrupted_sweep_resumes_and_retrains_nothing_finished(tmp_path, shared_ray):
     space = _space(tmp_path, fixed={"train.method": "atcd"}, scheduler={"name": "fifo"},
-                   params={"methods.atcd.lam": {"grid": [0.5, 2]}})
+                   params={"methods.atcd.lam": {"grid": [0.5, 1, 2]}})
     out = tmp_path / "sweep"
     # Two CPUs per worker: one trial at a time on this 2-core machine, so the order is known.
     _interrupt_after_first_trial(_sweep_cmd(space, out, "--cpus-per-worker", "2"), out, env=_env(shared_ray),
                                  wait=600, finish=300)
     first = next(out.glob("runs/*/summary.json")).parent
     first_epochs = (first / "metrics.jsonl").read_text()
-    assert len(list(out.glob("runs/*/summary.json"))) < 2  # interrupted before the end
+    assert len(list(out.glob("runs/*/summary.json"))) < 3  # interrupted before the end
 
     resumed = subprocess.run(_sweep_cmd(space, out, "--cpus-per-worker", "2", "--resume"), capture_output=True,
                              text=True, env=_env(shared_ray), timeout=800)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     rows = pq.read_table(out / "results.parquet").to_pylist()
-    assert sorted(r["methods.atcd.lam"] for r in rows) == [0.5, 2] and {r["status"] for r in rows} == {"completed"}
+    assert sorted(r["methods.atcd.lam"] for r in rows) == [0.5, 1, 2] and {r["status"] for r in rows} == {"completed"}
     # The finished trial was not trained again: either Tune had recorded it as done, or (Ctrl-C
     # before Tune saw it end) its run resumed from its last checkpoint and only re-tested.
     assert (first / "metrics.jsonl").read_text() == first_epochs
@@ -300,7 +300,7 @@ def _trials_in_order(out):
 
 TPE_SPACE = {"fixed": {"train.method": "natural"}, "scheduler": {"name": "fifo"}, "metric": "val_clean_acc",
              "searcher": "tpe", "params": {"optim.lr": {"loguniform": [0.01, 0.3]}},
-             "points_to_evaluate": [{"optim.lr": 0.05}], "num_samples": 2}
+             "points_to_evaluate": [{"optim.lr": 0.05}], "num_samples": 3}
 
 
 @pytest.mark.timeout(400)
@@ -309,7 +309,7 @@ def test_a_tpe_sweep_runs_its_fixed_trial_first_and_resumed_goes_on_with_the_sam
     out = tmp_path / "sweep"
     cmd = _sweep_cmd(space, out, "--epochs", "1", "--max-concurrent", "1")
     _interrupt_after_first_trial(cmd, out, env=_env(shared_ray), wait=200, finish=120)
-    assert len(list(out.glob("runs/*/summary.json"))) < 2  # interrupted before the end
+    assert len(list(out.glob("runs/*/summary.json"))) < 3  # interrupted before the end
     recorded = json.loads((out / "searcher.json").read_text())
     assert isinstance(recorded["search_seed"], int)
     assert recorded == {"searcher": "tpe", "search_seed": recorded["search_seed"],
@@ -318,9 +318,11 @@ def test_a_tpe_sweep_runs_its_fixed_trial_first_and_resumed_goes_on_with_the_sam
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=_env(shared_ray), timeout=250)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     rows = _trials_in_order(out)
-    # Two trials in all, the fixed one once (trial 0) and one TPE drew: the restored searcher did not start over
-    assert [r["trial_number"] for r in rows] == [0, 1] and len(list((out / "runs").iterdir())) == 2
-    assert rows[0]["optim.lr"] == 0.05 != rows[1]["optim.lr"] and {r["status"] for r in rows} == {"completed"}
+    # Three trials in all, the fixed one once (trial 0), the third drawn after the resume: the
+    # restored searcher did not start over (it would suggest the fixed trial again)
+    assert [r["trial_number"] for r in rows] == [0, 1, 2] and len(list((out / "runs").iterdir())) == 3
+    assert [r["optim.lr"] for r in rows].count(0.05) == 1 and rows[0]["optim.lr"] == 0.05
+    assert len({r["optim.lr"] for r in rows}) == 3 and {r["status"] for r in rows} == {"completed"}  # TPE drew two
     summary = json.loads((out / "runs" / rows[0]["trial_id"] / "summary.json").read_text())
     assert summary["config"]["optim"]["lr"] == 0.05  # the fixed trial trained at its setting
     assert json.loads((out / "searcher.json").read_text()) == recorded

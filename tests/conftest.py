@@ -1,6 +1,4 @@
-import hashlib
 import os
-import secrets
 
 import pytest
 import torch
@@ -8,18 +6,12 @@ import torch
 from atcd_ray.core.models import build_model
 from atcd_ray.data import build_splits
 
-# Under pytest-xdist two tests share the two cores: a torch thread each.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+torch.set_num_threads(2)
 # Ray Train's controller polls its workers every 2 s and its preemption watcher every 5 s: each
 # start, end, failure, resize and preemption in a test's run waits for a poll. The tests' runs (and
 # their subprocesses, which inherit this environment) poll faster; what they check is unchanged.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
-# Every Ray the tests start uses one token, the same in both pytest-xdist workers (their run's id):
-# on a fresh machine two first starts at once would each write ~/.ray/auth_token, and a driver
-# could read the other's.
-os.environ.setdefault("RAY_AUTH_TOKEN", hashlib.sha256(
-    os.environ.get("PYTEST_XDIST_TESTRUNUID", secrets.token_hex(16)).encode()).hexdigest())
 
 
 class TinyNet(torch.nn.Module):

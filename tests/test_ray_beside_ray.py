@@ -13,6 +13,16 @@ from .test_distributed import _env
 # Another Ray: a driver that started a local instance and waits (what another run looks like).
 OTHER = "import ray, time; ray.init(address='local', include_dashboard=True); print('up', flush=True); time.sleep(900)"
 # The run, then the state of every placement group its Ray made, before that Ray goes.
+
+
+def _stop(other: subprocess.Popen) -> None:
+    other.send_signal(signal.SIGINT)  # its ray.shutdown at exit stops its instance
+    try:
+        other.wait(timeout=120)
+    except subprocess.TimeoutExpired:  # a loaded machine: do not fail the test on the other's exit
+        other.kill()
+
+
 RUN = """
 import json, sys
 import ray
@@ -34,8 +44,7 @@ def test_a_run_beside_another_ray_is_quiet_and_cleans_its_placement_groups(tmp_p
                                "256", "--eval-n", "64", "--out", str(tmp_path / "run"), "--set",
                                "eval.attacks=[fgsm]"], capture_output=True, text=True, env=_env(), timeout=500)
     finally:
-        other.send_signal(signal.SIGINT)  # its ray.shutdown at exit stops its instance
-        other.wait(timeout=60)
+        _stop(other)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     assert "Traceback" not in output and "multiple active Ray instances" not in output, output[-6000:]
@@ -57,6 +66,5 @@ def test_positive_control_the_state_api_without_an_address_fails_beside_another_
         env = {k: v for k, v in _env().items() if k != "RAY_API_SERVER_ADDRESS"}
         proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
     finally:
-        other.send_signal(signal.SIGINT)
-        other.wait(timeout=60)
+        _stop(other)
     assert "REFUSED Found multiple active Ray instances" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]

@@ -105,7 +105,8 @@ def test_a_run_on_s3_survives_a_worker_kill_resumes_and_reports(s3_env, tmp_path
     env = {**os.environ, **s3_env}
     cmd = [sys.executable, "-m", "atcd_ray.train", "digits", "--method", "pgd", "--workers", "1", "--epochs", "3",
            "--eval-n", "100", "--seed", "1", "--out", uri, "--set", "eval.attacks=[pgd10]", "--set", "train.val_n=64",
-           "--set", "data.batch_size=32", "--set", "train.select_best=robust_val", "--quiet"]
+           "--set", "data.batch_size=32", "--set", "train.select_best=robust_val", "--set", "methods.pgd.steps=3",
+           "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     try:
         deadline = time.time() + 600

@@ -179,6 +179,10 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
+    # A local instance is this machine alone, which no cloud drains: Ray Train's preemption watcher
+    # (an actor per run, started with every worker group) would watch nothing, and Ray 2.60 logs
+    # an error line as it starts one. The processes this Ray starts inherit the setting.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if os.environ.get("RAY_API_SERVER_ADDRESS", _own_dashboard) == _own_dashboard:  # unset, or ours
         port = free_port()
         _own_dashboard = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"

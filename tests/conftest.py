@@ -146,8 +146,9 @@ def shared_ray():
 
     port = free_port()
     dashboard = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}  # for the state API of its processes
+    local = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # as init_ray's local Ray (no cloud drains it)
     proc = subprocess.Popen([sys.executable, "-c", SHARED_RAY.format(port=port)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env={**_env(), **dashboard})
+                            stdout=subprocess.PIPE, text=True, env={**_env(), **dashboard, **local})
     line = proc.stdout.readline().split()
     if line[:1] != ["gcs_address"]:
         proc.kill()

@@ -349,7 +349,8 @@ def collect_study(spec, directory: Path) -> tuple[list[dict], list[dict]]:
         averaged = sorted(p.name for p in (directory / "final" / model / f"budget{budget:g}").glob(f"*{EMA_SUFFIX}"))
         for method in [spec.reference, *spec.methods, *averaged]:
             sweep = cell_dir(directory, "search", model=model, budget=budget, method=method)
-            if search_done(spec, sweep):
+            searched = search_done(spec, sweep)
+            if searched:
                 trials = pq.read_table(sweep / "results.parquet").to_pylist()
                 scores = [t[OBJECTIVE] for t in trials if t["status"] == "completed"]
                 search_rows.append({"network": model, "budget": f"{budget:g}", "method": method, "trials": len(trials),
@@ -366,7 +367,7 @@ def collect_study(spec, directory: Path) -> tuple[list[dict], list[dict]]:
                 evaluations = {s["seed"]: json.loads((p.parent / "autoattack.json").read_text())  # by the run's seed
                                for s, p in zip(summaries, runs) if (p.parent / "autoattack.json").exists()}
                 chosen = winners.get(f"{model}/budget{budget:g}/{method}")
-                if chosen is None and search_done(spec, sweep):  # winners.json comes once all are trained
+                if chosen is None and searched:  # winners.json comes once all are trained
                     chosen = winner(spec, directory, model=model, budget=budget, method=method)
                 finals.append(_final_row(model, budget, method, chosen=chosen or {}, summaries=summaries,
                                          evaluations=evaluations))

@@ -8,9 +8,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_throughput_smoke(tmp_path):
+def test_gpu_throughput_smoke(tmp_path, shared_ray):
+    from tests.test_distributed import _env
+
+    # Its Ray run joins the suite's shared Ray instead of starting one (the benchmark's subprocesses
+    # inherit this environment); measured alone, the benchmark starts its own.
     proc = subprocess.run([sys.executable, "benchmarks/gpu_throughput.py", "--smoke", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=_env(shared_ray))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "gpu_throughput.jsonl").read_text().splitlines()]
     cells = [r for r in rows if "method" in r]

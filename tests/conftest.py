@@ -132,12 +132,41 @@ sys.stdin.read()
 """
 
 
+class SharedRay(dict):
+    """The environment variables that join the shared Ray, and ``pid``: its driver's process, whose
+    descendants are the Ray's processes (its raylet, and the workers and actors of every run on it)."""
+
+    def __init__(self, env: dict, pid: int):
+        super().__init__(env)
+        self.pid = pid
+
+    def processes(self, title: str, since: float) -> list:
+        """This Ray's processes whose title (``ray::RayTrainWorker``, ``ray::BatchEvaluator.run``)
+        starts with ``title``, started after ``since`` (a ``time.time()``): one run's, as the tests
+        run one at a time."""
+        import psutil
+
+        found = []
+        try:
+            descendants = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        for proc in descendants:
+            try:
+                if " ".join(proc.cmdline()).startswith(title) and proc.create_time() >= since:
+                    found.append(proc)
+            except psutil.Error:
+                pass
+        return found
+
+
 @pytest.fixture(scope="session")
 def shared_ray():
     """One local Ray (2 CPUs, its dashboard) for the tests whose runs need nothing but a cluster:
-    their drivers join it (RAY_ADDRESS) instead of each starting and stopping one of its own. A
-    test that kills a run's processes, plants code in them or starts its own Ray does not use it.
-    Returns the environment variables a driver needs to join it."""
+    their drivers join it (RAY_ADDRESS) instead of each starting and stopping one of its own, and
+    a test that kills a run's process finds it with ``processes``. A test that plants code in a
+    run's processes (they inherit the raylet's environment, not their driver's) or needs a Ray of
+    its own does not use it. Returns a ``SharedRay``: the variables a driver needs to join it."""
     import subprocess
     import sys
 
@@ -154,7 +183,7 @@ def shared_ray():
         proc.kill()
         raise RuntimeError(f"the shared Ray did not start: {line}")
     address = line[1]
-    yield {"RAY_ADDRESS": address, **dashboard}
+    yield SharedRay({"RAY_ADDRESS": address, **dashboard}, proc.pid)
     proc.stdin.close()
     try:
         proc.wait(timeout=60)

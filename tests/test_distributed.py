@@ -107,12 +107,14 @@ def _epochs_logged(text):
 
 
 @pytest.mark.timeout(900)
-def test_a_killed_worker_is_replaced_and_the_run_finishes(tmp_path):
+def test_a_killed_worker_is_replaced_and_the_run_finishes(tmp_path, shared_ray):
     out = tmp_path / "run"
+    started = time.time()
     cmd = [sys.executable, "-m", "atcd_ray.train", "digits", "--method", "pgd", "--workers", "2", "--epochs", "5",
            "--eval-n", "100", "--seed", "1", "--out", str(out), "--set", "eval.attacks=[pgd10]",
            "--set", "train.val_n=64", "--set", "data.batch_size=32", "--set", "methods.pgd.steps=3", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(shared_ray),
+                            cwd=tmp_path)
     try:
         # Kill once Ray has registered the first epoch's checkpoint (its snapshot file is written then).
         registered = out / "checkpoint_manager_snapshot.json"
@@ -120,8 +122,7 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes(tmp_path):
         while not (registered.exists() and list(out.glob("checkpoint_*/rank1.safetensors"))):
             assert proc.poll() is None and time.time() < deadline, "the run ended before its first epoch"
             time.sleep(0.5)
-        workers = sorted(p.pid for p in psutil.Process(proc.pid).children(recursive=True)  # this run's only
-                         if "ray::RayTrainWorker" in " ".join(p.cmdline()))
+        workers = sorted(p.pid for p in shared_ray.processes("ray::RayTrainWorker", since=started))
         assert len(workers) == 2
         os.kill(workers[-1], signal.SIGKILL)
         log, _ = proc.communicate(timeout=800)

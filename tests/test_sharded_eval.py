@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import torch
 
@@ -34,34 +33,21 @@ def evaluated(checkpoint, out, *extra, n=64):
     return json.loads(out.read_text())
 
 
-def evaluator_actors(driver: subprocess.Popen) -> list[psutil.Process]:
-    """The evaluation's Ray actors running a batch now (its processes only: not another job's)."""
-    try:
-        processes = psutil.Process(driver.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    busy = []
-    for proc in processes:
-        try:
-            if " ".join(proc.cmdline()).startswith("ray::BatchEvaluator.run"):
-                busy.append(proc)
-        except psutil.Error:
-            pass
-    return busy
+def test_sharded_autoattack_on_two_workers_with_one_killed_equals_one_process(checkpoint, tmp_path, shared_ray):
+    from tests.test_distributed import _env
 
-
-def test_sharded_autoattack_on_two_workers_with_one_killed_equals_one_process(checkpoint, tmp_path):
     reference = evaluated(checkpoint, tmp_path / "one.json", "--attacks", ATTACKS, "--eps", AA_EPS, n=AA_N)
     sharded_json = tmp_path / "two.json"
+    started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "atcd_ray.evaluate", str(checkpoint), "--attacks", ATTACKS,
                              "--eval-n", str(AA_N), "--batch-size", "8", "--json", str(sharded_json), "--workers", "2",
                              "--eps", AA_EPS],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(shared_ray))
     parts = tmp_path / "two.json.parts"
     killed = None
     deadline = time.monotonic() + 300
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
-        busy = evaluator_actors(proc)
+        busy = shared_ray.processes("ray::BatchEvaluator.run", since=started)  # running a batch now
         if busy and any(parts.glob("batch-*.json")):  # one batch saved, another in flight: kill its actor
             busy[0].kill()
             killed = busy[0].pid

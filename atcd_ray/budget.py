@@ -28,7 +28,8 @@ from .sweep import (OBJECTIVE, SEARCHERS, Sizing, Study, check_keys, check_study
 log = logging.getLogger("atcd_ray.study")
 
 SPEC_KEYS = ("study", "dataset", "recipe", "reference", "models", "budgets", "trials", "search_seed", "searcher",
-             "points_to_evaluate", "search", "common", "methods", "final", "final_seeds", "autoattack_n", "ema")
+             "points_to_evaluate", "search", "common", "methods", "final", "final_seeds", "autoattack_n", "ema",
+             "reject_collapsed")
 
 
 @dataclass
@@ -54,17 +55,23 @@ class BudgetStudy:
     # Weight-averaged finals: {decay, budgets, top}: at each of those budgets, the `top` searched
     # methods by mean final PGD-20 trained again with train.ema = decay, as method "<name>+ema".
     ema: InitVar[dict | None] = None
+    # The stability rule: a winner whose final runs collapse (``collapsed``) on any seed is set
+    # aside with its runs, and the next-best trial of its search trains in its place.
+    reject_collapsed: InitVar[bool] = False
     search: dict[str, Any] = field(default_factory=dict)  # overrides of every search trial
     common: dict[str, Any] = field(default_factory=dict)  # params every searched method searches
     final: dict[str, Any] = field(default_factory=dict)  # overrides of every final run
 
-    def __post_init__(self, searcher: str, points_to_evaluate: dict | None, ema: dict | None):
+    def __post_init__(self, searcher: str, points_to_evaluate: dict | None, ema: dict | None,
+                      reject_collapsed: bool):
         if searcher != "random":
             self.searcher = searcher
         if points_to_evaluate is not None:
             self.points_to_evaluate = points_to_evaluate
         if ema is not None:
             self.ema = ema
+        if reject_collapsed:
+            self.reject_collapsed = reject_collapsed
 
     def sweep(self, model: str, budget: float, method: str) -> Study:
         """The Tune study of one cell: this method's trials at this budget on this network."""
@@ -116,6 +123,8 @@ def load_budget_study(path: str | Path) -> BudgetStudy:
         raise ConfigError("points_to_evaluate: a mapping of searched method to a list of its fixed first trials")
     if any(len(p) > spec.trials for p in points.values()):
         raise ConfigError(f"points_to_evaluate: at most trials ({spec.trials}) fixed trials per method")
+    if not isinstance(spec.reject_collapsed, bool):
+        raise ConfigError(f"reject_collapsed: true or false; got {spec.reject_collapsed!r}")
     ema = spec.ema or {"decay": 0.5, "budgets": [], "top": 1}
     if not isinstance(ema, dict) or set(ema) != {"decay", "budgets", "top"} or \
             not isinstance(ema["decay"], float) or not 0 < ema["decay"] < 1 or \
@@ -178,9 +187,10 @@ def run_search(spec: BudgetStudy, out: Path, record: Path | None = None) -> None
             log.info("%s: best %s = %.4f", study.study, OBJECTIVE, rows[0][OBJECTIVE])
 
 
-def winner(spec: BudgetStudy, out: Path, *, model: str, budget: float, method: str) -> dict:
+def winner(spec: BudgetStudy, out: Path, *, model: str, budget: float, method: str,
+           passed_over: tuple[str, ...] = ()) -> dict:
     """The searched cell's best completed trial (a diverged one never wins, whatever it reported
-    before): {trial_id, params, overrides, objective}."""
+    before), ``passed_over`` trials aside: {trial_id, params, overrides, objective}."""
     import pyarrow.parquet as pq
 
     sweep_dir = cell_dir(out, "search", model=model, budget=budget, method=method)
@@ -189,6 +199,9 @@ def winner(spec: BudgetStudy, out: Path, *, model: str, budget: float, method: s
     completed = [r for r in pq.read_table(sweep_dir / "results.parquet").to_pylist() if r["status"] == "completed"]
     if not completed:
         raise ConfigError(f"{sweep_dir}: no trial completed (all diverged?); widen or move the search space")
+    completed = [r for r in completed if r["trial_id"] not in passed_over]
+    if not completed:
+        raise ConfigError(f"{sweep_dir}: the finals of every completed trial collapsed ({', '.join(passed_over)})")
     best = max(completed, key=lambda r: r[OBJECTIVE])
     study = spec.sweep(model, budget, method)
     params = {name: best[name] for name in study.params}
@@ -197,6 +210,48 @@ def winner(spec: BudgetStudy, out: Path, *, model: str, budget: float, method: s
 
 
 EMA_SUFFIX = "+ema"  # a final run of a method with its weights averaged (the spec's ema)
+# final/<model>/budget<B>/collapsed/<method>/<trial_id>/seed<S>: the finals of a winner set aside
+# by the stability rule (``reject_collapsed``), kept as evidence, out of the tables
+COLLAPSED = "collapsed"
+
+
+def collapsed(summary: dict, classes: int) -> bool:
+    """Whether a final run ended predicting about one class: its last validation (held-out
+    training images; the rule never reads the test set) at most twice chance."""
+    return summary["final_epoch"].get("val_clean_acc", 1.0) <= 2 / classes
+
+
+def passed_over(out: Path, *, model: str, budget: float, method: str) -> tuple[str, ...]:
+    """The trials of a cell whose finals collapsed (set aside by ``set_aside_collapsed``)."""
+    aside = cell_dir(out, "final", model=model, budget=budget, method=COLLAPSED) / method
+    return tuple(sorted(p.name for p in aside.iterdir())) if aside.is_dir() else ()
+
+
+def set_aside_collapsed(spec: BudgetStudy, out: Path, record: Path | None, *, model: str, budget: float,
+                        winners: dict) -> list[str]:
+    """The stability rule, after a cell's finals: each searched method whose winner's runs
+    collapsed on any seed has them moved (here and in the record) to the cell's ``collapsed``
+    directory under the trial's id; returns those methods, whose next-best trials train next."""
+    from .data import DATASETS
+
+    classes, methods = DATASETS[spec.dataset].num_classes, []
+    for method in spec.methods:
+        runs = cell_dir(out, "final", model=model, budget=budget, method=method)
+        summaries = {run.name: json.loads((run / "summary.json").read_text()) for run in sorted(runs.glob("seed*"))}
+        fell = [seed for seed, summary in summaries.items() if collapsed(summary, classes)]
+        if not fell:
+            continue
+        trial = winners[f"{model}/budget{budget:g}/{method}"]["trial_id"]
+        log.warning("%s: trial %s collapsed on %s of %d seeds (validation clean accuracy <= %.2f): set aside, "
+                    "the next-best trial trains instead", runs, trial, ", ".join(fell), len(summaries), 2 / classes)
+        for root in [out, *([record] if record else [])]:
+            source = cell_dir(root, "final", model=model, budget=budget, method=method)
+            if source.is_dir():
+                target = cell_dir(root, "final", model=model, budget=budget, method=COLLAPSED) / method / trial
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source.rename(target)
+        methods.append(method)
+    return methods
 
 
 def final_runs(spec: BudgetStudy, out: Path) -> list[tuple[Path, int]]:
@@ -227,16 +282,22 @@ def run_final(spec: BudgetStudy, out: Path, record: Path | None = None, *, jobs:
     wall seconds are being measured."""
     winners = {}
     for model, budget, i in spec.cells():
-        runs = []
-        for method in [spec.reference, *spec.methods]:
-            reference = method == spec.reference
-            chosen = {"overrides": [], "params": {}} if reference else winner(spec, out, model=model, budget=budget,
-                                                                              method=method)
-            winners[f"{model}/budget{budget:g}/{method}"] = chosen
-            runs += [(cell_dir(out, "final", model=model, budget=budget, method=method) / f"seed{seed_index}",
-                      final_overrides(spec, model, budget, method, knobs=chosen["overrides"], seed_index=seed_index))
-                     for seed_index in range(spec.final_seeds[i])]
-        _train_finals(spec, runs, out=out, record=record, jobs=jobs)
+        methods = [spec.reference, *spec.methods]
+        while methods:  # under the stability rule, until no winner's runs collapse
+            runs = []
+            for method in methods:
+                reference = method == spec.reference
+                chosen = {"overrides": [], "params": {}} if reference else winner(
+                    spec, out, model=model, budget=budget, method=method,
+                    passed_over=passed_over(out, model=model, budget=budget, method=method))
+                winners[f"{model}/budget{budget:g}/{method}"] = chosen
+                runs += [(cell_dir(out, "final", model=model, budget=budget, method=method) / f"seed{seed_index}",
+                          final_overrides(spec, model, budget, method, knobs=chosen["overrides"],
+                                          seed_index=seed_index))
+                         for seed_index in range(spec.final_seeds[i])]
+            _train_finals(spec, runs, out=out, record=record, jobs=jobs)
+            methods = set_aside_collapsed(spec, out, record, model=model, budget=budget,
+                                          winners=winners) if spec.reject_collapsed else []
         if spec.ema and budget in spec.ema["budgets"]:  # the best methods again, their weights averaged
             runs = []
             for method in ema_choice(spec, out, model=model, budget=budget):
@@ -319,7 +380,8 @@ def run_autoattack(spec: BudgetStudy, out: Path, *, jobs: int = 1, data_dir: str
 
 
 # What a record keeps (--record): all the report and a resumed study read, and no trial's files.
-STUDY_FILES = ("budget_study.json", "winners.json", "search/*/*/*/done.json", "search/*/*/*/results.parquet")
+STUDY_FILES = ("budget_study.json", "winners.json", "search/*/*/*/done.json", "search/*/*/*/results.parquet",
+               f"final/*/*/{COLLAPSED}/*/*/seed*/summary.json")  # a set-aside winner's runs: their summaries
 RUN_FILES = ("summary.json", "weights.safetensors", "autoattack.json")  # of each final run, recorded
 
 

@@ -22,7 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from .budget import EMA_SUFFIX, OBJECTIVE, BudgetStudy, cell_dir, search_done, winner
+from .budget import COLLAPSED, EMA_SUFFIX, OBJECTIVE, BudgetStudy, cell_dir, collapsed, search_done, winner
 from .cli import ArgumentParser, markdown_table, run_main
 from .config import ConfigError
 from .core.checkpoint import write_text_atomic
@@ -276,6 +276,24 @@ def sweep_report(sweep: Path, out: Path) -> list[Path]:
     return files
 
 
+def set_aside_section(spec: BudgetStudy, directory: Path) -> list[str]:
+    """The winners the stability rule set aside (``budget.set_aside_collapsed``), if any: the
+    lines of a section naming each one's trial and the seeds on which its runs collapsed."""
+    from .data import DATASETS
+
+    rows, classes = [], DATASETS[spec.dataset].num_classes
+    for aside in sorted(directory.glob(f"final/*/*/{COLLAPSED}/*/*")):
+        summaries = sorted(aside.glob("seed*/summary.json"))
+        fell = [p.parent.name for p in summaries if collapsed(json.loads(p.read_text()), classes)]
+        rows.append({"network": aside.parts[-5], "budget": aside.parts[-4].removeprefix("budget"),
+                     "method": aside.parts[-2], "trial": aside.name, "collapsed seeds": ", ".join(fell),
+                     "seeds run": len(summaries)})
+    if not rows:
+        return []
+    return ["## Winners set aside by the stability rule (their runs collapsed; the next-best trial is above)", "",
+            markdown_table(rows, list(rows[0])), ""]
+
+
 def budget_study_report(directory: Path, out: Path, *, allow_mixed: bool = False, target_clean: float = 0.85,
                         target_robust: float = 0.74, allow_mixed_machines: bool = False) -> list[Path]:
     """The study's tables and plots: the search per cell, the finals (mean over seeds), time to
@@ -324,6 +342,7 @@ def budget_study_report(directory: Path, out: Path, *, allow_mixed: bool = False
         if contest:
             lines += ["## ATCD against the best other method, paired by seed (ATCD minus it, points, 95% t "
                       "interval)", "", markdown_table(contest, list(dict.fromkeys(k for r in contest for k in r))), ""]
+        lines += set_aside_section(spec, directory)
         for model in spec.models:
             files.append(plot_study([r for r in finals if r["network"] == model], out / f"budget_{model}.png",
                                     title=model))

@@ -8,7 +8,8 @@ A budget is compute in natural-epoch equivalents: forward+backward passes over t
 (``train.budget``; each method's passes per minibatch are ``Method.passes``). For each network
 and each budget, every searched method gets the same number of Ray Tune trials over its own
 knobs (and the knobs every method shares), each trial spending the budget on the search subset;
-the trial with the best validation robust accuracy wins, the test split plays no part. Natural
+the trial with the best validation robust accuracy wins, the test split plays no part (with
+``reject_collapsed``, a winner whose final runs collapse gives way to the next-best trial). Natural
 training is the one-run reference, at the recipe's settings. The winners are trained again on
 the whole training set, ``final_seeds`` seeds per budget, one run at a time in this process so
 that their wall seconds compare, and tested on the whole test set; then every run gets AutoAttack
@@ -56,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
 
 # What a study may change once it has begun: how many final seeds, AutoAttack's images, the
 # weight-averaged finals. Not the search, the finals' overrides or anything else the runs used.
-FINAL_STAGE_KEYS = ("final_seeds", "autoattack_n", "ema")
+FINAL_STAGE_KEYS = ("final_seeds", "autoattack_n", "ema", "reject_collapsed")
 
 
 def check_same_study(recorded: Path, spec, refusal: str) -> None:

@@ -633,3 +633,64 @@ def test_finals_train_jobs_at_a_time_each_on_its_share_of_the_cores(tmp_path, mo
     assert peak[0] == 2 and threads == ["2"] * 6  # natural and fast: 1 seed at budget 2, 2 at budget 4
     budget.run_final(spec, tmp_path / "out", jobs=2)  # all trained: nothing runs again
     assert len(threads) == 6
+
+
+def test_a_winner_whose_finals_collapse_is_set_aside_for_the_next_best_trial(tmp_path, monkeypatch):
+    """The stability rule (``reject_collapsed``): the best trial's finals end at chance on one seed
+    (its validation, never the test set), so its runs move to collapsed/<method>/<trial> here and
+    in the record, and the next-best trial trains in its place; a rerun trains nothing again.
+    Positive control: without the rule the collapsed winner stays."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from atcd_ray import budget
+    from atcd_ray.report import set_aside_section
+
+    lrs = {"t0": 0.3, "t1": 0.2, "t2": 0.1}  # t0 the best, t2 the worst
+    trained = []
+
+    def train(module, *args, env=None):  # a final run: val accuracy 0.1 for t0's lr on seed index 1
+        run = Path(args[args.index("--out") + 1])
+        lr = next((float(a.split("=")[1]) for a in args if a.startswith("optim.lr=")), None)
+        seed = int(next(a.split("=")[1] for a in args if a.startswith("seed=")))
+        run.mkdir(parents=True)
+        (run / "model.safetensors").write_text("weights")
+        (run / "summary.json").write_text(json.dumps({"checkpoint": "model.safetensors", "lr": lr, "final_epoch": {
+            "val_clean_acc": 0.1 if lr == lrs["t0"] and seed % 2 == 1 else 0.8}}))
+        trained.append((run.parts[-3], lr))
+
+    monkeypatch.setattr(budget, "_python", train)
+    monkeypatch.setattr(budget, "run_autoattack", lambda *args, **kwargs: None)
+    monkeypatch.setattr(budget, "save_weights_only", lambda source, target: shutil.copyfile(source, target))
+    for rule in (False, True):
+        spec = load_budget_study(_spec_file(tmp_path, reject_collapsed=rule))
+        out, record = tmp_path / f"out-{rule}", tmp_path / f"record-{rule}"
+        for cell in ("budget2", "budget4"):
+            sweep = out / "search" / "compactcnn" / cell / "fast"
+            sweep.mkdir(parents=True)
+            pq.write_table(pa.table({"trial_id": list(lrs), "optim.lr": list(lrs.values()),
+                                     "methods.fast.alpha_factor": [1.0] * 3, "status": ["completed"] * 3,
+                                     "objective": [0.5, 0.4, 0.3]}), sweep / "results.parquet")
+            (sweep / "done.json").write_text(json.dumps({"trials": spec.trials}))
+        trained.clear()
+        budget.run_final(spec, out, record)
+        fast = out / "final" / "compactcnn" / "budget4" / "fast"
+        winners = json.loads((out / "winners.json").read_text())
+        if not rule:  # positive control: the collapsed winner is kept
+            assert json.loads((fast / "seed1" / "summary.json").read_text())["lr"] == lrs["t0"]
+            assert winners["compactcnn/budget4/fast"]["trial_id"] == "t0"
+            continue
+        # budget 2 has one seed (index 0), which does not collapse: t0 stays there
+        assert winners["compactcnn/budget2/fast"]["trial_id"] == "t0"
+        assert winners["compactcnn/budget4/fast"]["trial_id"] == "t1"
+        assert [json.loads((fast / s / "summary.json").read_text())["lr"] for s in ("seed0", "seed1")] == [0.2, 0.2]
+        for root in (out, record):
+            aside = root / "final" / "compactcnn" / "budget4" / "collapsed" / "fast" / "t0"
+            assert json.loads((aside / "seed1" / "summary.json").read_text())["final_epoch"]["val_clean_acc"] == 0.1
+        kept = json.loads((record / "final" / "compactcnn" / "budget4" / "fast" / "seed1" / "summary.json").read_text())
+        assert kept["lr"] == 0.2
+        assert trained.count(("budget4", 0.3)) == 2 and trained.count(("budget4", 0.2)) == 2
+        assert "| compactcnn | 4 | fast | t0 | seed1 | 2 |" in "\n".join(set_aside_section(spec, record))
+        budget.run_final(spec, out, record)  # a rerun: nothing trains again, the choice stands
+        assert len(trained) == (1 + 1) + (2 + 2 + 2)  # natural and fast at 2; natural, t0, t1 at 4
+        assert json.loads((out / "winners.json").read_text()) == winners

@@ -333,8 +333,12 @@ def _train_finals(spec: BudgetStudy, runs: list[tuple[Path, list]], *, out: Path
             save_record(out, record)
 
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        for done in [pool.submit(train, run, overrides) for run, overrides in pending]:
-            done.result()
+        try:
+            for done in [pool.submit(train, run, overrides) for run, overrides in pending]:
+                done.result()
+        except BaseException:  # the queued runs must not start as the pool closes: the running ones end
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def run_autoattack(spec: BudgetStudy, out: Path, *, jobs: int = 1, data_dir: str | None = None,

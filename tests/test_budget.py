@@ -694,3 +694,22 @@ def test_a_winner_whose_finals_collapse_is_set_aside_for_the_next_best_trial(tmp
         budget.run_final(spec, out, record)  # a rerun: nothing trains again, the choice stands
         assert len(trained) == (1 + 1) + (2 + 2 + 2)  # natural and fast at 2; natural, t0, t1 at 4
         assert json.loads((out / "winners.json").read_text()) == winners
+
+
+def test_a_failed_or_interrupted_final_stops_the_stage_and_no_queued_run_starts(tmp_path, monkeypatch):
+    """The first failure (or Ctrl-C, in a run's thread or the main one) ends the stage: the pool
+    does not go on to start the runs still queued as it closes (it did: a Ctrl-C started two more)."""
+    from atcd_ray import budget
+
+    spec = load_budget_study(_spec_file(tmp_path))
+    monkeypatch.setattr(budget, "winner", lambda *args, **kwargs: {"overrides": [], "params": {}})
+    started = []
+
+    def train(module, *args, env=None):
+        started.append(args[args.index("--out") + 1])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(budget, "_python", train)
+    with pytest.raises(KeyboardInterrupt):
+        budget.run_final(spec, tmp_path / "out", jobs=1)
+    assert len(started) == 1  # of the 2 runs queued at budget 2

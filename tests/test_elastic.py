@@ -148,10 +148,10 @@ def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_it(tmp
     _assert_same(tmp_path / "straight", out)
 
 
-# 8 epochs (about 3 s each on two workers): after the preemption notice a run keeps training until
+# 10 epochs (about 3 s each on two workers): after the preemption notice a run keeps training until
 # Ray restarts it off the drained node (its deadline is 4 s), and with 4 epochs the run could end
 # first, leaving nothing for the one-worker group to do.
-ELASTIC = {"train.method": "free", "methods.free.replays": 8, "model": "smallcnn", "train.epochs": 8,
+ELASTIC = {"train.method": "free", "methods.free.replays": 8, "model": "smallcnn", "train.epochs": 10,
            "data.subset": 640, "data.batch_size": 32, "train.checkpoint_steps": 4, "train.preemption_check_steps": 1,
            "eval.n": 64, "train.val_n": 64, "eval.attacks": ["fgsm"], "train.val_attack": "fgsm"}
 
@@ -250,7 +250,7 @@ def test_an_elastic_run_survives_node_loss_and_preemption_on_a_multi_node_cluste
     assert not done["errors"] and [e["event"] for e in done["events"]][-1] == "one worker after the preemption"
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
-    assert len(history) == 8 and summary["epochs"] == 8 and summary["preemption_notices"] == 1
+    assert len(history) == 10 and summary["epochs"] == 10 and summary["preemption_notices"] == 1
     # Data accounting: every epoch's stretches start at step 0 and go forward; over the run the
     # worker count went 2, 1 (node lost), 2 (node added), 1 (preempted).
     stretches = [(record["epoch"], first, workers)

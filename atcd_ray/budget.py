@@ -191,6 +191,17 @@ def winner(spec: BudgetStudy, out: Path, *, model: str, budget: float, method: s
            passed_over: tuple[str, ...] = ()) -> dict:
     """The searched cell's best completed trial (a diverged one never wins, whatever it reported
     before), ``passed_over`` trials aside: {trial_id, params, overrides, objective}."""
+    trials = [t for t in ranked_trials(spec, out, model=model, budget=budget, method=method)
+              if t["trial_id"] not in passed_over]
+    if not trials:
+        raise ConfigError(f"{cell_dir(out, 'search', model=model, budget=budget, method=method)}: the finals of "
+                          f"every completed trial collapsed ({', '.join(passed_over)})")
+    return trials[0]
+
+
+def ranked_trials(spec: BudgetStudy, out: Path, *, model: str, budget: float, method: str) -> list[dict]:
+    """The searched cell's completed trials, best first (ties in the search's order), each as
+    ``winner`` returns it."""
     import pyarrow.parquet as pq
 
     sweep_dir = cell_dir(out, "search", model=model, budget=budget, method=method)
@@ -199,14 +210,13 @@ def winner(spec: BudgetStudy, out: Path, *, model: str, budget: float, method: s
     completed = [r for r in pq.read_table(sweep_dir / "results.parquet").to_pylist() if r["status"] == "completed"]
     if not completed:
         raise ConfigError(f"{sweep_dir}: no trial completed (all diverged?); widen or move the search space")
-    completed = [r for r in completed if r["trial_id"] not in passed_over]
-    if not completed:
-        raise ConfigError(f"{sweep_dir}: the finals of every completed trial collapsed ({', '.join(passed_over)})")
-    best = max(completed, key=lambda r: r[OBJECTIVE])
-    study = spec.sweep(model, budget, method)
-    params = {name: best[name] for name in study.params}
-    overrides = study.trial_overrides(params)[len(study.fixed):]  # the trial's own, after the fixed ones
-    return {"trial_id": best["trial_id"], "params": params, "overrides": overrides, OBJECTIVE: best[OBJECTIVE]}
+    study, ranked = spec.sweep(model, budget, method), []
+    for trial in sorted(completed, key=lambda r: r[OBJECTIVE], reverse=True):  # stable: the first best first
+        params = {name: trial[name] for name in study.params}
+        overrides = study.trial_overrides(params)[len(study.fixed):]  # the trial's own, after the fixed ones
+        ranked.append({"trial_id": trial["trial_id"], "params": params, "overrides": overrides,
+                       OBJECTIVE: trial[OBJECTIVE]})
+    return ranked
 
 
 EMA_SUFFIX = "+ema"  # a final run of a method with its weights averaged (the spec's ema)
@@ -227,6 +237,48 @@ def passed_over(out: Path, *, model: str, budget: float, method: str) -> tuple[s
     return tuple(sorted(p.name for p in aside.iterdir())) if aside.is_dir() else ()
 
 
+def trained_with(run: Path, knobs: list) -> bool:
+    """Whether a finished final run trained with a trial's knobs (its summary's config has them)."""
+    config = json.loads((run / "summary.json").read_text())["config"]
+    for key, value in knobs:
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node != value:
+            return False
+    return True
+
+
+def _set_aside(root: Path, *, model: str, budget: float, method: str, trial: str) -> None:
+    source = cell_dir(root, "final", model=model, budget=budget, method=method)
+    target = cell_dir(root, "final", model=model, budget=budget, method=COLLAPSED) / method / trial
+    if not source.is_dir():
+        return
+    if target.exists():  # set aside already: this is a copy (restored from a record) or a move half done
+        shutil.rmtree(source)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+
+
+def check_final_runs_are_the_winners(spec: BudgetStudy, out: Path, record: Path | None, *, model: str,
+                                     budget: float, method: str, chosen: dict) -> None:
+    """Before a cell's finals train: runs of a passed-over trial still in the method's directory
+    (here or in the record: a set-aside interrupted half way, or restored from an older record)
+    go aside too; a finished run that trained other knobs than the winner's is refused."""
+    others = {t["trial_id"]: t["overrides"] for t in ranked_trials(spec, out, model=model, budget=budget, method=method)
+              if t["trial_id"] in passed_over(out, model=model, budget=budget, method=method)}
+    for root in [out, *([record] if record else [])]:
+        runs = [p.parent for p in sorted(cell_dir(root, "final", model=model, budget=budget,
+                                                  method=method).glob("seed*/summary.json"))]
+        stale = [trial for trial, knobs in others.items() if runs and trained_with(runs[0], knobs)]
+        if stale:
+            _set_aside(root, model=model, budget=budget, method=method, trial=stale[0])
+        elif any(not trained_with(run, chosen["overrides"]) for run in runs):
+            raise ConfigError(f"{runs[0].parent}: its runs did not train trial {chosen['trial_id']}'s knobs, the "
+                              "winner's; move them away, or rerun from the record")
+
+
 def set_aside_collapsed(spec: BudgetStudy, out: Path, record: Path | None, *, model: str, budget: float,
                         winners: dict) -> list[str]:
     """The stability rule, after a cell's finals: each searched method whose winner's runs
@@ -244,12 +296,8 @@ def set_aside_collapsed(spec: BudgetStudy, out: Path, record: Path | None, *, mo
         trial = winners[f"{model}/budget{budget:g}/{method}"]["trial_id"]
         log.warning("%s: trial %s collapsed on %s of %d seeds (validation clean accuracy <= %.2f): set aside, "
                     "the next-best trial trains instead", runs, trial, ", ".join(fell), len(summaries), 2 / classes)
-        for root in [out, *([record] if record else [])]:
-            source = cell_dir(root, "final", model=model, budget=budget, method=method)
-            if source.is_dir():
-                target = cell_dir(root, "final", model=model, budget=budget, method=COLLAPSED) / method / trial
-                target.parent.mkdir(parents=True, exist_ok=True)
-                source.rename(target)
+        for root in [*([record] if record else []), out]:  # the record first: out holds all a rerun needs
+            _set_aside(root, model=model, budget=budget, method=method, trial=trial)
         methods.append(method)
     return methods
 
@@ -290,6 +338,9 @@ def run_final(spec: BudgetStudy, out: Path, record: Path | None = None, *, jobs:
                 chosen = {"overrides": [], "params": {}} if reference else winner(
                     spec, out, model=model, budget=budget, method=method,
                     passed_over=passed_over(out, model=model, budget=budget, method=method))
+                if spec.reject_collapsed and not reference:
+                    check_final_runs_are_the_winners(spec, out, record, model=model, budget=budget, method=method,
+                                                     chosen=chosen)
                 winners[f"{model}/budget{budget:g}/{method}"] = chosen
                 runs += [(cell_dir(out, "final", model=model, budget=budget, method=method) / f"seed{seed_index}",
                           final_overrides(spec, model, budget, method, knobs=chosen["overrides"],
@@ -298,6 +349,7 @@ def run_final(spec: BudgetStudy, out: Path, record: Path | None = None, *, jobs:
             _train_finals(spec, runs, out=out, record=record, jobs=jobs)
             methods = set_aside_collapsed(spec, out, record, model=model, budget=budget,
                                           winners=winners) if spec.reject_collapsed else []
+        write_text_atomic(out / "winners.json", json.dumps(winners, indent=2) + "\n")  # the report reads it
         if spec.ema and budget in spec.ema["budgets"]:  # the best methods again, their weights averaged
             runs = []
             for method in ema_choice(spec, out, model=model, budget=budget):
@@ -407,7 +459,9 @@ def save_record(out: Path, record: Path | None) -> None:
     for pattern in (*STUDY_FILES, "final/*/*/*/seed*/autoattack.json"):
         for path in sorted(out.glob(pattern)):
             kept = record / path.relative_to(out)
-            if not kept.exists() or kept.read_bytes() != path.read_bytes():
+            # a set-aside run's summary is the record's own once there (it names the record's weights)
+            set_aside = COLLAPSED in path.relative_to(out).parts
+            if not kept.exists() or (not set_aside and kept.read_bytes() != path.read_bytes()):
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, kept)
 

@@ -22,7 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from .budget import COLLAPSED, EMA_SUFFIX, OBJECTIVE, BudgetStudy, cell_dir, collapsed, search_done, winner
+from .budget import (COLLAPSED, EMA_SUFFIX, OBJECTIVE, BudgetStudy, cell_dir, collapsed, passed_over, search_done,
+                     winner)
 from .cli import ArgumentParser, markdown_table, run_main
 from .config import ConfigError
 from .core.checkpoint import write_text_atomic
@@ -387,7 +388,8 @@ def collect_study(spec, directory: Path) -> tuple[list[dict], list[dict]]:
                                for s, p in zip(summaries, runs) if (p.parent / "autoattack.json").exists()}
                 chosen = winners.get(f"{model}/budget{budget:g}/{method}")
                 if chosen is None and searched:  # winners.json comes once all are trained
-                    chosen = winner(spec, directory, model=model, budget=budget, method=method)
+                    chosen = winner(spec, directory, model=model, budget=budget, method=method,
+                                    passed_over=passed_over(directory, model=model, budget=budget, method=method))
                 finals.append(_final_row(model, budget, method, chosen=chosen or {}, summaries=summaries,
                                          evaluations=evaluations))
     return search_rows, finals

@@ -655,8 +655,9 @@ def test_a_winner_whose_finals_collapse_is_set_aside_for_the_next_best_trial(tmp
         seed = int(next(a.split("=")[1] for a in args if a.startswith("seed=")))
         run.mkdir(parents=True)
         (run / "model.safetensors").write_text("weights")
-        (run / "summary.json").write_text(json.dumps({"checkpoint": "model.safetensors", "lr": lr, "final_epoch": {
-            "val_clean_acc": 0.1 if lr == lrs["t0"] and seed % 2 == 1 else 0.8}}))
+        (run / "summary.json").write_text(json.dumps({
+            "checkpoint": "model.safetensors", "lr": lr, "config": {"optim": {"lr": lr}, "methods": {"fast": {
+                "alpha_factor": 1.0}}}, "final_epoch": {"val_clean_acc": 0.1 if lr == lrs["t0"] and seed % 2 else 0.8}}))
         trained.append((run.parts[-3], lr))
 
     monkeypatch.setattr(budget, "_python", train)
@@ -694,6 +695,20 @@ def test_a_winner_whose_finals_collapse_is_set_aside_for_the_next_best_trial(tmp
         budget.run_final(spec, out, record)  # a rerun: nothing trains again, the choice stands
         assert len(trained) == (1 + 1) + (2 + 2 + 2)  # natural and fast at 2; natural, t0, t1 at 4
         assert json.loads((out / "winners.json").read_text()) == winners
+        # A set-aside half done (or an older record restored): t0's runs are back in fast/. They go
+        # aside again, without being taken for t1's; t1's runs train again here, the record keeps its own.
+        shutil.rmtree(fast)
+        shutil.copytree(out / "final" / "compactcnn" / "budget4" / "collapsed" / "fast" / "t0", fast)
+        budget.run_final(spec, out, record)
+        assert budget.passed_over(out, model="compactcnn", budget=4, method="fast") == ("t0",)
+        assert [json.loads((fast / s / "summary.json").read_text())["lr"] for s in ("seed0", "seed1")] == [0.2, 0.2]
+        assert json.loads((record / "final/compactcnn/budget4/fast/seed1/summary.json").read_text())["lr"] == 0.2
+        assert json.loads((out / "winners.json").read_text()) == winners
+        # Runs that trained neither the winner's knobs nor a passed-over trial's are refused
+        summary = json.loads((fast / "seed0" / "summary.json").read_text())
+        (fast / "seed0" / "summary.json").write_text(json.dumps({**summary, "config": {"optim": {"lr": 0.05}}}))
+        with pytest.raises(ConfigError, match="did not train trial t1's knobs"):
+            budget.run_final(spec, out, record)
 
 
 def test_a_failed_or_interrupted_final_stops_the_stage_and_no_queued_run_starts(tmp_path, monkeypatch):

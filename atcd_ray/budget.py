@@ -225,10 +225,13 @@ EMA_SUFFIX = "+ema"  # a final run of a method with its weights averaged (the sp
 COLLAPSED = "collapsed"
 
 
-def collapsed(summary: dict, classes: int) -> bool:
-    """Whether a final run ended predicting about one class: its last validation (held-out
-    training images; the rule never reads the test set) at most twice chance."""
-    return summary["final_epoch"].get("val_clean_acc", 1.0) <= 2 / classes
+def collapsed(run: Path, classes: int) -> bool:
+    """Whether a final run diverged (a non-finite loss: its diverged.json) or ended predicting
+    about one class: its last validation (held-out training images; the rule never reads the test
+    set) at most twice chance."""
+    if (run / "diverged.json").exists():
+        return True
+    return json.loads((run / "summary.json").read_text())["final_epoch"].get("val_clean_acc", 1.0) <= 2 / classes
 
 
 def passed_over(out: Path, *, model: str, budget: float, method: str) -> tuple[str, ...]:
@@ -289,13 +292,14 @@ def set_aside_collapsed(spec: BudgetStudy, out: Path, record: Path | None, *, mo
     classes, methods = DATASETS[spec.dataset].num_classes, []
     for method in spec.methods:
         runs = cell_dir(out, "final", model=model, budget=budget, method=method)
-        summaries = {run.name: json.loads((run / "summary.json").read_text()) for run in sorted(runs.glob("seed*"))}
-        fell = [seed for seed, summary in summaries.items() if collapsed(summary, classes)]
+        seeds = sorted(runs.glob("seed*"))
+        fell = [run.name for run in seeds if collapsed(run, classes)]
         if not fell:
             continue
         trial = winners[f"{model}/budget{budget:g}/{method}"]["trial_id"]
-        log.warning("%s: trial %s collapsed on %s of %d seeds (validation clean accuracy <= %.2f): set aside, "
-                    "the next-best trial trains instead", runs, trial, ", ".join(fell), len(summaries), 2 / classes)
+        log.warning("%s: trial %s collapsed on %s of %d seeds (diverged, or validation clean accuracy <= %.2f): "
+                    "set aside, "
+                    "the next-best trial trains instead", runs, trial, ", ".join(fell), len(seeds), 2 / classes)
         for root in [*([record] if record else []), out]:  # the record first: out holds all a rerun needs
             _set_aside(root, model=model, budget=budget, method=method, trial=trial)
         methods.append(method)
@@ -370,17 +374,24 @@ def _train_finals(spec: BudgetStudy, runs: list[tuple[Path, list]], *, out: Path
                   jobs: int) -> None:
     """The final runs not yet finished, ``jobs`` at a time, each in a process of its own with
     cores / jobs torch threads. The first failure (or Ctrl-C) stops the stage; a rerun resumes."""
-    pending = [(run, overrides) for run, overrides in runs if not (run / "summary.json").exists()]
+    # Under the stability rule a run that diverged is an outcome (the setting collapsed), not a failure
+    finished = ("summary.json", *(["diverged.json"] if spec.reject_collapsed else []))
+    pending = [(run, overrides) for run, overrides in runs if not any((run / f).exists() for f in finished)]
     for _, overrides in pending:
         check_launch(load_config(spec.dataset, spec.recipe, overrides), 1)  # one line, not a traceback
     threads = str(max(1, len(os.sched_getaffinity(0)) // jobs))
     recording = threading.Lock()
 
     def train(run: Path, overrides: list) -> None:
-        _python("atcd_ray.train", spec.dataset, "--workers", "0", "--quiet", "--out", str(run),
-                *(["--recipe", spec.recipe] if spec.recipe else []),
-                *[a for k, v in overrides for a in ("--set", f"{k}={json.dumps(v)}")],
-                env={**os.environ, "OMP_NUM_THREADS": threads})
+        try:
+            _python("atcd_ray.train", spec.dataset, "--workers", "0", "--quiet", "--out", str(run),
+                    *(["--recipe", spec.recipe] if spec.recipe else []),
+                    *[a for k, v in overrides for a in ("--set", f"{k}={json.dumps(v)}")],
+                    env={**os.environ, "OMP_NUM_THREADS": threads})
+        except subprocess.CalledProcessError as err:
+            if not (spec.reject_collapsed and err.returncode == 3 and (run / "diverged.json").exists()):
+                raise
+            log.warning("%s diverged: its setting counts as collapsed", run)
         with recording:
             save_record(out, record)
 
@@ -437,7 +448,7 @@ def run_autoattack(spec: BudgetStudy, out: Path, *, jobs: int = 1, data_dir: str
 
 # What a record keeps (--record): all the report and a resumed study read, and no trial's files.
 STUDY_FILES = ("budget_study.json", "winners.json", "search/*/*/*/done.json", "search/*/*/*/results.parquet",
-               f"final/*/*/{COLLAPSED}/*/*/seed*/summary.json")  # a set-aside winner's runs: their summaries
+               f"final/*/*/{COLLAPSED}/*/*/seed*/summary.json", f"final/*/*/{COLLAPSED}/*/*/seed*/diverged.json")  # a set-aside winner's runs: their summaries
 RUN_FILES = ("summary.json", "weights.safetensors", "autoattack.json")  # of each final run, recorded
 
 

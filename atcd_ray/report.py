@@ -284,11 +284,11 @@ def set_aside_section(spec: BudgetStudy, directory: Path) -> list[str]:
 
     rows, classes = [], DATASETS[spec.dataset].num_classes
     for aside in sorted(directory.glob(f"final/*/*/{COLLAPSED}/*/*")):
-        summaries = sorted(aside.glob("seed*/summary.json"))
-        fell = [p.parent.name for p in summaries if collapsed(json.loads(p.read_text()), classes)]
+        seeds = sorted(aside.glob("seed*"))
+        fell = [run.name for run in seeds if collapsed(run, classes)]
         rows.append({"network": aside.parts[-5], "budget": aside.parts[-4].removeprefix("budget"),
                      "method": aside.parts[-2], "trial": aside.name, "collapsed seeds": ", ".join(fell),
-                     "seeds run": len(summaries)})
+                     "seeds run": len(seeds)})
     if not rows:
         return []
     return ["## Winners set aside by the stability rule (their runs collapsed; the next-best trial is above)", "",

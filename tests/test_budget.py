@@ -635,50 +635,68 @@ def test_finals_train_jobs_at_a_time_each_on_its_share_of_the_cores(tmp_path, mo
     assert len(threads) == 6
 
 
+TRIAL_LRS = {"t0": 0.3, "t1": 0.2, "t2": 0.1}  # the fake searches' trials: t0 the best, t2 the worst
+
+
+def _fake_searches(out, trials):
+    """Finished Fast-FGSM searches at budgets 2 and 4 of the three TRIAL_LRS trials."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for cell in ("budget2", "budget4"):
+        sweep = out / "search" / "compactcnn" / cell / "fast"
+        sweep.mkdir(parents=True)
+        pq.write_table(pa.table({"trial_id": list(TRIAL_LRS), "optim.lr": list(TRIAL_LRS.values()),
+                                 "methods.fast.alpha_factor": [1.0] * 3, "status": ["completed"] * 3,
+                                 "objective": [0.5, 0.4, 0.3]}), sweep / "results.parquet")
+        (sweep / "done.json").write_text(json.dumps({"trials": trials}))
+
+
+def _fake_finals(monkeypatch, trained, *, t0_seed_1):
+    """Final runs without training: t0's run at an odd seed index ends at chance ("chance") or
+    diverges ("diverges": diverged.json and exit status 3, as the trainer does); (budget, lr) of
+    each run goes to ``trained``."""
+    from atcd_ray import budget
+
+    def train(module, *args, env=None):
+        run = Path(args[args.index("--out") + 1])
+        lr = next((float(a.split("=")[1]) for a in args if a.startswith("optim.lr=")), None)
+        odd_t0 = lr == TRIAL_LRS["t0"] and int(next(a.split("=")[1] for a in args if a.startswith("seed="))) % 2
+        run.mkdir(parents=True)
+        trained.append((run.parts[-3], lr))
+        if odd_t0 and t0_seed_1 == "diverges":
+            (run / "diverged.json").write_text(json.dumps({"error": "non-finite training loss"}))
+            raise subprocess.CalledProcessError(3, ["atcd_ray.train"])
+        (run / "model.safetensors").write_text("weights")
+        (run / "summary.json").write_text(json.dumps({
+            "checkpoint": "model.safetensors", "lr": lr, "config": {"optim": {"lr": lr}, "methods": {"fast": {
+                "alpha_factor": 1.0}}}, "final_epoch": {"val_clean_acc": 0.1 if odd_t0 else 0.8}}))
+
+    monkeypatch.setattr(budget, "_python", train)
+    monkeypatch.setattr(budget, "run_autoattack", lambda *args, **kwargs: None)
+    monkeypatch.setattr(budget, "save_weights_only", lambda source, target: shutil.copyfile(source, target))
+
+
 def test_a_winner_whose_finals_collapse_is_set_aside_for_the_next_best_trial(tmp_path, monkeypatch):
     """The stability rule (``reject_collapsed``): the best trial's finals end at chance on one seed
     (its validation, never the test set), so its runs move to collapsed/<method>/<trial> here and
     in the record, and the next-best trial trains in its place; a rerun trains nothing again.
     Positive control: without the rule the collapsed winner stays."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from atcd_ray import budget
     from atcd_ray.report import set_aside_section
 
-    lrs = {"t0": 0.3, "t1": 0.2, "t2": 0.1}  # t0 the best, t2 the worst
     trained = []
-
-    def train(module, *args, env=None):  # a final run: val accuracy 0.1 for t0's lr on seed index 1
-        run = Path(args[args.index("--out") + 1])
-        lr = next((float(a.split("=")[1]) for a in args if a.startswith("optim.lr=")), None)
-        seed = int(next(a.split("=")[1] for a in args if a.startswith("seed=")))
-        run.mkdir(parents=True)
-        (run / "model.safetensors").write_text("weights")
-        (run / "summary.json").write_text(json.dumps({
-            "checkpoint": "model.safetensors", "lr": lr, "config": {"optim": {"lr": lr}, "methods": {"fast": {
-                "alpha_factor": 1.0}}}, "final_epoch": {"val_clean_acc": 0.1 if lr == lrs["t0"] and seed % 2 else 0.8}}))
-        trained.append((run.parts[-3], lr))
-
-    monkeypatch.setattr(budget, "_python", train)
-    monkeypatch.setattr(budget, "run_autoattack", lambda *args, **kwargs: None)
-    monkeypatch.setattr(budget, "save_weights_only", lambda source, target: shutil.copyfile(source, target))
+    _fake_finals(monkeypatch, trained, t0_seed_1="chance")
     for rule in (False, True):
         spec = load_budget_study(_spec_file(tmp_path, reject_collapsed=rule))
         out, record = tmp_path / f"out-{rule}", tmp_path / f"record-{rule}"
-        for cell in ("budget2", "budget4"):
-            sweep = out / "search" / "compactcnn" / cell / "fast"
-            sweep.mkdir(parents=True)
-            pq.write_table(pa.table({"trial_id": list(lrs), "optim.lr": list(lrs.values()),
-                                     "methods.fast.alpha_factor": [1.0] * 3, "status": ["completed"] * 3,
-                                     "objective": [0.5, 0.4, 0.3]}), sweep / "results.parquet")
-            (sweep / "done.json").write_text(json.dumps({"trials": spec.trials}))
+        _fake_searches(out, spec.trials)
         trained.clear()
         budget.run_final(spec, out, record)
         fast = out / "final" / "compactcnn" / "budget4" / "fast"
         winners = json.loads((out / "winners.json").read_text())
         if not rule:  # positive control: the collapsed winner is kept
-            assert json.loads((fast / "seed1" / "summary.json").read_text())["lr"] == lrs["t0"]
+            assert json.loads((fast / "seed1" / "summary.json").read_text())["lr"] == TRIAL_LRS["t0"]
             assert winners["compactcnn/budget4/fast"]["trial_id"] == "t0"
             continue
         # budget 2 has one seed (index 0), which does not collapse: t0 stays there
@@ -728,3 +746,30 @@ def test_a_failed_or_interrupted_final_stops_the_stage_and_no_queued_run_starts(
     with pytest.raises(KeyboardInterrupt):
         budget.run_final(spec, tmp_path / "out", jobs=1)
     assert len(started) == 1  # of the 2 runs queued at budget 2
+
+
+def test_a_final_that_diverges_sets_its_winner_aside_under_the_rule_and_stops_the_stage_without(tmp_path,
+                                                                                                 monkeypatch):
+    """A final run that diverges (exit status 3, diverged.json) is, under the stability rule, a
+    collapse: its winner is set aside (the diverged run kept in the record) and the next-best
+    trial trains; without the rule it stops the stage, as any failure does."""
+    from atcd_ray import budget
+    from atcd_ray.report import set_aside_section
+
+    trained = []
+    _fake_finals(monkeypatch, trained, t0_seed_1="diverges")
+    spec = load_budget_study(_spec_file(tmp_path, reject_collapsed=False))
+    _fake_searches(tmp_path / "off", spec.trials)
+    with pytest.raises(subprocess.CalledProcessError):
+        budget.run_final(spec, tmp_path / "off", tmp_path / "off-record")
+    spec = load_budget_study(_spec_file(tmp_path, reject_collapsed=True))
+    out, record = tmp_path / "out", tmp_path / "record"
+    _fake_searches(out, spec.trials)
+    budget.run_final(spec, out, record)
+    assert json.loads((out / "winners.json").read_text())["compactcnn/budget4/fast"]["trial_id"] == "t1"
+    for root in (out, record):
+        assert (root / "final/compactcnn/budget4/collapsed/fast/t0/seed1/diverged.json").exists()
+    assert "| compactcnn | 4 | fast | t0 | seed1 | 2 |" in "\n".join(set_aside_section(spec, record))
+    budget.run_final(spec, out, record)  # a rerun: the diverged run is an outcome, nothing trains again
+    # off: natural twice, then t0 (seed index 1 stops the stage); on: natural, t0 and t1 twice each
+    assert len([t for t in trained if t[0] == "budget4"]) == 4 + 6

@@ -298,8 +298,8 @@ def set_aside_collapsed(spec: BudgetStudy, out: Path, record: Path | None, *, mo
             continue
         trial = winners[f"{model}/budget{budget:g}/{method}"]["trial_id"]
         log.warning("%s: trial %s collapsed on %s of %d seeds (diverged, or validation clean accuracy <= %.2f): "
-                    "set aside, "
-                    "the next-best trial trains instead", runs, trial, ", ".join(fell), len(seeds), 2 / classes)
+                    "set aside, the next-best trial trains instead", runs, trial, ", ".join(fell), len(seeds),
+                    2 / classes)
         for root in [*([record] if record else []), out]:  # the record first: out holds all a rerun needs
             _set_aside(root, model=model, budget=budget, method=method, trial=trial)
         methods.append(method)
@@ -447,8 +447,9 @@ def run_autoattack(spec: BudgetStudy, out: Path, *, jobs: int = 1, data_dir: str
 
 
 # What a record keeps (--record): all the report and a resumed study read, and no trial's files.
+# A set-aside winner's runs are kept as their summaries (or diverged.json), without weights.
 STUDY_FILES = ("budget_study.json", "winners.json", "search/*/*/*/done.json", "search/*/*/*/results.parquet",
-               f"final/*/*/{COLLAPSED}/*/*/seed*/summary.json", f"final/*/*/{COLLAPSED}/*/*/seed*/diverged.json")  # a set-aside winner's runs: their summaries
+               f"final/*/*/{COLLAPSED}/*/*/seed*/summary.json", f"final/*/*/{COLLAPSED}/*/*/seed*/diverged.json")
 RUN_FILES = ("summary.json", "weights.safetensors", "autoattack.json")  # of each final run, recorded
 
 

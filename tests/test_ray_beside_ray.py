@@ -12,7 +12,6 @@ from .test_distributed import _env
 
 # Another Ray: a driver that started a local instance and waits (what another run looks like).
 OTHER = "import ray, time; ray.init(address='local', include_dashboard=True); print('up', flush=True); time.sleep(900)"
-# The run, then the state of every placement group its Ray made, before that Ray goes.
 
 
 def _stop(other: subprocess.Popen) -> None:
@@ -23,6 +22,7 @@ def _stop(other: subprocess.Popen) -> None:
         other.kill()
 
 
+# The run, then the state of every placement group its Ray made, before that Ray goes.
 RUN = """
 import json, sys
 import ray

@@ -773,3 +773,20 @@ def test_a_final_that_diverges_sets_its_winner_aside_under_the_rule_and_stops_th
     budget.run_final(spec, out, record)  # a rerun: the diverged run is an outcome, nothing trains again
     # off: natural twice, then t0 (seed index 1 stops the stage); on: natural, t0 and t1 twice each
     assert len([t for t in trained if t[0] == "budget4"]) == 4 + 6
+
+
+def test_a_diverged_final_is_recorded_before_its_cell_ends_and_comes_back_on_a_fresh_machine(tmp_path):
+    """A resumed study (a fresh machine: ``out`` empty, the record only) must not train again a
+    final that diverged while its cell was still going: it did, when only summaries were kept."""
+    from atcd_ray.budget import restore_record, save_record
+
+    out, record, fresh = tmp_path / "out", tmp_path / "record", tmp_path / "fresh"
+    run = out / "final/compactcnn/budget24/trades/seed1"
+    run.mkdir(parents=True)
+    (run / "diverged.json").write_text(json.dumps({"error": "non-finite training loss"}))
+    (run / "last.safetensors").write_text("half-trained weights, never recorded")
+    save_record(out, record)
+    assert sorted(p.name for p in (record / "final/compactcnn/budget24/trades/seed1").iterdir()) == ["diverged.json"]
+    assert restore_record(record, fresh) == 1
+    restored = fresh / "final/compactcnn/budget24/trades/seed1/diverged.json"
+    assert restored.read_text() == (run / "diverged.json").read_text()

@@ -3,6 +3,7 @@ two workers, a worker killed mid-run, and ``ray job submit`` against a local hea
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -190,7 +191,9 @@ def _stop_head(temp_dir: str) -> list:
 
 @pytest.mark.timeout(900)
 def test_ray_job_submit_trains_two_workers_and_writes_tensorboard(tmp_path):
-    env = _env()
+    # `ray start` under token authentication reads a token and generates none: on a fresh machine,
+    # with no ~/.ray/auth_token (which the shared Ray's ray.init writes), the head would not start
+    env = dict(_env(), RAY_AUTH_TOKEN=secrets.token_hex(32))
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="atcd-ray-", dir="/tmp")  # Unix socket paths must stay short

@@ -14,12 +14,14 @@ def test_every_recipe_loads_for_every_method(recipe):
 
 
 def test_default_recipe_and_per_method_overrides():
-    cfg = load_config("fashion-mnist")
-    assert (cfg.dataset, cfg.model, cfg.eps, cfg.train.method) == ("fashion-mnist", "smallcnn", 0.1, "atcd")
-    assert isinstance(cfg.method_options, ATCDOptions) and (cfg.method_options.T, cfg.method_options.K) == (2, 2)
-    assert cfg.train.epochs == 3 and cfg.optim.lr != 0.05  # budget 12 / T K passes; per_method.atcd's lr
+    cfg = load_config("fashion-mnist")  # pipelines/fashion-mnist_compactcnn.yaml: the fair study's winners
+    assert (cfg.dataset, cfg.model, cfg.eps, cfg.train.method) == ("fashion-mnist", "compactcnn", 0.1, "atcd")
+    atcd = cfg.method_options
+    assert isinstance(atcd, ATCDOptions) and (atcd.T, atcd.K, atcd.reuse_grad) == (4, 2, True)
+    # budget 12 / 8 passes (T K, reuse_grad): 1.5 epochs, the second cut half way; per_method.atcd's lr
+    assert (cfg.train.epochs, cfg.epochs_to_train) == (2, 1.5) and cfg.optim.lr != 0.05
     free = load_config("fashion-mnist", overrides=[("train.method", "free")])
-    assert free.train.epochs == 3 and free.method_options.replays == 4
+    assert free.train.epochs == 2 and free.method_options.replays == 6
     # The command line wins over the recipe's per-method block.
     cfg = load_config("fashion-mnist", overrides=[("train.epochs", 7), ("methods.atcd.T", 3), ("optim.lr", 0.2),
                                                   ("eps", 0.2)])

@@ -31,7 +31,7 @@ class DatasetSpec:
 
 _GRAY_28 = {"num_classes": 10, "in_channels": 1, "image_size": 28, "mean": None, "std": None}
 DATASETS = {
-    "fashion-mnist": DatasetSpec(**_GRAY_28, default_recipe="fashion-mnist_smallcnn.yaml"),
+    "fashion-mnist": DatasetSpec(**_GRAY_28, default_recipe="fashion-mnist_compactcnn.yaml"),
     "mnist": DatasetSpec(**_GRAY_28, default_recipe="mnist_smallcnn.yaml"),
     "digits": DatasetSpec(**_GRAY_28, default_recipe="digits_smallcnn.yaml"),
     "cifar10": DatasetSpec(num_classes=10, in_channels=3, image_size=32, mean=(0.4914, 0.4822, 0.4465),

@@ -447,9 +447,9 @@ def run_autoattack(spec: BudgetStudy, out: Path, *, jobs: int = 1, data_dir: str
 
 
 # What a record keeps (--record): all the report and a resumed study read, and no trial's files.
-# A set-aside winner's runs are kept as their summaries (or diverged.json), without weights; a
-# final that diverged is kept before its cell ends too, so that a study resumed on a fresh machine
-# does not train it again.
+# A set-aside winner's runs keep what was recorded of them (summary and weights, or diverged.json);
+# a final that diverged is kept before its cell ends too, so that a study resumed on a fresh
+# machine does not train it again.
 STUDY_FILES = ("budget_study.json", "winners.json", "search/*/*/*/done.json", "search/*/*/*/results.parquet",
                "final/*/*/*/seed*/diverged.json",
                f"final/*/*/{COLLAPSED}/*/*/seed*/summary.json", f"final/*/*/{COLLAPSED}/*/*/seed*/diverged.json")

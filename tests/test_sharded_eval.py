@@ -18,7 +18,7 @@ ATTACKS = "pgd10,autoattack"
 # The digits model keeps about a third of the examples under AutoAttack at this radius (19/64 on an AMD
 # EPYC family 26; at 0.13 it kept 2/64 there and 0/64 in CI, whose fixture model trained a little differently)
 AA_EPS = "0.08"
-AA_N = 32  # four batches of 8 over two actors: one killed mid-batch still leaves batches to redo
+AA_N = 24  # three batches of 8 over two actors: one killed mid-batch still leaves batches to redo
 
 
 @pytest.fixture(scope="module")

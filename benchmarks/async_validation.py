@@ -1,7 +1,8 @@
 """Training wall time per epoch with the per-epoch robust validation on the workers and as a Ray
 task beside them (train.val_async), side by side.
 
-    python benchmarks/async_validation.py --rounds 3 --json docs/perf/async_validation.json
+    python benchmarks/async_validation.py --recipe pipelines/fashion-mnist_smallcnn.yaml --rounds 3 \
+        --json docs/perf/async_validation.json
 
 Each round runs ``python -m atcd_ray.train`` once per setting, in turn (interleaved, so the
 machine's drift hits every setting alike), each into an empty run directory:
@@ -30,6 +31,7 @@ SETTINGS = {"sync-1": ["--cpus-per-worker", "1"],
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--recipe", help="a recipe YAML (default: the dataset's)")
     p.add_argument("--method", default="atcd")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--subset", type=int, default=5000)
@@ -46,6 +48,7 @@ def main():
                 out = Path(tmp) / f"r{r}-{setting}"
                 start = time.perf_counter()
                 subprocess.run([sys.executable, "-m", "atcd_ray.train", args.dataset, "--method", args.method,
+                                *(["--recipe", args.recipe] if args.recipe else []),
                                 "--epochs", str(args.epochs), "--subset", str(args.subset), "--eval-n", "100",
                                 "--out", str(out), "--seed", "0", "--quiet", "--set", f"train.val_n={args.val_n}",
                                 "--set", "eval.attacks=[pgd10]", *SETTINGS[setting]], check=True, capture_output=True)
@@ -56,8 +59,8 @@ def main():
                 print(f"round {r + 1} {setting}: {per_epoch[setting][-1]:.1f} s per epoch, validation "
                       f"{val_s[setting][-1]:.1f} s, {wall[setting][-1]:.0f} s wall", file=sys.stderr, flush=True)
     base = args.settings[0]
-    figures = {"dataset": args.dataset, "method": args.method, "epochs": args.epochs, "subset": args.subset,
-               "val_n": args.val_n, "rounds": args.rounds, "seed": 0,
+    figures = {"dataset": args.dataset, "recipe": args.recipe, "method": args.method, "epochs": args.epochs,
+               "subset": args.subset, "val_n": args.val_n, "rounds": args.rounds, "seed": 0,
                "settings": [{"setting": s, "seconds_per_epoch": statistics.median(per_epoch[s]),
                              "validation_seconds": statistics.median(val_s[s]), "wall_s": statistics.median(wall[s]),
                              "per_epoch_ratio": statistics.median(a / b for a, b in zip(per_epoch[s], per_epoch[base]))}

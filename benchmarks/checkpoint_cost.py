@@ -2,7 +2,8 @@
 state, RNG, epoch position; tmp + fsync + rename, the previous one kept), beside the seconds of the
 training steps between two checkpoints at ``--every`` steps, for a recipe's network and method.
 
-    python benchmarks/checkpoint_cost.py --dataset fashion-mnist --every 100     # SmallCNN, ATCD
+    python benchmarks/checkpoint_cost.py --dataset fashion-mnist --recipe pipelines/fashion-mnist_smallcnn.yaml \
+        --every 100
     python benchmarks/checkpoint_cost.py --dataset cifar10 --every 100 --batch-size 64
 
 Generated batches of the dataset's shape; median of ``--rounds`` interleaved rounds of one write
@@ -29,6 +30,7 @@ from atcd_ray.provenance import hardware
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--recipe", help="a recipe YAML (default: the dataset's)")
     p.add_argument("--every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--steps", type=int, default=5, help="training steps timed per round")
     p.add_argument("--rounds", type=int, default=5)
@@ -36,7 +38,7 @@ def main(argv=None):
     p.add_argument("--out", help="directory to write the checkpoints in (default: a temporary one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    cfg = load_config(args.dataset, overrides=[parse_override(s) for s in args.set])
+    cfg = load_config(args.dataset, args.recipe, [parse_override(s) for s in args.set])
     spec = DATASETS[cfg.dataset]
     batch = args.batch_size or cfg.data.batch_size
     torch.manual_seed(0)

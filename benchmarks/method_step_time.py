@@ -4,11 +4,12 @@
     python benchmarks/method_step_time.py --model preactresnet18 [--atcd 2x1,4x2] [--batch-size 64]
 
 ``--model smallcnn`` (default): Fashion-MNIST minibatches, SmallCNN, eps 0.1, every method with the
-recipe's options. ``--model preactresnet18``: CIFAR-shaped generated minibatches (3x32x32, random
-labels), PreActResNet18 (BatchNorm), eps 8/255, the CIFAR-10 recipe; natural and the ATCD
-configurations only. Each round runs ``--steps`` minibatches of every method in turn on the same
-batches; the median over rounds of each method's time is reported, with its ratio to natural
-training, so that machine noise hits every method alike.
+SmallCNN recipe's options (pipelines/fashion-mnist_smallcnn.yaml, not the dataset's default).
+``--model preactresnet18``: CIFAR-shaped generated minibatches (3x32x32, random labels),
+PreActResNet18 (BatchNorm), eps 8/255, the CIFAR-10 recipe; natural and the ATCD configurations
+only. Each round runs ``--steps`` minibatches of every method in turn on the same batches; the
+median over rounds of each method's time is reported, with its ratio to natural training, so that
+machine noise hits every method alike.
 
 For each ATCD configuration ``TxK`` of ``--atcd`` a row ``bare-atcd-TxK`` is a plain PyTorch loop
 doing that configuration's forward and backward passes (T replays of K input-gradient passes
@@ -22,7 +23,7 @@ import time
 import torch
 from bare import BareLoop
 
-from atcd_ray.config import load_config, parse_override
+from atcd_ray.config import RECIPES_DIR, load_config, parse_override
 from atcd_ray.core.methods import METHODS
 from atcd_ray.factories import build_optimizer, model_for
 from atcd_ray.provenance import hardware
@@ -49,17 +50,18 @@ def main():
     torch.manual_seed(0)
     if args.model == "smallcnn":
         dataset, batch_size = "fashion-mnist", args.batch_size or 128
+        recipe = RECIPES_DIR / "fashion-mnist_smallcnn.yaml"
         batches = list(build_splits(dataset, data_dir=None, batch_size=batch_size, val_size=5000,
                                     subset=batch_size * args.steps, eval_n=None, val_n=None, seed=0).train)
         names, atcd = [n for n in METHODS if n != "atcd"], args.atcd
     else:
-        dataset, batch_size = "cifar10", args.batch_size or 64
+        dataset, batch_size, recipe = "cifar10", args.batch_size or 64, None  # the dataset's recipe
         batches = generated_batches(args.steps, batch_size, (3, 32, 32))
         names, atcd = ["natural"], args.atcd or "2x1,4x2"
 
     def config(method, overrides=()):
-        return load_config(dataset, overrides=[("train.method", method), ("model", args.model), *overrides,
-                                               *map(parse_override, args.set)])
+        return load_config(dataset, recipe, [("train.method", method), ("model", args.model), *overrides,
+                                             *map(parse_override, args.set)])
 
     methods, options = {}, {}
     for label, method, cls, overrides in [(n, n, METHODS[n], ()) for n in names] + [

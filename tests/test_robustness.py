@@ -2,17 +2,14 @@
 dataset-fashion-mnist): ATCD lifts PGD accuracy far above natural training, and a gradient-free
 attack (torchattacks' Square, 1000 queries) does not do better than PGD, so the robustness is not
 gradient masking; the same check flags a network that does mask gradients (positive control)."""
-from pathlib import Path
-
 import pytest
 import torch
 
 import atcd_ray
 from atcd_ray import trainer
-from atcd_ray.config import load_config
+from atcd_ray.config import RECIPES_DIR, load_config
 from atcd_ray.data import build_splits
 
-ROOT = Path(__file__).resolve().parent.parent
 EVAL = [("eval.n", 500), ("train.val_n", 200), ("eval.attacks", ["pgd20"])]
 # Natural training gets more data than ATCD (it is 4x cheaper per image), so that it is well fit.
 BUDGETS = {"natural": [("data.subset", 10000), ("train.epochs", 4)], "atcd": [("data.subset", 6000), ("train.epochs", 2)]}
@@ -21,7 +18,7 @@ BUDGETS = {"natural": [("data.subset", 10000), ("train.epochs", 4)], "atcd": [("
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("robustness")
-    recipe = ROOT / "pipelines" / "fashion-mnist_smallcnn.yaml"  # the bounds below were measured on SmallCNN
+    recipe = RECIPES_DIR / "fashion-mnist_smallcnn.yaml"  # the bounds below were measured on SmallCNN
     return {m: (trainer.fit(load_config("fashion-mnist", recipe, [*EVAL, *budget, ("train.method", m)]), out / m,
                             progress=False), out / m) for m, budget in BUDGETS.items()}
 

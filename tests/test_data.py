@@ -187,3 +187,14 @@ def test_shuffle_is_seeded_per_epoch():
     order = lambda epoch: (loader.set_epoch(epoch), torch.cat([y for _, y in loader]))[1]  # noqa: E731
     assert torch.equal(order(0), order(0)) and not torch.equal(order(0), order(1))
     assert sorted(order(1).tolist()) == list(range(64))
+
+
+def test_the_digits_read_from_scikit_learns_file_are_load_digits():
+    from sklearn.datasets import load_digits
+
+    from atcd_ray.data.sources import digits_arrays
+
+    images, target = digits_arrays()
+    reference = load_digits()
+    assert np.array_equal(images, reference.images) and np.array_equal(target, reference.target)
+    assert images.shape == (1797, 8, 8) and target.dtype == reference.target.dtype

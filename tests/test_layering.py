@@ -40,6 +40,23 @@ def test_local_training_path_loads_neither_ray_nor_ffcv():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+# What a training process imports before its first step: neither scikit-learn (2 s; the digits are
+# read from its CSV file) nor torch._inductor (2.5 s; torch.use_deterministic_algorithms imports
+# it). Every Ray worker and every test's run starts this way.
+STARTUP = ("import sys, torch; from atcd_ray.factories import seed_everything; from atcd_ray.data import build_splits; "
+           "seed_everything(0, torch.device('cpu')); build_splits('digits', data_dir=None, batch_size=64, val_size=197, "
+           "subset=None, eval_n=None, val_n=None, seed=0); {extra}"
+           "heavy = [m for m in ('sklearn', 'torch._inductor') if m in sys.modules]; print(heavy)")
+
+
+def test_a_training_process_starts_without_scikit_learn_or_torch_inductor():
+    run = lambda extra: subprocess.run([sys.executable, "-c", STARTUP.format(extra=extra)], check=True, timeout=120,
+                                       capture_output=True, text=True).stdout.strip()
+    assert run("") == "[]"
+    # Positive control: the check sees the import the start-up avoids.
+    assert run("torch.use_deterministic_algorithms(True, warn_only=True); ") == "['torch._inductor']"
+
+
 def _module(path: Path, package: Path) -> str:
     parts = list(path.relative_to(package.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)

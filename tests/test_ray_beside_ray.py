@@ -10,8 +10,11 @@ import pytest
 
 from .test_distributed import _env
 
-# Another Ray: a driver that started a local instance and waits (what another run looks like).
-OTHER = "import ray, time; ray.init(address='local', include_dashboard=True); print('up', flush=True); time.sleep(900)"
+# Another Ray: a driver that started a local instance and waits (what another run looks like). It
+# takes Ctrl-C even where it came in ignored (a suite started in the background, `cmd &`, passes
+# SIGINT ignored to its children): else _stop waited 120 s and a kill left two of its processes.
+OTHER = ("import ray, signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+         "ray.init(address='local', include_dashboard=True); print('up', flush=True); time.sleep(900)")
 
 
 def _stop(other: subprocess.Popen) -> None:

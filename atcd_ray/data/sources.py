@@ -90,20 +90,34 @@ def cifar10(data_dir: str | None, train: bool) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets, dtype=torch.long)
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The digits' 8x8 images (values 0-16) and labels, read from the CSV file scikit-learn ships
+    (what ``load_digits`` reads) without importing scikit-learn: its import takes about 2 s, paid
+    by every process that loads the digits (each Ray worker, each test's run). ``load_digits`` is
+    the fallback where the file is not where scikit-learn 1.x keeps it."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise DataError("the digits dataset needs scikit-learn: pip install scikit-learn")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if not csv.is_file():
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return bunch.images, bunch.target
+    table = np.loadtxt(csv, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
 def digits(data_dir: str | None, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 8x8 digits, upsampled to 28x28 so the MNIST networks apply.
 
     There is no official split: the first 1297 images train, the last 500 test.
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise DataError("the digits dataset needs scikit-learn: pip install scikit-learn") from err
-    bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images, target = digits_arrays()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = torch.nn.functional.interpolate(x, size=28, mode="bilinear", align_corners=False)
     x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
-    y = torch.tensor(bunch.target, dtype=torch.long)
+    y = torch.tensor(target, dtype=torch.long)
     return (x[:1297], y[:1297]) if train else (x[1297:], y[1297:])
 
 

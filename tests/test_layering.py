@@ -49,12 +49,15 @@ STARTUP = ("import sys, torch; from atcd_ray.factories import seed_everything; f
            "heavy = [m for m in ('sklearn', 'torch._inductor') if m in sys.modules]; print(heavy)")
 
 
+def _heavy_imports_at_startup(extra: str = "") -> str:
+    return subprocess.run([sys.executable, "-c", STARTUP.format(extra=extra)], check=True, timeout=120,
+                          capture_output=True, text=True).stdout.strip()
+
+
 def test_a_training_process_starts_without_scikit_learn_or_torch_inductor():
-    run = lambda extra: subprocess.run([sys.executable, "-c", STARTUP.format(extra=extra)], check=True, timeout=120,
-                                       capture_output=True, text=True).stdout.strip()
-    assert run("") == "[]"
+    assert _heavy_imports_at_startup() == "[]"
     # Positive control: the check sees the import the start-up avoids.
-    assert run("torch.use_deterministic_algorithms(True, warn_only=True); ") == "['torch._inductor']"
+    assert _heavy_imports_at_startup("torch.use_deterministic_algorithms(True, warn_only=True); ") == "['torch._inductor']"
 
 
 def _module(path: Path, package: Path) -> str:

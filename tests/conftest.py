@@ -51,9 +51,10 @@ def digits_splits():
 
 @pytest.fixture(scope="session")
 def trained_digits_model(digits_splits):
-    """SmallCNN trained naturally on the scikit-learn digits for a few epochs (seconds)."""
+    """CompactCNN (the digits recipe's network) trained naturally on the scikit-learn digits for a
+    few epochs (seconds)."""
     torch.manual_seed(0)
-    model = build_model("smallcnn", 10, 1)
+    model = build_model("compactcnn", 10, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for epoch in range(6):
         digits_splits.train.set_epoch(epoch)

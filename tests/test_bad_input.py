@@ -132,7 +132,7 @@ def test_evaluate_refuses_bad_input(finished_run, files, tmp_path, capsys):
         ([f"{files}/missing.safetensors"], "checkpoint {files}/missing.safetensors does not exist"),
         ([f"{files}/text.safetensors"], "{files}/text.safetensors is not a readable safetensors checkpoint"),
         ([f"{files}/foreign.safetensors"], "{files}/foreign.safetensors is not an atcd_ray checkpoint"),
-        ([checkpoint, "--dataset", "cifar10"], f"--dataset cifar10: {checkpoint} is a smallcnn for digits "
+        ([checkpoint, "--dataset", "cifar10"], f"--dataset cifar10: {checkpoint} is a compactcnn for digits "
                                                "(1x28x28 images, 10 classes), not for cifar10 (3x32x32, 10 classes)"),
         ([checkpoint, "--dataset", "svhn"], "unknown dataset 'svhn'"),
         ([checkpoint, "--eps", "nan"], "--eps must be a finite number >= 0"),

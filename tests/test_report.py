@@ -102,7 +102,7 @@ def test_a_run_evaluated_with_autoattack_gets_a_robustbench_entry(digits_run, tm
     evaluation = json.loads((digits_run / "aa.json").read_text())
     entry = json.loads((digits_run / "report" / "robustbench.json").read_text())
     assert (entry["dataset"], entry["architecture"], entry["threat_model"], entry["eps"]) == (
-        "digits", "smallcnn", "Linf", "0.3")
+        "digits", "compactcnn", "Linf", "0.3")
     assert entry["clean_acc"] == f"{100 * evaluation['clean_acc']:.2f}"
     assert entry["autoattack_acc"] == f"{100 * evaluation['robust_acc']['autoattack']:.2f}"
     assert entry["n_examples"] == 16 and entry["attack"].startswith("pyautoattack 0.2.0")

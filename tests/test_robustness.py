@@ -11,14 +11,16 @@ from atcd_ray.config import RECIPES_DIR, load_config
 from atcd_ray.data import build_splits
 
 EVAL = [("eval.n", 500), ("train.val_n", 200), ("eval.attacks", ["pgd20"])]
-# Natural training gets more data than ATCD (it is 4x cheaper per image), so that it is well fit.
-BUDGETS = {"natural": [("data.subset", 10000), ("train.epochs", 4)], "atcd": [("data.subset", 6000), ("train.epochs", 2)]}
+# CompactCNN (the default recipe's network, ATCD at its study setting: 8 passes a minibatch): a
+# third of SmallCNN's seconds for these runs and their attacks, with wider margins. Natural
+# training gets more epochs than ATCD (it is 8x cheaper per image), so that it is well fit.
+BUDGETS = {"natural": [("data.subset", 10000), ("train.epochs", 4)], "atcd": [("data.subset", 10000), ("train.epochs", 2)]}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("robustness")
-    recipe = RECIPES_DIR / "fashion-mnist_smallcnn.yaml"  # the bounds below were measured on SmallCNN
+    recipe = RECIPES_DIR / "fashion-mnist_compactcnn.yaml"  # the bounds below were measured on it
     return {m: (trainer.fit(load_config("fashion-mnist", recipe, [*EVAL, *budget, ("train.method", m)]), out / m,
                             progress=False), out / m) for m, budget in BUDGETS.items()}
 
@@ -26,8 +28,8 @@ def runs(tmp_path_factory):
 def test_atcd_is_far_more_robust_than_natural_training(runs):
     natural, atcd = runs["natural"][0], runs["atcd"][0]
     assert natural["clean_acc"] > 0.75 and atcd["clean_acc"] > 0.65
-    assert natural["robust_acc"]["pgd20"] < 0.25, natural["robust_acc"]  # measured 0.18 (seed 0)
-    assert atcd["robust_acc"]["pgd20"] > natural["robust_acc"]["pgd20"] + 0.25, (natural, atcd)  # measured 0.55
+    assert natural["robust_acc"]["pgd20"] < 0.25, natural["robust_acc"]  # measured 0.07 (seed 0)
+    assert atcd["robust_acc"]["pgd20"] > natural["robust_acc"]["pgd20"] + 0.25, (natural, atcd)  # measured 0.67
 
 
 # The masking check: PGD-20 against a 1000-query Square attack (score-based, gradient-free,
@@ -63,7 +65,7 @@ def test_the_masking_check_fires_on_a_model_that_masks_gradients(runs):
     summary, out = runs["natural"]
     net = atcd_ray.load_model(out / summary["checkpoint"])
     masked, acc = masking_check(Quantised(net).eval())
-    assert masked and acc["square1000"] < acc["pgd20"] - 0.1, acc  # measured 0.69 PGD-20, 0.48 Square
+    assert masked and acc["square1000"] < acc["pgd20"] - 0.1, acc  # measured 0.73 PGD-20, 0.53 Square
     masked, acc = masking_check(net)
     assert not masked, acc  # the same network without the mask: PGD is the stronger attack
 

@@ -15,8 +15,9 @@ from atcd_ray.config import load_config
 from atcd_ray.core.checkpoint import save_checkpoint
 
 ATTACKS = "pgd10,autoattack"
-# The digits model keeps about a third of the examples under AutoAttack at this radius (19/64 on an AMD
-# EPYC family 26; at 0.13 it kept 2/64 there and 0/64 in CI, whose fixture model trained a little differently)
+# The digits model keeps about a fifth of the first 24 examples under AutoAttack at this radius (5/24,
+# CompactCNN, on an Intel Xeon family 6 model 207; SmallCNN's kept 9/24). At 0.13 SmallCNN kept 2/64 on an
+# AMD EPYC and 0/64 in CI, whose fixture model trained a little differently.
 AA_EPS = "0.08"
 AA_N = 24  # three batches of 8 over two actors: one killed mid-batch still leaves batches to redo
 

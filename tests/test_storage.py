@@ -56,7 +56,7 @@ def test_load_model_and_evaluate_read_a_checkpoint_from_s3(s3_env, trained_digit
 
     # The object replaced by another model: its stored batches are not reused
     torch.manual_seed(1)
-    other = save_checkpoint(tmp_path / "other.safetensors", build_model("smallcnn", 10, 1),
+    other = save_checkpoint(tmp_path / "other.safetensors", build_model("compactcnn", 10, 1),
                             load_config("digits").to_dict())
     upload(other, uri)
     assert run_main(evaluate.main, [uri, *args, "--json", str(tmp_path / "remote.json")]) == 2

@@ -11,7 +11,7 @@ from atcd_ray.trajectory_shift import measure
 def test_equal_lengths_have_no_shift():
     cfg = load_config("digits", overrides=[("data.subset", 128)])
     result = measure(cfg, k=2, k_prime=2, replays=2, epochs=1)
-    assert result["steps"] == 2 and len(result["layers"]) == 7  # SmallCNN: 4 conv + 3 linear weights
+    assert result["steps"] == 2 and len(result["layers"]) == 4  # CompactCNN: 2 conv + 2 linear weights
     for name in result["layers"]:
         assert max(result["l2"][name]) == 0.0
         assert min(result["cosine"][name]) > 0.999999

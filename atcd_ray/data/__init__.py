@@ -33,7 +33,7 @@ _GRAY_28 = {"num_classes": 10, "in_channels": 1, "image_size": 28, "mean": None,
 DATASETS = {
     "fashion-mnist": DatasetSpec(**_GRAY_28, default_recipe="fashion-mnist_compactcnn.yaml"),
     "mnist": DatasetSpec(**_GRAY_28, default_recipe="mnist_smallcnn.yaml"),
-    "digits": DatasetSpec(**_GRAY_28, default_recipe="digits_smallcnn.yaml"),
+    "digits": DatasetSpec(**_GRAY_28, default_recipe="digits_compactcnn.yaml"),
     "cifar10": DatasetSpec(num_classes=10, in_channels=3, image_size=32, mean=(0.4914, 0.4822, 0.4465),
                            std=(0.2471, 0.2435, 0.2616), default_recipe="cifar10_preactresnet18.yaml",
                            augment="crop_flip"),

@@ -156,7 +156,7 @@ def test_a_last_batch_shorter_than_the_others_is_merged_in_place(checkpoint, tmp
         evaluate.main([*args, "--batch-size", "8", "--json", str(tmp_path / "8.json")])
 
 
-def test_an_actors_bad_input_is_one_line(checkpoint, tmp_path):
+def test_an_actors_bad_input_is_one_line(checkpoint, tmp_path, shared_ray):
     """A checkpoint that changed after the driver hashed it is found by the actors; the error is
     their one line (exit 2), not Ray's traceback."""
     script = f"""
@@ -168,7 +168,10 @@ spec = EvalSpec(checkpoint={str(checkpoint)!r}, checkpoint_sha256="0" * 64, data
                 attacks=("fgsm",), eps=0.1, alpha=None, eval_n=16, batch_size=8, seed=0, device="cpu")
 sys.exit(run_main(lambda argv: run_batches(spec, Parts(Path({str(tmp_path)!r}), spec, 16, {{}}), workers=2)))
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    from tests.test_distributed import _env
+
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env=_env(shared_ray))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: {checkpoint} changed during the evaluation (sha256 differs)" in proc.stderr.splitlines()
 

@@ -30,7 +30,8 @@ def upload(local, uri):
                           destination_filesystem=filesystem)
 
 
-def test_load_model_and_evaluate_read_a_checkpoint_from_s3(s3_env, trained_digits_model, tmp_path, capsys):
+def test_load_model_and_evaluate_read_a_checkpoint_from_s3(s3_env, trained_digits_model, tmp_path, capsys,
+                                                           shared_ray):
     local = save_checkpoint(tmp_path / "model.safetensors", trained_digits_model, load_config("digits").to_dict())
     uri = "s3://runs/models/digits/model.safetensors"
     upload(local, uri)
@@ -47,10 +48,14 @@ def test_load_model_and_evaluate_read_a_checkpoint_from_s3(s3_env, trained_digit
     assert there["checkpoint"] == uri and there["correct"] == here["correct"]
     assert 0 < there["robust_acc"]["pgd10"] < there["clean_acc"]
 
-    # Two Ray actors, each copying the object for itself (the AWS environment goes with them)
+    # Two Ray actors, each copying the object for itself: on the shared Ray, whose processes have no
+    # AWS environment, so the driver's must go with them (their runtime environment)
+    from tests.test_distributed import _env
+
     sharded = tmp_path / "actors.json"
     proc = subprocess.run([sys.executable, "-m", "atcd_ray.evaluate", uri, *args, "--workers", "2", "--json",
-                           str(sharded)], env={**os.environ, **s3_env}, capture_output=True, text=True, timeout=600)
+                           str(sharded)], env={**_env(shared_ray), **s3_env}, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(sharded.read_text())["correct"] == here["correct"]
 

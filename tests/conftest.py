@@ -177,8 +177,10 @@ def shared_ray():
     port = free_port()
     dashboard = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}  # for the state API of its processes
     local = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # as init_ray's local Ray (no cloud drains it)
+    # No AWS credentials in its processes: the S3 tests' actors must get theirs from their driver
+    env = {k: v for k, v in _env().items() if not k.startswith("AWS_")}
     proc = subprocess.Popen([sys.executable, "-c", SHARED_RAY.format(port=port)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env={**_env(), **dashboard, **local})
+                            stdout=subprocess.PIPE, text=True, env={**env, **dashboard, **local})
     line = proc.stdout.readline().split()
     if line[:1] != ["gcs_address"]:
         proc.kill()

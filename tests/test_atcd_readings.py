@@ -178,16 +178,18 @@ def test_nfgsm_is_its_definition(clip):
 
 READINGS = [{"methods.atcd.init": "uniform"}, {"methods.atcd.init": "carry_delta"},
             {"methods.atcd.kick": "gradient"}, {"methods.atcd.order": "drift_kick", "methods.atcd.reuse_grad": True},
-            {"methods.atcd.reuse_grad": True, "methods.atcd.mh_start": "reuse"}, {"train.method": "nfgsm"}]
+            {"methods.atcd.reuse_grad": True, "methods.atcd.mh_start": "reuse"},
+            # SmallCNN has dropout (the digits recipe's CompactCNN has none): ATCD's per-replay masks
+            # resumed bit for bit. N-FGSM on it too: on 256 images in 3 epochs CompactCNN learns no
+            # robustness from it (0/64 PGD-5), SmallCNN some (10/64).
+            {"model": "smallcnn"}, {"train.method": "nfgsm", "model": "smallcnn"}]
 
 
 @pytest.mark.parametrize("reading", READINGS, ids=lambda r: ",".join(f"{k}={v}" for k, v in r.items()))
 def test_each_reading_trains_on_the_digits_and_resumes_bit_for_bit(reading, tmp_path, monkeypatch):
     cfg = quick_config(**{"train.method": "atcd", "methods.atcd.T": 2, "methods.atcd.K": 1, **reading})
     straight = trainer.fit(cfg, tmp_path / "straight", progress=False)
-    assert straight["clean_acc"] > 0.2  # trained: chance is 0.1 (measured 0.36-0.83)
-    if reading != {"train.method": "nfgsm"}:  # which on 256 images in 3 epochs learns no robustness (0/64)
-        assert straight["robust_acc"]["pgd5"] > 0.15  # an untrained net has ~0 (measured 0.30-0.34)
+    assert straight["robust_acc"]["pgd5"] > 0.15  # trained: chance is 0.1 (an untrained net has ~0)
     crash_in_epoch_3(cfg, tmp_path / "crashed", monkeypatch)
     resumed = trainer.fit(cfg, tmp_path / "crashed", progress=False)
     a = Checkpoint(tmp_path / "straight" / "last.safetensors")

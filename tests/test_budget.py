@@ -101,7 +101,7 @@ def test_provenance_names_the_commit_and_sees_edits(tmp_path):
     clone = tmp_path / "clone"  # a checkout of one commit (a clone of this one took 17 s: its results/)
     clone.mkdir()
     (clone / "README.md").write_text("a checkout\n")
-    git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"]
     for step in (["init", "-q"], ["add", "README.md"], ["commit", "-q", "-m", "one commit"]):
         subprocess.run([*git, *step], check=True, timeout=60)
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -132,7 +132,8 @@ def test_resume_ignores_the_options_of_methods_not_trained():
 
 
 def test_load_model_gives_eval_mode_logits(tmp_path):
-    summary = trainer.fit(quick_config(**{"train.epochs": 1}), tmp_path, progress=False)
+    # SmallCNN: it has dropout, which eval mode must switch off (the digits recipe's CompactCNN has none)
+    summary = trainer.fit(quick_config(**{"train.epochs": 1, "model": "smallcnn"}), tmp_path, progress=False)
     model = atcd_ray.load_model(tmp_path / summary["checkpoint"])
     assert isinstance(model, torch.nn.Module) and not model.training
     x = torch.rand(5, 1, 28, 28)

@@ -240,7 +240,7 @@ def test_a_stale_current_cluster_file_does_not_hang_a_run():
         env = dict(_env(), TMPDIR=temp)
         join = "import ray; ray.init(); print(ray.cluster_resources()['CPU'])"
         with pytest.raises(subprocess.TimeoutExpired):
-            subprocess.run([sys.executable, "-c", join], env=env, capture_output=True, timeout=10)
+            subprocess.run([sys.executable, "-c", join], env=env, capture_output=True, timeout=20)
         own = "from atcd_ray.distributed import init_ray; import ray; init_ray(); print(ray.cluster_resources()['CPU'])"
         proc = subprocess.run([sys.executable, "-c", own], env=env, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0 and float(proc.stdout.split()[-1]) == os.cpu_count(), proc.stderr

@@ -249,6 +249,32 @@ def _interrupt_after_first_trial(cmd, out, *, env, wait, finish):
 
 
 @pytest.mark.timeout(900)
+def test_an_interrupted_sweep_resumes_and_retrains_nothing_finished(tmp_path, shared_ray):
+    space = _space(tmp_path, fixed={"train.method": "atcd"}, scheduler={"name": "fifo"},
+                   params={"methods.atcd.lam": {"grid": [0.5, 1, 2]}})
+    out = tmp_path / "sweep"
+    # Two CPUs per worker: one trial at a time on this 2-core machine, so the order is known.
+    _interrupt_after_first_trial(_sweep_cmd(space, out, "--cpus-per-worker", "2"), out, env=_env(shared_ray),
+                                 wait=600, finish=300)
+    first = next(out.glob("runs/*/summary.json")).parent
+    first_epochs = (first / "metrics.jsonl").read_text()
+    assert len(list(out.glob("runs/*/summary.json"))) < 3  # interrupted before the end
+
+    resumed = subprocess.run(_sweep_cmd(space, out, "--cpus-per-worker", "2", "--resume"), capture_output=True,
+                             text=True, env=_env(shared_ray), timeout=800)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert sorted(r["methods.atcd.lam"] for r in rows) == [0.5, 1, 2] and {r["status"] for r in rows} == {"completed"}
+    # The finished trial was not trained again: either Tune had recorded it as done, or (Ctrl-C
+    # before Tune saw it end) its run resumed from its last checkpoint and only re-tested.
+    assert (first / "metrics.jsonl").read_text() == first_epochs
+    for row in rows:
+        epochs = [json.loads(line)["epoch"] for line in (out / "runs" / row["trial_id"] / "metrics.jsonl")
+                  .read_text().splitlines()]
+        assert epochs == [1, 2]
+
+
+@pytest.mark.timeout(900)
 def test_asha_stops_a_bad_trial_and_frees_its_workers(tmp_path, shared_ray):
     # One trial at a time; the good learning rate runs first, so when the bad one reports its
     # first epoch it is in the bottom half of that rung and ASHA stops it.
@@ -277,24 +303,19 @@ TPE_SPACE = {"fixed": {"train.method": "natural"}, "scheduler": {"name": "fifo"}
              "points_to_evaluate": [{"optim.lr": 0.05}], "num_samples": 3}
 
 
-@pytest.mark.timeout(600)
-def test_an_interrupted_tpe_sweep_resumes_its_search_and_retrains_nothing_finished(tmp_path, shared_ray):
-    """Ctrl-C after the first trial, then --resume: the fixed trial first and once, the restored
-    searcher goes on (it does not start over), the finished trial is not trained again, and every
-    trial, the interrupted one included, has each of its epochs once."""
+@pytest.mark.timeout(400)
+def test_a_tpe_sweep_runs_its_fixed_trial_first_and_resumed_goes_on_with_the_same_search(tmp_path, shared_ray):
     space = _space(tmp_path, **TPE_SPACE)  # no search_seed: one is drawn and recorded
     out = tmp_path / "sweep"
-    cmd = _sweep_cmd(space, out, "--epochs", "2", "--max-concurrent", "1")
-    _interrupt_after_first_trial(cmd, out, env=_env(shared_ray), wait=300, finish=120)
+    cmd = _sweep_cmd(space, out, "--epochs", "1", "--max-concurrent", "1")
+    _interrupt_after_first_trial(cmd, out, env=_env(shared_ray), wait=200, finish=120)
     assert len(list(out.glob("runs/*/summary.json"))) < 3  # interrupted before the end
-    first = next(out.glob("runs/*/summary.json")).parent
-    first_epochs = (first / "metrics.jsonl").read_text()
     recorded = json.loads((out / "searcher.json").read_text())
     assert isinstance(recorded["search_seed"], int)
     assert recorded == {"searcher": "tpe", "search_seed": recorded["search_seed"],
                         "points_to_evaluate": [{"optim.lr": 0.05}]}
 
-    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=_env(shared_ray), timeout=400)
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=_env(shared_ray), timeout=250)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     rows = _trials_in_order(out)
     # Three trials in all, the fixed one once (trial 0), the third drawn after the resume: the
@@ -308,13 +329,6 @@ def test_an_interrupted_tpe_sweep_resumes_its_search_and_retrains_nothing_finish
     assert json.loads((out / "study.json").read_text())["search_seed"] == recorded["search_seed"]
     assert {(r["searcher"], r["search_seed"]) for r in rows} == {("tpe", recorded["search_seed"])}
     assert f"searcher: tpe, seed {recorded['search_seed']}" in resumed.stdout
-    # The finished trial was not trained again: either Tune had recorded it as done, or (Ctrl-C
-    # before Tune saw it end) its run resumed from its last checkpoint and only re-tested.
-    assert (first / "metrics.jsonl").read_text() == first_epochs
-    for row in rows:
-        epochs = [json.loads(line)["epoch"] for line in (out / "runs" / row["trial_id"] / "metrics.jsonl")
-                  .read_text().splitlines()]
-        assert epochs == [1, 2]
 
 
 def test_a_budget_study_passes_its_searcher_and_fixed_trials_to_each_sweep(tmp_path):

@@ -409,18 +409,21 @@ def run_autoattack(spec: BudgetStudy, out: Path, *, jobs: int = 1, data_dir: str
     """AutoAttack (and PGD-20, on the same images) on every trained final run that lacks it. On
     the CPU one run at a time, its batches over one single-threaded Ray actor per core in batches
     of 50 (1.27x faster than one actor with every core here, docs/PERFORMANCE.md; a killed study
-    resumes by batch); on a GPU machine ``jobs`` runs at once, each in its own process on the GPU
-    in batches of 500 (AutoAttack's small networks leave an H100 mostly idle one at a time).
+    resumes by batch), no more actors than batches and none for a single batch (it runs in the
+    evaluating process, which then starts no Ray: a tiny study's AutoAttack); on a GPU machine
+    ``jobs`` runs at once, each in its own process on the GPU in batches of 500 (AutoAttack's
+    small networks leave an H100 mostly idle one at a time).
     Needs neither Ray on a GPU nor the search's results: ``--stage autoattack`` runs this alone."""
     import torch
 
     gpu = torch.cuda.is_available()
-    device = ["--gpu", "--batch-size", "500"] if gpu else \
-        ["--workers", str(len(os.sched_getaffinity(0))), "--batch-size", "50"]
     commands = []
     for run, autoattack_n in final_runs(spec, out):
         aa_json = run / "autoattack.json"
         if autoattack_n and (run / "summary.json").exists() and not aa_json.exists():
+            actors = min(len(os.sched_getaffinity(0)), -(-autoattack_n // 50))
+            device = ["--gpu", "--batch-size", "500"] if gpu else \
+                ["--workers", str(actors if actors > 1 else 0), "--batch-size", "50"]
             summary = json.loads((run / "summary.json").read_text())
             commands.append([str(run / summary["checkpoint"]), "--attacks", "pgd20,autoattack", "--eval-n",
                              str(autoattack_n), "--json", str(aa_json), *device,

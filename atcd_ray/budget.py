@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -404,6 +405,9 @@ def _train_finals(spec: BudgetStudy, runs: list[tuple[Path, list]], *, out: Path
             raise
 
 
+CPU_AUTOATTACK_BATCH = 50  # images a batch (and an actor's task) for AutoAttack on the CPU
+
+
 def run_autoattack(spec: BudgetStudy, out: Path, *, jobs: int = 1, data_dir: str | None = None,
                    record: Path | None = None) -> None:
     """AutoAttack (and PGD-20, on the same images) on every trained final run that lacks it. On
@@ -421,9 +425,11 @@ def run_autoattack(spec: BudgetStudy, out: Path, *, jobs: int = 1, data_dir: str
     for run, autoattack_n in final_runs(spec, out):
         aa_json = run / "autoattack.json"
         if autoattack_n and (run / "summary.json").exists() and not aa_json.exists():
-            actors = min(len(os.sched_getaffinity(0)), -(-autoattack_n // 50))
-            device = ["--gpu", "--batch-size", "500"] if gpu else \
-                ["--workers", str(actors if actors > 1 else 0), "--batch-size", "50"]
+            if gpu:
+                device = ["--gpu", "--batch-size", "500"]
+            else:  # an actor a batch at most; one batch runs in the evaluating process (--workers 0)
+                actors = min(len(os.sched_getaffinity(0)), math.ceil(autoattack_n / CPU_AUTOATTACK_BATCH))
+                device = ["--workers", str(actors if actors > 1 else 0), "--batch-size", str(CPU_AUTOATTACK_BATCH)]
             summary = json.loads((run / "summary.json").read_text())
             commands.append([str(run / summary["checkpoint"]), "--attacks", "pgd20,autoattack", "--eval-n",
                              str(autoattack_n), "--json", str(aa_json), *device,

@@ -6,6 +6,7 @@ the network allows); the scikit-learn digits ship with scikit-learn; ImageNet is
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import struct
@@ -90,11 +91,13 @@ def cifar10(data_dir: str | None, train: bool) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets, dtype=torch.long)
 
 
+@functools.lru_cache(maxsize=1)
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """The digits' 8x8 images (values 0-16) and labels, read from the CSV file scikit-learn ships
     (what ``load_digits`` reads) without importing scikit-learn: its import takes about 2 s, paid
     by every process that loads the digits (each Ray worker, each test's run). ``load_digits`` is
-    the fallback where the file is not where scikit-learn 1.x keeps it."""
+    the fallback where the file is not where scikit-learn 1.x keeps it. Read once a process: the
+    training and the test split both come from it (callers copy, never write, the arrays)."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None or spec.origin is None:
         raise DataError("the digits dataset needs scikit-learn: pip install scikit-learn")

@@ -1,5 +1,6 @@
 """Data parallelism: shards, DDP gradients in the methods (torch gloo), and Ray Train end to end:
 two workers, a worker killed mid-run, and ``ray job submit`` against a local head node."""
+import contextlib
 import json
 import os
 import re
@@ -54,20 +55,36 @@ def _model():
     return model
 
 
-def _ddp_worker(rank, port, method_name, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    model = _model()
-    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    method = METHODS[method_name](ddp, torch.optim.SGD(model.parameters(), lr=0.5), 0.1, METHODS[method_name].Options())
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.rand(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)
-    torch.manual_seed(10 + rank)  # different random starts per rank, as in training
-    for _ in range(2):
-        method.step(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])
-    torch.save({k: v.clone() for k, v in model.state_dict().items()}, Path(result_dir) / f"{rank}.pt")
-    dist.destroy_process_group()
+@contextlib.contextmanager
+def gloo_group(rank: int, world_size: int, store_dir: str):
+    """A gloo process group for ``mp.spawn`` workers, on a file store in ``store_dir``.
+
+    A file store, not the TCP store of MASTER_ADDR: rank 0 then hosts no store server, which CI
+    once saw abort at teardown ("terminate called without an active exception", SIGABRT in rank 0
+    after both ranks had saved their results). The barrier lets no rank tear down while another
+    is still in a collective."""
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/gloo-store", rank=rank, world_size=world_size)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_worker(rank, method_name, result_dir):
+    with gloo_group(rank, 2, result_dir):
+        torch.manual_seed(0)
+        model = _model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        method = METHODS[method_name](ddp, torch.optim.SGD(model.parameters(), lr=0.5), 0.1,
+                                      METHODS[method_name].Options())
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.rand(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+        torch.manual_seed(10 + rank)  # different random starts per rank, as in training
+        for _ in range(2):
+            method.step(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, Path(result_dir) / f"{rank}.pt")
+        del method, ddp  # DDP's reducer holds the group: release it before the group is destroyed
 
 
 def _free_port():
@@ -78,7 +95,7 @@ def _free_port():
 
 @pytest.mark.parametrize("method_name", ["natural", "atcd", "yopo", "trades"])
 def test_ddp_keeps_ranks_identical_and_natural_equals_the_full_batch(method_name, tmp_path):
-    mp.spawn(_ddp_worker, args=(_free_port(), method_name, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(method_name, str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     for key in rank0:  # gradients were all-reduced: the two ranks took the same optimiser steps
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=1e-6)

@@ -1,7 +1,6 @@
 """Elastic training and preemption (issue 13): a global step is the same examples on any number of
 workers, per-example method state is re-cut by rows on a resize, ranks with unequal rows average
 their gradients with weights, and a preemption notice leads to a checkpoint a run resumes from."""
-import os
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from atcd_ray.data import TensorBatches
 from atcd_ray.group import Group
 from atcd_ray.resume import reshard_rows
 from tests.test_checkpoint import quick_config
-from tests.test_distributed import _free_port, _model
+from tests.test_distributed import _model, gloo_group
 from tests.test_mid_epoch import CountedSteps, _assert_same
 
 B, N = 12, 70  # 5 whole global batches an epoch
@@ -64,26 +63,26 @@ def test_per_example_state_is_recut_by_rows_and_round_trips(rows, before, after)
     assert "delta" not in reshard_rows([{"delta": whole}, {}], ("delta",), 0, 1)  # a rank without it: none
 
 
-def _uneven_worker(rank, port, method_name, weighted, result_dir):
+def _uneven_worker(rank, method_name, weighted, result_dir):
     """3 ranks on a global batch of 8: rows 3, 3 and 2."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # three processes on a small machine
-    dist.init_process_group("gloo", rank=rank, world_size=3)
-    torch.manual_seed(0)
-    model = _model()
-    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    rows = slice(rank, None, 3)
-    weight = len(range(8)[rows]) * 3 / 8
-    if weighted:
-        ddp.register_comm_hook(weight, weighted_mean_hook)
-    method = METHODS[method_name](ddp, torch.optim.SGD(model.parameters(), lr=0.5), 0.1, METHODS[method_name].Options())
-    method.rank_weight = weight if weighted else 1.0
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.rand(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)
-    for _ in range(2):
-        method.step(x[rows], y[rows])
-    torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{result_dir}/{rank}.pt")
-    dist.destroy_process_group()
+    with gloo_group(rank, 3, result_dir):
+        torch.manual_seed(0)
+        model = _model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        rows = slice(rank, None, 3)
+        weight = len(range(8)[rows]) * 3 / 8
+        if weighted:
+            ddp.register_comm_hook(weight, weighted_mean_hook)
+        method = METHODS[method_name](ddp, torch.optim.SGD(model.parameters(), lr=0.5), 0.1,
+                                      METHODS[method_name].Options())
+        method.rank_weight = weight if weighted else 1.0
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.rand(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+        for _ in range(2):
+            method.step(x[rows], y[rows])
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{result_dir}/{rank}.pt")
+        del method, ddp  # DDP's reducer holds the group: release it before the group is destroyed
 
 
 def _full_batch(method_name):
@@ -98,14 +97,14 @@ def _full_batch(method_name):
     return model.state_dict()
 
 
-def test_ranks_with_unequal_rows_train_as_the_full_batch():
+def test_ranks_with_unequal_rows_train_as_the_full_batch(tmp_path):
     """Natural training (DDP's all-reduce, weighted by the comm hook) equals the full batch on one
     process. Positive control: DDP's plain mean of the ranks' means does not."""
     reference = _full_batch("natural")
     for weighted in (True, False):
-        out = f"{os.environ.get('TMPDIR', '/tmp')}/uneven-{os.getpid()}-{weighted}"
-        os.makedirs(out, exist_ok=True)
-        mp.spawn(_uneven_worker, args=(_free_port(), "natural", weighted, out), nprocs=3, join=True)
+        out = tmp_path / f"weighted-{weighted}"
+        out.mkdir()
+        mp.spawn(_uneven_worker, args=("natural", weighted, str(out)), nprocs=3, join=True)
         ranks = [torch.load(f"{out}/{r}.pt") for r in range(3)]
         for key in reference:
             torch.testing.assert_close(ranks[0][key], ranks[2][key], rtol=0, atol=1e-6)

@@ -6,8 +6,14 @@ import torch
 from atcd_ray.core.models import build_model
 from atcd_ray.data import build_splits
 
-# Two test processes (pytest -n 2) on two cores: one thread each, or they thrash.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test processes (pytest -n 2) on two cores: one thread each, and one in each run they start
+    # (a run with --workers 0 would take every core): two-thread torch beside another busy process
+    # spins in its thread barriers and runs several times slower.
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+else:
+    torch.set_num_threads(2)
 # Ray Train's controller polls its workers every 2 s and its preemption watcher every 5 s: each
 # start, end, failure, resize and preemption in a test's run waits for a poll. The tests' runs (and
 # their subprocesses, which inherit this environment) poll faster; what they check is unchanged.

@@ -2,7 +2,6 @@
 starts a Ray of its own, prints no traceback (Ray Train's placement-group cleaner used to fail
 with "Found multiple active Ray instances"), and leaves no placement group behind."""
 import json
-import signal
 import subprocess
 import sys
 
@@ -10,19 +9,8 @@ import pytest
 
 from .test_distributed import _env
 
-# Another Ray: a driver that started a local instance and waits (what another run looks like). It
-# takes Ctrl-C even where it came in ignored (a suite started in the background, `cmd &`, passes
-# SIGINT ignored to its children): else _stop waited 120 s and a kill left two of its processes.
-OTHER = ("import ray, signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
-         "ray.init(address='local', include_dashboard=True); print('up', flush=True); time.sleep(900)")
-
-
-def _stop(other: subprocess.Popen) -> None:
-    other.send_signal(signal.SIGINT)  # its ray.shutdown at exit stops its instance
-    try:
-        other.wait(timeout=120)
-    except subprocess.TimeoutExpired:  # a loaded machine: do not fail the test on the other's exit
-        other.kill()
+# Another Ray: the suite's shared one (``shared_ray``), a driver that started a local instance
+# with its dashboard and waits, which is what another run looks like.
 
 
 # The run, then the state of every placement group its Ray made, before that Ray goes.
@@ -38,16 +26,10 @@ sys.exit(code)
 
 
 @pytest.mark.timeout(600)
-def test_a_run_beside_another_ray_is_quiet_and_cleans_its_placement_groups(tmp_path):
-    other = subprocess.Popen([sys.executable, "-c", OTHER], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True, env=_env())
-    try:
-        assert other.stdout.readline().strip() == "up"
-        proc = subprocess.run([sys.executable, "-c", RUN, "digits", "--workers", "1", "--epochs", "2", "--subset",
-                               "256", "--eval-n", "64", "--out", str(tmp_path / "run"), "--set",
-                               "eval.attacks=[fgsm]"], capture_output=True, text=True, env=_env(), timeout=500)
-    finally:
-        _stop(other)
+def test_a_run_beside_another_ray_is_quiet_and_cleans_its_placement_groups(tmp_path, shared_ray):
+    proc = subprocess.run([sys.executable, "-c", RUN, "digits", "--workers", "1", "--epochs", "2", "--subset", "256",
+                           "--eval-n", "64", "--out", str(tmp_path / "run"), "--set", "eval.attacks=[fgsm]"],
+                          capture_output=True, text=True, env=_env(), timeout=500)  # _env(): not joining it
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     assert "Traceback" not in output and "multiple active Ray instances" not in output, output[-6000:]
@@ -60,17 +42,11 @@ def test_a_run_beside_another_ray_is_quiet_and_cleans_its_placement_groups(tmp_p
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 2
 
 
-def test_positive_control_the_state_api_without_an_address_fails_beside_another_ray():
+def test_positive_control_the_state_api_without_an_address_fails_beside_another_ray(shared_ray):
     """What the cleaner hit: beside another Ray, the state API with no address refuses to pick.
     (The check above would see the traceback it printed.)"""
-    other = subprocess.Popen([sys.executable, "-c", OTHER], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True, env=_env())
-    try:
-        assert other.stdout.readline().strip() == "up"
-        probe = ("import ray\nfrom ray.util.state import list_actors\nray.init(address='local')\n"
-                 "try:\n    list_actors()\nexcept ConnectionError as err:\n    print('REFUSED', err)\n")
-        env = {k: v for k, v in _env().items() if k != "RAY_API_SERVER_ADDRESS"}
-        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
-    finally:
-        _stop(other)
+    probe = ("import ray\nfrom ray.util.state import list_actors\nray.init(address='local')\n"
+             "try:\n    list_actors()\nexcept ConnectionError as err:\n    print('REFUSED', err)\n")
+    env = {k: v for k, v in _env().items() if k != "RAY_API_SERVER_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
     assert "REFUSED Found multiple active Ray instances" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]

@@ -21,6 +21,29 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
 
 
+def pytest_configure(config):
+    """Ray's token (the tests' Rays run with RAY_AUTH_MODE=token) made once, before any test: a Ray
+    that finds no ~/.ray/auth_token writes a new one, and two starting at once (two test processes
+    on a fresh machine) would each write theirs, one of them then refusing its own clients. Runs in
+    pytest-xdist's controller before its workers start."""
+    import secrets
+    import tempfile
+    from pathlib import Path
+
+    token = Path.home() / ".ray" / "auth_token"
+    if token.exists():
+        return
+    token.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=token.parent, delete=False) as f:
+        f.write(secrets.token_hex(32))  # as Ray's own generator
+    try:
+        os.link(f.name, token)  # atomic, and never over a token another process wrote meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(f.name)
+
+
 class TinyNet(torch.nn.Module):
     """A small conv net (with dropout) for fast property tests on generated data."""
 

@@ -135,13 +135,22 @@ class EpochValidator:
                                              "val_robust_acc_raw") if key in record}
 
 
+def worker_threads(reserved: int) -> int:
+    """A worker's torch threads: the CPUs reserved for it, no more, and no more than
+    OMP_NUM_THREADS where the worker's environment sets it (Ray sets it to the CPUs of a worker that
+    reserves some; a cluster started with it set keeps it, as the test suite's two test processes
+    on two cores do)."""
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(reserved, int(cap)) if cap.isdigit() and int(cap) > 0 else reserved
+
+
 def _worker(config: dict) -> None:
     import torch
 
     from .cli import setup_logging
 
     setup_logging()
-    torch.set_num_threads(config["threads"])  # the CPUs reserved for this worker, no more
+    torch.set_num_threads(worker_threads(config["threads"]))
     group = RayGroup(config["validates_async"])
     out, publish = config["out"], None
     if is_uri(out):  # the run's files are written here and copied there (rank 0)

@@ -46,6 +46,16 @@ def test_shards_are_disjoint_equal_and_cover_the_epoch():
         assert set(batch.tolist()) == set(shards[0][4 * i:4 * i + 4].tolist()) | set(shards[1][4 * i:4 * i + 4].tolist())
 
 
+def test_a_workers_threads_are_its_cpus_capped_by_omp_num_threads(monkeypatch):
+    from atcd_ray.distributed import worker_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert worker_threads(2) == 2
+    for value, threads in (("1", 1), ("4", 2), ("0", 2), ("", 2), ("two", 2)):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert worker_threads(2) == threads, value
+
+
 def _model():
     """SmallCNN with its dropout off, so that ranks differ only by their data and random starts."""
     model = build_model("smallcnn", 10, 1, mean=None, std=None)

@@ -232,8 +232,12 @@ def test_ray_job_submit_trains_two_workers_and_writes_tensorboard(tmp_path):
     try:
         _wait_for(f"http://127.0.0.1:{port}/api/version")
         out = tmp_path / "job-run"
+        # Ray uploads the checkout without its .git: the commit goes with the job (docs/CLUSTER.md)
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
         job = subprocess.run(
-            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{port}", "--working-dir", str(ROOT), "--",
+            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{port}", "--working-dir", str(ROOT),
+             "--runtime-env-json", json.dumps({"env_vars": {"ATCD_RAY_COMMIT": head}}), "--",
              "python", "-m", "atcd_ray.train", "digits", "--method", "atcd", "--workers", "2", "--epochs", "2",
              "--eval-n", "100", "--out", str(out), "--set", "eval.attacks=[pgd10]", "--set", "train.val_n=64",
              "--quiet"], env=env, capture_output=True, text=True, timeout=800)
@@ -244,6 +248,7 @@ def test_ray_job_submit_trains_two_workers_and_writes_tensorboard(tmp_path):
     assert not left, left
     summary = json.loads((out / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["epochs"] == 2 and 0 <= summary["robust_acc"]["pgd10"] <= summary["clean_acc"]
+    assert summary["provenance"]["commit"] == head  # from ATCD_RAY_COMMIT: the upload has no .git
     checkpoints = sorted(p for p in out.glob("checkpoint_*") if p.is_dir())
     assert checkpoints and {p.name for p in checkpoints[-1].iterdir()} == {"last.safetensors", "rank1.safetensors"}
 

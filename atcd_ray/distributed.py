@@ -137,11 +137,13 @@ class EpochValidator:
 
 def worker_threads(reserved: int) -> int:
     """A worker's torch threads: the CPUs reserved for it, no more, and no more than
-    OMP_NUM_THREADS where the worker's environment sets it (Ray sets it to the CPUs of a worker that
-    reserves some; a cluster started with it set keeps it, as the test suite's two test processes
-    on two cores do)."""
-    cap = os.environ.get("OMP_NUM_THREADS", "")
-    return min(reserved, int(cap)) if cap.isdigit() and int(cap) > 0 else reserved
+    ATCD_RAY_WORKER_THREADS where its environment sets it (the test suite's two test processes on
+    two cores set 1). Not OMP_NUM_THREADS: Ray's cluster launcher exports 1 for every node."""
+    try:
+        cap = int(os.environ.get("ATCD_RAY_WORKER_THREADS", ""))
+    except ValueError:
+        return reserved
+    return min(reserved, cap) if cap > 0 else reserved
 
 
 def _worker(config: dict) -> None:

@@ -11,7 +11,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # (a run with --workers 0 would take every core): two-thread torch beside another busy process
     # spins in its thread barriers and runs several times slower.
     torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # in-process runs (--workers 0)
+    os.environ.setdefault("ATCD_RAY_WORKER_THREADS", "1")  # Ray Train's workers
 else:
     torch.set_num_threads(2)
 # Ray Train's controller polls its workers every 2 s and its preemption watcher every 5 s: each
@@ -33,9 +34,12 @@ def pytest_configure(config):
     token = Path.home() / ".ray" / "auth_token"
     if token.exists():
         return
-    token.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=token.parent, delete=False) as f:
-        f.write(secrets.token_hex(32))  # as Ray's own generator
+    try:
+        token.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=token.parent, delete=False) as f:
+            f.write(secrets.token_hex(32))  # as Ray's own generator
+    except OSError:
+        return  # no writable home: the tests that start a Ray will say so, the others need none
     try:
         os.link(f.name, token)  # atomic, and never over a token another process wrote meanwhile
     except FileExistsError:
@@ -173,8 +177,8 @@ class SharedRay(dict):
 
     def processes(self, title: str, since: float) -> list:
         """This Ray's processes whose title (``ray::RayTrainWorker``, ``ray::BatchEvaluator.run``)
-        starts with ``title``, started after ``since`` (a ``time.time()``): one run's, as the tests
-        run one at a time."""
+        starts with ``title``, started after ``since`` (a ``time.time()``): one run's, as each test
+        process (pytest -n 2) runs one test at a time and has a shared Ray of its own."""
         import psutil
 
         found = []

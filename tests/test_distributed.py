@@ -1,6 +1,7 @@
 """Data parallelism: shards, DDP gradients in the methods (torch gloo), and Ray Train end to end:
 two workers, a worker killed mid-run, and ``ray job submit`` against a local head node."""
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -46,13 +47,14 @@ def test_shards_are_disjoint_equal_and_cover_the_epoch():
         assert set(batch.tolist()) == set(shards[0][4 * i:4 * i + 4].tolist()) | set(shards[1][4 * i:4 * i + 4].tolist())
 
 
-def test_a_workers_threads_are_its_cpus_capped_by_omp_num_threads(monkeypatch):
+def test_a_workers_threads_are_its_cpus_capped_by_the_projects_variable(monkeypatch):
     from atcd_ray.distributed import worker_threads
 
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("ATCD_RAY_WORKER_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # Ray's cluster launcher exports it: not a cap
     assert worker_threads(2) == 2
-    for value, threads in (("1", 1), ("4", 2), ("0", 2), ("", 2), ("two", 2)):
-        monkeypatch.setenv("OMP_NUM_THREADS", value)
+    for value, threads in (("1", 1), ("4", 2), ("0", 2), ("", 2), ("two", 2), ("²", 2)):
+        monkeypatch.setenv("ATCD_RAY_WORKER_THREADS", value)
         assert worker_threads(2) == threads, value
 
 
@@ -72,13 +74,13 @@ def gloo_group(rank: int, world_size: int, store_dir: str):
     A file store, not the TCP store of MASTER_ADDR: rank 0 then hosts no store server, which CI
     once saw abort at teardown ("terminate called without an active exception", SIGABRT in rank 0
     after both ranks had saved their results). The barrier lets no rank tear down while another
-    is still in a collective."""
-    dist.init_process_group("gloo", init_method=f"file://{store_dir}/gloo-store", rank=rank, world_size=world_size)
-    try:
-        yield
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    is still in a collective. A rank whose body raises leaves without either (mp.spawn reports its
+    error and ends the others); a stuck collective fails after 2 minutes, inside pytest's limit."""
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/gloo-store", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
+    yield
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _ddp_worker(rank, method_name, result_dir):
@@ -219,7 +221,7 @@ def _stop_head(temp_dir: str) -> list:
 @pytest.mark.timeout(900)
 def test_ray_job_submit_trains_two_workers_and_writes_tensorboard(tmp_path):
     # `ray start` under token authentication reads a token and generates none: on a fresh machine,
-    # with no ~/.ray/auth_token (which the shared Ray's ray.init writes), the head would not start
+    # with no ~/.ray/auth_token (which conftest's pytest_configure writes), the head would not start
     env = dict(_env(), RAY_AUTH_TOKEN=secrets.token_hex(32))
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = _free_port()
@@ -232,12 +234,12 @@ def test_ray_job_submit_trains_two_workers_and_writes_tensorboard(tmp_path):
     try:
         _wait_for(f"http://127.0.0.1:{port}/api/version")
         out = tmp_path / "job-run"
-        # Ray uploads the checkout without its .git: the commit goes with the job (docs/CLUSTER.md)
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        # Ray uploads the checkout without its .git: the commit goes with the job (docs/CLUSTER.md).
+        # A value git could not give: it reaches summary.json only through the job's environment.
+        commit = "c0ffee" * 6 + "c0ff"
         job = subprocess.run(
             [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{port}", "--working-dir", str(ROOT),
-             "--runtime-env-json", json.dumps({"env_vars": {"ATCD_RAY_COMMIT": head}}), "--",
+             "--runtime-env-json", json.dumps({"env_vars": {"ATCD_RAY_COMMIT": commit}}), "--",
              "python", "-m", "atcd_ray.train", "digits", "--method", "atcd", "--workers", "2", "--epochs", "2",
              "--eval-n", "100", "--out", str(out), "--set", "eval.attacks=[pgd10]", "--set", "train.val_n=64",
              "--quiet"], env=env, capture_output=True, text=True, timeout=800)
@@ -248,7 +250,7 @@ def test_ray_job_submit_trains_two_workers_and_writes_tensorboard(tmp_path):
     assert not left, left
     summary = json.loads((out / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["epochs"] == 2 and 0 <= summary["robust_acc"]["pgd10"] <= summary["clean_acc"]
-    assert summary["provenance"]["commit"] == head  # from ATCD_RAY_COMMIT: the upload has no .git
+    assert summary["provenance"]["commit"] == commit and summary["provenance"]["dirty"] is None  # no .git there
     checkpoints = sorted(p for p in out.glob("checkpoint_*") if p.is_dir())
     assert checkpoints and {p.name for p in checkpoints[-1].iterdir()} == {"last.safetensors", "rank1.safetensors"}
 

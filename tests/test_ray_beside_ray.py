@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from .test_distributed import _env
@@ -26,12 +27,21 @@ sys.exit(code)
 
 
 @pytest.mark.timeout(600)
+def _alive(shared_ray) -> bool:
+    try:
+        return psutil.Process(shared_ray.pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_a_run_beside_another_ray_is_quiet_and_cleans_its_placement_groups(tmp_path, shared_ray):
+    assert _alive(shared_ray)  # the other Ray is there before the run, and after it (below)
     proc = subprocess.run([sys.executable, "-c", RUN, "digits", "--workers", "1", "--epochs", "2", "--subset", "256",
                            "--eval-n", "64", "--out", str(tmp_path / "run"), "--set", "eval.attacks=[fgsm]"],
                           capture_output=True, text=True, env=_env(), timeout=500)  # _env(): not joining it
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
+    assert _alive(shared_ray)
     assert "Traceback" not in output and "multiple active Ray instances" not in output, output[-6000:]
     # Nor Ray 2.60's error line on starting Ray Train's preemption watcher, which a local Ray does
     # not start (no cloud drains this machine); the README's first command printed it before.

@@ -55,7 +55,7 @@ VARIANTS = {"eager": (False, False, False), "cl+bf16": (True, True, False), "cl+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes, one step, on the CPU, no budget: every method on PreActResNet18 eager, "
+                   help="tiny shapes, one step in each of 3 rounds (the median), on the CPU, no budget: every method on PreActResNet18 eager, "
                    "natural (and ATCD-2-2 compiled) in its other variants, natural and ATCD-2-2 on ResNet-50 eager")
     p.add_argument("--models", default=",".join(SHAPES))
     p.add_argument("--methods", default=",".join(RUNS))
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="directory for gpu_throughput.jsonl")
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.rounds, args.compile_backend, args.budget_s = 1, 1, "eager", float("inf")
+        args.steps, args.rounds, args.compile_backend, args.budget_s = 1, 3, "eager", float("inf")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu-throughput-"))
     out.mkdir(parents=True, exist_ok=True)

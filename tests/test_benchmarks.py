@@ -27,8 +27,9 @@ def test_gpu_throughput_smoke(tmp_path, shared_ray):
     for r in cells:
         assert r["passes"] == passes[r["method"]]
         assert r["images_per_second"] > 0 and math.isfinite(r["ratio_to_bare"])
-        # A method's step costs at least most of its bare passes and not many times more (tiny
-        # CPU shapes are noisy: this bound only catches a step that skips or repeats its passes).
+        # A method's step costs at least most of its bare passes and not many times more (tiny CPU
+        # shapes are noisy: this bound only catches a step that skips or repeats its passes). The
+        # median of 3 rounds: one round, beside the other test process, once gave PGD-10 0.46.
         assert 0.5 < r["ratio_to_bare"] < 2.5, r
     (loader,) = [r for r in rows if "loader" in r]
     assert loader["images_per_second"] > 0 and loader["images"] == 64

@@ -351,7 +351,7 @@ def run_final(spec: BudgetStudy, out: Path, record: Path | None = None, *, jobs:
                           final_overrides(spec, model, budget, method, knobs=chosen["overrides"],
                                           seed_index=seed_index))
                          for seed_index in range(spec.final_seeds[i])]
-            _train_finals(spec, runs, out=out, record=record, jobs=jobs)
+            train_finals(spec, runs, out=out, record=record, jobs=jobs)
             methods = set_aside_collapsed(spec, out, record, model=model, budget=budget,
                                           winners=winners) if spec.reject_collapsed else []
         write_text_atomic(out / "winners.json", json.dumps(winners, indent=2) + "\n")  # the report reads it
@@ -365,13 +365,13 @@ def run_final(spec: BudgetStudy, out: Path, record: Path | None = None, *, jobs:
                           [*final_overrides(spec, model, budget, method, knobs=chosen["overrides"],
                                             seed_index=seed_index), ("train.ema", spec.ema["decay"])])
                          for seed_index in range(spec.final_seeds[i])]
-            _train_finals(spec, runs, out=out, record=record, jobs=jobs)
+            train_finals(spec, runs, out=out, record=record, jobs=jobs)
     write_text_atomic(out / "winners.json", json.dumps(winners, indent=2) + "\n")
     save_record(out, record)
     run_autoattack(spec, out, record=record)
 
 
-def _train_finals(spec: BudgetStudy, runs: list[tuple[Path, list]], *, out: Path, record: Path | None,
+def train_finals(spec: BudgetStudy, runs: list[tuple[Path, list]], *, out: Path, record: Path | None,
                   jobs: int) -> None:
     """The final runs not yet finished, ``jobs`` at a time, each in a process of its own with
     cores / jobs torch threads. The first failure (or Ctrl-C) stops the stage; a rerun resumes."""

@@ -343,6 +343,9 @@ def budget_study_report(directory: Path, out: Path, *, allow_mixed: bool = False
         if contest:
             lines += ["## ATCD against the best other method, paired by seed (ATCD minus it, points, 95% t "
                       "interval)", "", markdown_table(contest, list(dict.fromkeys(k for r in contest for k in r))), ""]
+            every = paired_differences(finals, challenger="atcd", reference=spec.reference, every=True)
+            lines += ["## ATCD against each other method, paired by seed (best first)", "",
+                      markdown_table(every, list(dict.fromkeys(k for r in every for k in r))), ""]
         lines += set_aside_section(spec, directory)
         for model in spec.models:
             files.append(plot_study([r for r in finals if r["network"] == model], out / f"budget_{model}.png",
@@ -465,30 +468,37 @@ def _with_interval(row: dict, key: str) -> str | None:
     return f"{100 * mean:.2f}" + (f" ± {100 * half:.2f}" if half is not None else "")
 
 
-def paired_differences(finals: list[dict], *, challenger: str, reference: str) -> list[dict]:
+def paired_differences(finals: list[dict], *, challenger: str, reference: str, every: bool = False) -> list[dict]:
     """Per network and budget: ``challenger`` minus the best other method by mean PGD-20 (not the
-    reference, nor a weight-averaged variant), seed by seed, for each accuracy both have, with
-    the 95% t interval of the mean difference and a verdict (wins: the interval is above 0;
-    loses: below; ties: it holds 0)."""
+    reference, nor a weight-averaged variant), or with ``every`` minus each of them, best first
+    (and each variant, as ``atcd+ema``, minus the others' same variant), seed by seed, for each
+    accuracy both have, with the 95% t interval of the mean difference and a verdict (wins: the
+    interval is above 0; loses: below; ties: it holds 0)."""
     rows = []
     for network, budget in dict.fromkeys((r["network"], r["budget"]) for r in finals):
         cell = [r for r in finals if (r["network"], r["budget"]) == (network, budget)]
-        mine = [r for r in cell if r["method"] == challenger]
-        others = [r for r in cell if r["method"] not in (challenger, reference) and "+" not in r["method"]]
-        if not mine or not others:
-            continue
-        best = max(others, key=lambda r: r["pgd20"])
-        row = {"network": network, "budget": budget, "best other": best["method"]}
-        for key in ("pgd20", "clean", "autoattack"):
-            seeds = sorted(set(mine[0]["_by_seed"][key]) & set(best["_by_seed"][key]))
-            if len(seeds) < 2:
-                continue
-            diffs = [mine[0]["_by_seed"][key][s] - best["_by_seed"][key][s] for s in seeds]
-            mean, half = mean_interval(diffs)
-            verdict = "wins" if mean - half > 0 else "loses" if mean + half < 0 else "ties"
-            row[f"{key} difference"] = f"{100 * mean:+.2f} ± {100 * half:.2f} ({len(seeds)} seeds): {verdict}"
-        rows.append(row)
+        variants = [""] + sorted({r["method"].partition("+")[1] + r["method"].partition("+")[2] for r in cell} - {""})
+        for variant in variants[:None if every else 1]:
+            mine = [r for r in cell if r["method"] == challenger + variant]
+            others = sorted((r for r in cell if r["method"] not in (challenger + variant, reference)
+                             and r["method"].endswith(variant) and "+" not in r["method"].removesuffix(variant)),
+                            key=lambda r: r["pgd20"], reverse=True)
+            if mine:
+                rows += [_paired_row(mine[0], other, label="against" if every else "best other")
+                         for other in others[:None if every else 1]]
     return rows
+
+
+def _paired_row(mine: dict, other: dict, *, label: str) -> dict:
+    row = {"network": other["network"], "budget": other["budget"], "method": mine["method"], label: other["method"]}
+    for key in ("pgd20", "clean", "autoattack"):
+        seeds = sorted(set(mine["_by_seed"][key]) & set(other["_by_seed"][key]))
+        if len(seeds) < 2:
+            continue
+        mean, half = mean_interval([mine["_by_seed"][key][s] - other["_by_seed"][key][s] for s in seeds])
+        verdict = "wins" if mean - half > 0 else "loses" if mean + half < 0 else "ties"
+        row[f"{key} difference"] = f"{100 * mean:+.2f} ± {100 * half:.2f} ({len(seeds)} seeds): {verdict}"
+    return row
 
 
 def _knob(key: str, value) -> str:

@@ -580,6 +580,15 @@ def test_a_mean_interval_is_students_t_and_paired_differences_give_a_verdict():
                   row("free+ema", [0.99] * 5)]  # neither the reference nor a weight-averaged variant is "best other"
         (contest,) = paired_differences(finals, challenger="atcd", reference="natural")
         assert contest["best other"] == "free" and contest["pgd20 difference"].endswith(f"(5 seeds): {verdict}")
+        # Against each: the same row for the best, then the rest by mean PGD-20 (fast: 0.6 on every seed).
+        best, fast = paired_differences(finals, challenger="atcd", reference="natural", every=True)
+        assert best == {**{k: v for k, v in contest.items() if k != "best other"}, "against": "free"}
+        assert fast["against"] == "fast" and fast["pgd20 difference"].endswith("(5 seeds): wins")
+    # A variant is paired with the others' same variant only: atcd+ema against free+ema (0.99 on every seed).
+    finals.append(row("atcd+ema", [0.98] * 5))
+    *_, averaged = paired_differences(finals, challenger="atcd", reference="natural", every=True)
+    assert (averaged["method"], averaged["against"]) == ("atcd+ema", "free+ema")
+    assert averaged["pgd20 difference"] == "-1.00 ± 0.00 (5 seeds): loses"
     # The pairing is by seed: the same values, shuffled across seeds, no longer tie exactly.
     finals = [row("free", free), row("atcd", free[::-1])]
     (contest,) = paired_differences(finals, challenger="atcd", reference="natural")

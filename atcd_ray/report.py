@@ -349,7 +349,7 @@ def budget_study_report(directory: Path, out: Path, *, allow_mixed: bool = False
         lines += set_aside_section(spec, directory)
         for model in spec.models:
             files.append(plot_study([r for r in finals if r["network"] == model], out / f"budget_{model}.png",
-                                    title=model))
+                                    title=model, reference=spec.reference))
             lines += [f"![{model}](budget_{model}.png)", ""]
     lines += ["## The search (validation PGD-10 accuracy of the trials)", "",
               markdown_table(search_rows, ["network", "budget", "method", "trials", "diverged", "best val PGD-10",
@@ -398,11 +398,17 @@ def collect_study(spec, directory: Path) -> tuple[list[dict], list[dict]]:
     return search_rows, finals
 
 
-def plot_study(rows: list[dict], path: Path, *, title: str) -> Path:
+def plot_study(rows: list[dict], path: Path, *, title: str, reference: str | None = None) -> Path:
     """PGD-20 accuracy against budget and against wall seconds (with the Pareto front), AutoAttack
-    accuracy against budget: a line per method, its 95% t intervals over seeds as bars."""
+    accuracy against budget: a line per method, its 95% t intervals over seeds as bars. The
+    ``reference`` (natural training, robust accuracy near 0) is left out: on the same axis it
+    would squeeze every robust method into a band a few pixels high."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    if any(r["method"] == reference for r in rows):
+        rows = [r for r in rows if r["method"] != reference]
+        fig.text(0.5, 0.005, f"{reference} (the reference, robust accuracy near 0) is not drawn", ha="center",
+                 fontsize=8)
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget_value"])
         bars = [r["_half"]["pgd20"] or 0.0 for r in mine]  # one seed: no bar

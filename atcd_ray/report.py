@@ -344,7 +344,8 @@ def budget_study_report(directory: Path, out: Path, *, allow_mixed: bool = False
             lines += ["## ATCD against the best other method, paired by seed (ATCD minus it, points, 95% t "
                       "interval)", "", markdown_table(contest, list(dict.fromkeys(k for r in contest for k in r))), ""]
             every = paired_differences(finals, challenger="atcd", reference=spec.reference, every=True)
-            lines += ["## ATCD against each other method, paired by seed (best first)", "",
+            lines += ["## ATCD against each other method, paired by seed (ATCD minus it, points, 95% t interval; "
+                      "best first)", "",
                       markdown_table(every, list(dict.fromkeys(k for r in every for k in r))), ""]
         lines += set_aside_section(spec, directory)
         for model in spec.models:
@@ -405,10 +406,10 @@ def plot_study(rows: list[dict], path: Path, *, title: str, reference: str | Non
     would squeeze every robust method into a band a few pixels high."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    if any(r["method"] == reference for r in rows):
+    if (highest := max((r["pgd20"] for r in rows if r["method"] == reference), default=None)) is not None:
         rows = [r for r in rows if r["method"] != reference]
-        fig.text(0.5, 0.005, f"{reference} (the reference, robust accuracy near 0) is not drawn", ha="center",
-                 fontsize=8)
+        fig.text(0.5, 0.005, f"{reference}, the reference (PGD-20 at most {highest:.1%}), is not drawn nor on the "
+                 "Pareto front", ha="center", fontsize=8)
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget_value"])
         bars = [r["_half"]["pgd20"] or 0.0 for r in mine]  # one seed: no bar
@@ -486,12 +487,14 @@ def paired_differences(finals: list[dict], *, challenger: str, reference: str, e
         variants = [""] + sorted({r["method"].partition("+")[1] + r["method"].partition("+")[2] for r in cell} - {""})
         for variant in variants[:None if every else 1]:
             mine = [r for r in cell if r["method"] == challenger + variant]
-            others = sorted((r for r in cell if r["method"] not in (challenger + variant, reference)
+            others = sorted((r for r in cell if r["method"] not in (challenger + variant, reference + variant)
                              and r["method"].endswith(variant) and "+" not in r["method"].removesuffix(variant)),
                             key=lambda r: r["pgd20"], reverse=True)
-            if mine:
-                rows += [_paired_row(mine[0], other, label="against" if every else "best other")
-                         for other in others[:None if every else 1]]
+            if mine and every:
+                rows += [_paired_row(mine[0], other, label="against") for other in others]
+            elif mine and others:
+                rows.append({k: v for k, v in _paired_row(mine[0], others[0], label="best other").items()
+                             if k != "method"})
     return rows
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from atcd_ray.budget import final_overrides, load_budget_study, train_finals  # noqa: E402
+from atcd_ray.budget import collapsed, final_overrides, load_budget_study, train_finals  # noqa: E402
 from atcd_ray.report import mean_interval  # noqa: E402
 
 SPEC = ROOT / "tune_spaces" / "fashion-mnist_fair.yaml"
@@ -31,30 +31,40 @@ STUDY_RECORD = ROOT / "results" / "fashion-mnist-fair"
 RUNS = ROOT / "runs" / "fair-ablation"
 RECORD = ROOT / "results" / "fashion-mnist-fair-ablation"
 MODEL, BUDGET = "compactcnn", 48
-# Each variant: what it changes in ATCD's winner (b291e4ec: T 4, K 2 with reuse_grad, 8 passes a
-# minibatch, so 6 epochs at budget 48). ATCD replays each minibatch T times, as Free does, and
-# Free, with 8 replays, is the least accurate on clean images of the study's methods at 48 bar
-# TRADES; T 2 halves the replays and doubles the epochs (12) at the same passes. The study's ATCD
-# search never drew T 2 (docs/RESULTS.md).
+WINNER = "b291e4ec"  # ATCD's winner at 48: T 4, K 2 with reuse_grad, 8 passes a minibatch (6 epochs)
+# Each variant: what it changes in the winner. ATCD replays each minibatch T times, as Free does,
+# and Free (8 replays) is, bar TRADES, the least accurate on clean images of the study's methods
+# at 48; T 2 halves the replays and doubles the epochs (12) at the same passes. The study's ATCD
+# searches never drew T 2 with K 2 (their results.parquet, column "T, K").
 VARIANTS = {"T=2": [("methods.atcd.T", 2)]}
-SEEDS = range(5)
+CLASSES = 10
 
 
 def train(only: list[str] | None, jobs: int) -> None:
     spec = load_budget_study(SPEC)
-    knobs = json.loads((STUDY_RECORD / "winners.json").read_text())[f"{MODEL}/budget{BUDGET}/atcd"]["overrides"]
-    runs = [(RUNS / name / f"seed{i}", [*final_overrides(spec, MODEL, BUDGET, "atcd", knobs=knobs, seed_index=i),
-                                        *VARIANTS[name]])
-            for name in only or VARIANTS for i in SEEDS]
-    train_finals(spec, runs, out=RUNS, record=None, jobs=jobs)
+    winner = json.loads((STUDY_RECORD / "winners.json").read_text())[f"{MODEL}/budget{BUDGET}/atcd"]
+    if winner["trial_id"] != WINNER:
+        raise SystemExit(f"the study's ATCD winner at {BUDGET} is {winner['trial_id']}, not {WINNER}: "
+                         "check VARIANTS against it before training")
+    seeds = spec.final_seeds[spec.budgets.index(BUDGET)]
+    runs = [(RUNS / name / f"seed{i}", [*final_overrides(spec, MODEL, BUDGET, "atcd", knobs=winner["overrides"],
+                                                         seed_index=i), *VARIANTS[name]])
+            for name in only or VARIANTS for i in range(seeds)]
+    train_finals(spec, runs, out=RUNS, record=None, jobs=jobs)  # a diverged run counts as finished
     for run, _ in runs:  # what the table reads, kept in git
         kept = RECORD / run.relative_to(RUNS)
         kept.mkdir(parents=True, exist_ok=True)
-        for name in ("summary.json", "metrics.jsonl"):
-            shutil.copyfile(run / name, kept / name)
+        for name in ("summary.json", "metrics.jsonl", "diverged.json"):
+            if (run / name).exists():
+                shutil.copyfile(run / name, kept / name)
 
 
 def by_seed(directory: Path) -> dict[int, dict]:
+    """Seed -> summary of the runs that trained; a diverged or collapsed run (the study's stability
+    rule) stops the table, since its mean would not be one setting's accuracy."""
+    fell = [run.name for run in sorted(directory.glob("seed*")) if collapsed(run, CLASSES)]
+    if fell:
+        raise SystemExit(f"{directory}: {', '.join(fell)} collapsed or diverged (the study's stability rule)")
     return {s["seed"]: s for s in (json.loads(p.read_text()) for p in sorted(directory.glob("seed*/summary.json")))}
 
 
@@ -68,7 +78,8 @@ def table() -> str:
     references = {"atcd": by_seed(cell / "atcd"), "pgd": by_seed(cell / "pgd")}
     lines = ["| run | seeds | passes | epochs | clean % | PGD-20 % | minus ATCD: clean | PGD-20 | minus PGD-AT: clean "
              "| PGD-20 | commits |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, runs in [*(("study's " + k, v) for k, v in references.items()),
+    names = {"atcd": "the study's ATCD", "pgd": "the study's PGD-AT"}
+    for name, runs in [*((names[k], v) for k, v in references.items()),
                        *((name, by_seed(RECORD / name)) for name in VARIANTS)]:
         if not runs:
             continue

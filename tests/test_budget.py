@@ -582,7 +582,7 @@ def test_a_mean_interval_is_students_t_and_paired_differences_give_a_verdict():
         assert contest["best other"] == "free" and contest["pgd20 difference"].endswith(f"(5 seeds): {verdict}")
         # Against each: the same row for the best, then the rest by mean PGD-20 (fast: 0.6 on every seed).
         best, fast = paired_differences(finals, challenger="atcd", reference="natural", every=True)
-        assert best == {**{k: v for k, v in contest.items() if k != "best other"}, "against": "free"}
+        assert best == {**{k: v for k, v in contest.items() if k != "best other"}, "method": "atcd", "against": "free"}
         assert fast["against"] == "fast" and fast["pgd20 difference"].endswith("(5 seeds): wins")
     # A variant is paired with the others' same variant only: atcd+ema against free+ema (0.99 on every seed).
     finals.append(row("atcd+ema", [0.98] * 5))

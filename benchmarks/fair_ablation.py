@@ -5,6 +5,7 @@ the study's own ATCD and PGD-AT finals. Not part of the study's comparison: no o
 an extra trial, so a variant that does better is a lead for ATCD's search, not a win.
 
     python benchmarks/fair_ablation.py train [--jobs 2] [--only VARIANT ...]   # resumable
+    python benchmarks/fair_ablation.py search [--jobs 2]                       # as one search trial each
     python benchmarks/fair_ablation.py table                                   # markdown
 
 Runs go to runs/fair-ablation/VARIANT/seedS (checkpoints and TensorBoard events); each finished
@@ -19,6 +20,8 @@ import os
 import shutil
 import sys
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -40,16 +43,44 @@ VARIANTS = {"T=2": [("methods.atcd.T", 2)]}
 CLASSES = 10
 
 
-def train(only: list[str] | None, jobs: int) -> None:
-    spec = load_budget_study(SPEC)
+def winner_knobs(spec) -> list:
     winner = json.loads((STUDY_RECORD / "winners.json").read_text())[f"{MODEL}/budget{BUDGET}/atcd"]
     if winner["trial_id"] != WINNER:
         raise SystemExit(f"the study's ATCD winner at {BUDGET} is {winner['trial_id']}, not {WINNER}: "
                          "check VARIANTS against it before training")
+    return winner["overrides"]
+
+
+def train(only: list[str] | None, jobs: int) -> None:
+    """Each variant as the study's finals train (seeds 0-4, all 55,000 images)."""
+    spec = load_budget_study(SPEC)
     seeds = spec.final_seeds[spec.budgets.index(BUDGET)]
-    runs = [(RUNS / name / f"seed{i}", [*final_overrides(spec, MODEL, BUDGET, "atcd", knobs=winner["overrides"],
+    runs = [(RUNS / name / f"seed{i}", [*final_overrides(spec, MODEL, BUDGET, "atcd", knobs=winner_knobs(spec),
                                                          seed_index=i), *VARIANTS[name]])
             for name in only or VARIANTS for i in range(seeds)]
+    _train_and_keep(spec, runs, jobs)
+
+
+def search(only: list[str] | None, jobs: int) -> None:
+    """Each variant, and the winner as a control, as one trial of the study's search (the first
+    10,000 training images, validated once, PGD-10 on 2,000 held-out images, the recipe's seed):
+    would the search have chosen the variant over its winner had it drawn it?"""
+    spec = load_budget_study(SPEC)
+    cell = [("model", MODEL), ("train.method", "atcd"), ("train.budget", BUDGET), *spec.search.items()]
+    runs = [(RUNS / "search" / name, [*cell, *winner_knobs(spec), *([] if name == "winner" else VARIANTS[name])])
+            for name in ["winner", *(only or VARIANTS)]]
+    _train_and_keep(spec, runs, jobs)
+    recorded = next(t for t in pq.read_table(STUDY_RECORD / "search" / MODEL / f"budget{BUDGET}" / "atcd" /
+                                             "results.parquet").to_pylist() if t["trial_id"] == WINNER)
+    print(f"the search's own trial {WINNER}: validation PGD-10 {100 * recorded['val_robust_acc']:.2f}%, "
+          f"clean {100 * recorded['val_clean_acc']:.2f}%")
+    for run, _ in runs:
+        final = json.loads((run / "summary.json").read_text())["final_epoch"]
+        print(f"{run.name}: validation PGD-10 {100 * final['val_robust_acc']:.2f}%, "
+              f"clean {100 * final['val_clean_acc']:.2f}%")
+
+
+def _train_and_keep(spec, runs: list, jobs: int) -> None:
     train_finals(spec, runs, out=RUNS, record=None, jobs=jobs)  # a diverged run counts as finished
     for run, _ in runs:  # what the table reads, kept in git
         kept = RECORD / run.relative_to(RUNS)
@@ -107,11 +138,14 @@ def main() -> None:
     run = sub.add_parser("train")
     run.add_argument("--only", nargs="+", choices=list(VARIANTS))
     run.add_argument("--jobs", type=int, default=2, help="runs at once, each on cores / jobs torch threads")
+    trial = sub.add_parser("search")
+    trial.add_argument("--only", nargs="+", choices=list(VARIANTS))
+    trial.add_argument("--jobs", type=int, default=2, help="runs at once, each on cores / jobs torch threads")
     sub.add_parser("table")
     args = parser.parse_args()
     os.chdir(ROOT)  # the spec's recipe path is relative to the repository
-    if args.command == "train":
-        train(args.only, args.jobs)
+    if args.command in ("train", "search"):
+        {"train": train, "search": search}[args.command](args.only, args.jobs)
     else:
         print(table())
 

@@ -9,8 +9,9 @@ an extra trial, so a variant that does better is a lead for ATCD's search, not a
     python benchmarks/fair_ablation.py table                                   # markdown
 
 Runs go to runs/fair-ablation/VARIANT/seedS (checkpoints and TensorBoard events); each finished
-run's summary.json and metrics.jsonl are copied to results/fashion-mnist-fair-ablation/, which
-``table`` reads beside the study's record, results/fashion-mnist-fair.
+run's summary.json, metrics.jsonl and a weights-only copy of its checkpoint are kept in
+results/fashion-mnist-fair-ablation/, which ``table`` reads beside the study's record,
+results/fashion-mnist-fair.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from atcd_ray.budget import collapsed, final_overrides, load_budget_study, train_finals  # noqa: E402
+from atcd_ray.core.checkpoint import save_weights_only  # noqa: E402
 from atcd_ray.report import mean_interval  # noqa: E402
 
 SPEC = ROOT / "tune_spaces" / "fashion-mnist_fair.yaml"
@@ -88,6 +90,9 @@ def _train_and_keep(spec, runs: list, jobs: int) -> None:
         for name in ("summary.json", "metrics.jsonl", "diverged.json"):
             if (run / name).exists():
                 shutil.copyfile(run / name, kept / name)
+        if (run / "summary.json").exists():  # the weights too, as the study's record keeps its finals'
+            checkpoint = json.loads((run / "summary.json").read_text())["checkpoint"]
+            save_weights_only(run / checkpoint, kept / "weights.safetensors")
 
 
 def by_seed(directory: Path) -> dict[int, dict]:

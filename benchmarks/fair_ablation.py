@@ -6,6 +6,7 @@ an extra trial, so a variant that does better is a lead for ATCD's search, not a
 
     python benchmarks/fair_ablation.py train [--jobs 2] [--only VARIANT ...]   # resumable
     python benchmarks/fair_ablation.py search [--jobs 2]                       # as one search trial each
+    python benchmarks/fair_ablation.py autoattack                              # as the study's finals at 48
     python benchmarks/fair_ablation.py table                                   # markdown
 
 Runs go to runs/fair-ablation/VARIANT/seedS (checkpoints and TensorBoard events); each finished
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +30,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from atcd_ray.budget import collapsed, final_overrides, load_budget_study, train_finals  # noqa: E402
+from atcd_ray.budget import (CPU_AUTOATTACK_BATCH, collapsed, final_overrides, load_budget_study,  # noqa: E402
+                             train_finals)
 from atcd_ray.core.checkpoint import save_weights_only  # noqa: E402
 from atcd_ray.report import mean_interval  # noqa: E402
 
@@ -95,46 +99,72 @@ def _train_and_keep(spec, runs: list, jobs: int) -> None:
             save_weights_only(run / checkpoint, kept / "weights.safetensors")
 
 
+def autoattack(only: list[str] | None) -> None:
+    """AutoAttack (standard) and PGD-20 on the first test images of each variant's runs, as the
+    study evaluates its budget-48 finals (its ``autoattack_n`` images, 50-image batches over one
+    single-threaded Ray actor per core); each result kept beside the run's summary. Resumable."""
+    spec = load_budget_study(SPEC)
+    n = spec.autoattack_n[spec.budgets.index(BUDGET)]
+    actors = min(len(os.sched_getaffinity(0)), math.ceil(n / CPU_AUTOATTACK_BATCH))
+    for name in only or VARIANTS:
+        for weights in sorted((RECORD / name).glob("seed*/weights.safetensors")):
+            kept = weights.parent / "autoattack.json"
+            if kept.exists():
+                continue
+            result = RUNS / weights.parent.relative_to(RECORD) / "autoattack.json"  # its batches beside it
+            result.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run([sys.executable, "-m", "atcd_ray.evaluate", str(weights), "--attacks", "pgd20,autoattack",
+                            "--eval-n", str(n), "--json", str(result), "--workers", str(actors),
+                            "--batch-size", str(CPU_AUTOATTACK_BATCH)], check=True)
+            shutil.copyfile(result, kept)
+
+
 def by_seed(directory: Path) -> dict[int, dict]:
-    """Seed -> summary of the runs that trained; a diverged or collapsed run (the study's stability
-    rule) stops the table, since its mean would not be one setting's accuracy."""
+    """Seed -> accuracies of the runs that trained (clean, PGD-20, and AutoAttack where it ran); a
+    diverged or collapsed run (the study's stability rule) stops the table, since its mean would
+    not be one setting's accuracy."""
     fell = [run.name for run in sorted(directory.glob("seed*")) if collapsed(run, CLASSES)]
     if fell:
         raise SystemExit(f"{directory}: {', '.join(fell)} collapsed or diverged (the study's stability rule)")
-    return {s["seed"]: s for s in (json.loads(p.read_text()) for p in sorted(directory.glob("seed*/summary.json")))}
+    runs = {}
+    for path in sorted(directory.glob("seed*/summary.json")):
+        summary = json.loads(path.read_text())
+        attacked = path.parent / "autoattack.json"
+        runs[summary["seed"]] = {"clean": summary["clean_acc"], "PGD-20": summary["robust_acc"]["pgd20"],
+                                 "AutoAttack": json.loads(attacked.read_text())["robust_acc"]["autoattack"]
+                                 if attacked.exists() else None, "summary": summary}
+    return runs
 
 
-def _cell(values: list[float]) -> str:
+METRICS = ("clean", "PGD-20", "AutoAttack")
+
+
+def _cell(values: list[float], *, signed: bool) -> str:
     mean, half = mean_interval([100 * v for v in values])
-    return f"{mean:+.2f} ± {half:.2f}" if half is not None else ""
+    return f"{mean:{'+' if signed else ''}.2f} ± {half:.2f}" if half is not None else ""
 
 
 def table() -> str:
     cell = STUDY_RECORD / "final" / MODEL / f"budget{BUDGET}"
-    references = {"atcd": by_seed(cell / "atcd"), "pgd": by_seed(cell / "pgd")}
-    lines = ["| run | seeds | passes | epochs | clean % | PGD-20 % | minus ATCD: clean | PGD-20 | minus PGD-AT: clean "
-             "| PGD-20 | commits |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    names = {"atcd": "the study's ATCD", "pgd": "the study's PGD-AT"}
-    for name, runs in [*((names[k], v) for k, v in references.items()),
+    references = {"ATCD": by_seed(cell / "atcd"), "PGD-AT": by_seed(cell / "pgd")}
+    columns = ["run", "seeds", "passes", "epochs", *(f"{m} %" for m in METRICS),
+               *(f"minus {r}: {m}" for r in references for m in METRICS), "commits"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for name, runs in [*((f"the study's {k}", v) for k, v in references.items()),
                        *((name, by_seed(RECORD / name)) for name in VARIANTS)]:
         if not runs:
             continue
-        first = next(iter(runs.values()))
-        clean = [s["clean_acc"] for s in runs.values()]
-        robust = [s["robust_acc"]["pgd20"] for s in runs.values()]
-        paired = []
+        summary = next(iter(runs.values()))["summary"]
+        row = [name, str(len(runs)), str(summary["passes_per_minibatch"]), str(summary["epochs"])]
+        row += [_cell([r[m] for r in runs.values() if r[m] is not None], signed=False) for m in METRICS]
         for ref in references.values():
-            if ref is runs:
-                paired += ["", ""]
-                continue
-            seeds = sorted(set(runs) & set(ref))
-            paired += [_cell([runs[s]["clean_acc"] - ref[s]["clean_acc"] for s in seeds]),
-                       _cell([runs[s]["robust_acc"]["pgd20"] - ref[s]["robust_acc"]["pgd20"] for s in seeds])]
-        commits = sorted({(s["provenance"].get("commit") or "?")[:7] for s in runs.values()})
-        lines.append(f"| {name} | {len(runs)} | {first['passes_per_minibatch']} | {first['epochs']} | "
-                     f"{_cell(clean).lstrip('+')} | {_cell(robust).lstrip('+')} | {' | '.join(paired)} | "
-                     f"{', '.join(commits)} |")
-    return "\n".join(lines) + "\n\n± is the half-width of the 95% t interval over seeds; paired differences by seed."
+            both = [s for s in sorted(set(runs) & set(ref)) if ref is not runs]
+            row += [_cell([runs[s][m] - ref[s][m] for s in both if runs[s][m] is not None and ref[s][m] is not None],
+                          signed=True) for m in METRICS]
+        row.append(", ".join(sorted({(r["summary"]["provenance"].get("commit") or "?")[:7] for r in runs.values()})))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + ("\n\n± is the half-width of the 95% t interval over seeds; paired differences by "
+                               "seed; AutoAttack on the first 1,000 test images, where it has run.")
 
 
 def main() -> None:
@@ -146,11 +176,15 @@ def main() -> None:
     trial = sub.add_parser("search")
     trial.add_argument("--only", nargs="+", choices=list(VARIANTS))
     trial.add_argument("--jobs", type=int, default=2, help="runs at once, each on cores / jobs torch threads")
+    attack = sub.add_parser("autoattack")
+    attack.add_argument("--only", nargs="+", choices=list(VARIANTS))
     sub.add_parser("table")
     args = parser.parse_args()
     os.chdir(ROOT)  # the spec's recipe path is relative to the repository
     if args.command in ("train", "search"):
         {"train": train, "search": search}[args.command](args.only, args.jobs)
+    elif args.command == "autoattack":
+        autoattack(args.only)
     else:
         print(table())
 

@@ -484,7 +484,7 @@ def paired_differences(finals: list[dict], *, challenger: str, reference: str, e
     rows = []
     for network, budget in dict.fromkeys((r["network"], r["budget"]) for r in finals):
         cell = [r for r in finals if (r["network"], r["budget"]) == (network, budget)]
-        variants = [""] + sorted({r["method"].partition("+")[1] + r["method"].partition("+")[2] for r in cell} - {""})
+        variants = ["", *sorted({r["method"][r["method"].index("+"):] for r in cell if "+" in r["method"]})]
         for variant in variants[:None if every else 1]:
             mine = [r for r in cell if r["method"] == challenger + variant]
             others = sorted((r for r in cell if r["method"] not in (challenger + variant, reference + variant)

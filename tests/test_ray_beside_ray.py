@@ -26,7 +26,6 @@ sys.exit(code)
 """
 
 
-@pytest.mark.timeout(600)
 def _alive(shared_ray) -> bool:
     try:
         return psutil.Process(shared_ray.pid).status() != psutil.STATUS_ZOMBIE
@@ -34,6 +33,7 @@ def _alive(shared_ray) -> bool:
         return False
 
 
+@pytest.mark.timeout(600)
 def test_a_run_beside_another_ray_is_quiet_and_cleans_its_placement_groups(tmp_path, shared_ray):
     assert _alive(shared_ray)  # the other Ray is there before the run, and after it (below)
     proc = subprocess.run([sys.executable, "-c", RUN, "digits", "--workers", "1", "--epochs", "2", "--subset", "256",

@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 def load_model(checkpoint):
     """The network of a checkpoint, in eval mode: inputs in [0, 1], outputs logits. ``checkpoint``:
-    a path, or a URI such as ``s3://bucket/run/best.safetensors`` (``atcd_ray.storage``)."""
+    a path, or a URI such as ``s3://bucket/run/last.safetensors`` (``atcd_ray.storage``)."""
     import tempfile
 
     from .storage import local_copy, read_checkpoint

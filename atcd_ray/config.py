@@ -51,7 +51,7 @@ class OptimConfig:
     lr: float = 0.1  # peak learning rate
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "piecewise"  # constant | piecewise | cyclic | cosine, over passes over the data
+    schedule: str = "piecewise"  # constant | piecewise | cyclic | cosine, over epochs (fractional within one)
     milestones: list[float] = field(default_factory=list)  # piecewise: epochs where lr *= gamma
     gamma: float = 0.1
     warmup_fraction: float = 0.4  # cyclic: where the triangle peaks, as a fraction of training
@@ -67,7 +67,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     method: str = "atcd"
-    epochs: int = 10  # passes over the training data (Free-m and ATCD recipes divide the paper's N)
+    epochs: int = 10  # sweeps over the training data (Free-m and ATCD recipes divide the paper's N)
     # Compute in natural-epoch equivalents (forward+backward passes over the training set); when
     # set it decides epochs: budget / the method's passes a minibatch, the last one a fraction of
     # an epoch where they do not divide it (Config.epochs_to_train).

@@ -322,8 +322,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, attacks: Sequence[str] = ("pg
         cfg = config_from_dict(ckpt.config)
         if ckpt.ema_state():  # a training checkpoint of a train.ema run: its model.* are the raw weights
             print(f"note: {checkpoint} is a training checkpoint; evaluating its raw weights, not the weight "
-                  "average (train.ema), whose weights are in the run's ema.safetensors (and best.safetensors)",
-                  file=sys.stderr)
+                  "average (train.ema), whose weights are in the run's ema.safetensors (and, under "
+                  "select_best = robust_val, best.safetensors)", file=sys.stderr)
         dataset = dataset or cfg.dataset
         eps = cfg.eps if eps is None else eps
         check_request(cfg, checkpoint, dataset=dataset, eps=eps, eval_n=eval_n, batch_size=batch_size,

@@ -1,8 +1,8 @@
 """``python -m atcd_ray.study SPEC.yaml``: robustness per unit of compute, every method tuned alike.
 
-    python -m atcd_ray.study tune_spaces/fashion-mnist_budget.yaml                  # search, then final
-    python -m atcd_ray.study tune_spaces/fashion-mnist_budget.yaml --stage search   # the search only
-    python -m atcd_ray.report runs/budget-study                                     # table and plots
+    python -m atcd_ray.study tune_spaces/fashion-mnist_fair.yaml                  # search, then final
+    python -m atcd_ray.study tune_spaces/fashion-mnist_fair.yaml --stage search   # the search only
+    python -m atcd_ray.report runs/fashion-mnist-fair                             # tables and plots
 
 A budget is compute in natural-epoch equivalents: forward+backward passes over the training set
 (``train.budget``; each method's passes per minibatch are ``Method.passes``). For each network
@@ -11,14 +11,15 @@ knobs (and the knobs every method shares), each trial spending the budget on the
 the trial with the best validation robust accuracy wins, the test split plays no part (with
 ``reject_collapsed``, a winner whose final runs collapse gives way to the next-best trial). Natural
 training is the one-run reference, at the recipe's settings. The winners are trained again on
-the whole training set, ``final_seeds`` seeds per budget, one run at a time in this process so
-that their wall seconds compare, and tested on the whole test set; then every run gets AutoAttack
+the whole training set, ``final_seeds`` seeds per budget, ``--jobs`` runs at a time (default 1,
+so that their wall seconds compare), and tested on the whole test set; then every run gets AutoAttack
 on the first ``autoattack_n`` test images (``--stage autoattack`` alone: on a GPU machine, where
 neither Ray nor the search's results need be). Everything resumes: a finished sweep, run or evaluation is not
 redone, an interrupted one continues (rerun the same command).
 
 ``--record DIR`` keeps the study's outcome where a rerun on another machine finds it (the project
-keeps results/fashion-mnist-budget in git, since a session's machine keeps nothing): each finished
+keeps results/fashion-mnist-fair and the superseded results/fashion-mnist-budget in git, since a
+session's machine keeps nothing): each finished
 sweep's results table, each final run's summary and a weights-only copy of its checkpoint, each
 AutoAttack result. A rerun first copies into ``--out`` what the record has and ``--out`` lacks, so
 a study resumes from the record alone, and ``python -m atcd_ray.report DIR`` reads it as a study.
@@ -43,7 +44,7 @@ log = logging.getLogger("atcd_ray.study")
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m atcd_ray.study", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("spec", help="budget study YAML (tune_spaces/fashion-mnist_budget.yaml)")
+    p.add_argument("spec", help="budget study YAML (tune_spaces/fashion-mnist_fair.yaml)")
     p.add_argument("--stage", choices=["search", "final", "all", "autoattack"], default="all",
                    help="autoattack: only the AutoAttack of the final runs trained so far (no Ray on a GPU machine)")
     p.add_argument("--out", help="study directory (default: runs/<study>)")

@@ -19,8 +19,8 @@ TensorBoard reads up to a torn tail; a resume purges their steps after the check
 Weight averaging (``train.ema``): an ``engine.EMA`` of the weights follows every optimiser step
 and is kept in the checkpoints (a resume continues it bit for bit). Each epoch validates the
 average (``val_*_acc``: the one the best checkpoint is chosen by) and the raw weights
-(``val_*_acc_raw``); the average's weights go into ``ema.safetensors`` at the end and into
-``best.safetensors``, and the final test evaluates them.
+(``val_*_acc_raw``); the average's weights go into ``ema.safetensors`` at the end (and into
+``best.safetensors`` under ``select_best = robust_val``), and the final test evaluates them.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m atcd_ray.tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("space", help="search space YAML (tune_spaces/)")
-    p.add_argument("--epochs", type=int, help="passes over the training data per trial (ASHA's max_t)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (ASHA's max_t)")
     p.add_argument("--subset", type=int, help="train each trial on the first N training examples")
     p.add_argument("--eval-n", type=int, help="evaluate each trial on the first N test examples")
     p.add_argument("--num-samples", type=int, help="samples of the space (a grid is repeated this many times)")

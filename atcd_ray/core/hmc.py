@@ -20,7 +20,8 @@ from .threat import default_step, project, uniform_start
 
 def kick(v, grad, *, alpha, eps, momentum=True, direction="sign"):
     """The momentum step: ``v + alpha * d`` clipped to [-eps, eps], d the signed (``sign``) or
-    per-example L1-normalised (``gradient``) gradient; ``momentum=False`` replaces v by the step."""
+    per-example L1-normalised (``gradient``) ``grad``, the gradient of the objective J in theta
+    (so -grad U: the kick climbs J); ``momentum=False`` replaces v by the step."""
     if direction == "sign":
         step = alpha * grad.sign()
     else:
@@ -34,8 +35,9 @@ def drift(x, delta, v, *, eta, eps):
     return project(delta + eta * v.sign(), x, eps)
 
 
-def leapfrog(x, delta, v, grad, *, eps, alpha, eta):
-    """One kick-then-drift step of the chain (the HMC attack's proposal)."""
+def kick_drift(x, delta, v, grad, *, eps, alpha, eta):
+    """One kick, then a drift along the new momentum (symplectic Euler: no half-kicks, so not a
+    leapfrog; the HMC attack's proposal, and ATCD's step under ``order = kick_drift``)."""
     v = kick(v, grad, alpha=alpha, eps=eps)
     return drift(x, delta, v, eta=eta, eps=eps), v
 
@@ -59,7 +61,7 @@ def select_examples(mask, new, old):
 def hmc_attack(model, x, y, eps, *, proposals, alpha=None, eta=None, tau=1.0, kappa=1.0, return_sequence=False):
     """The HMC attack of the paper's appendix A.6: a chain on U = -CE with M-H correction.
 
-    Each proposal is one leapfrog step from the current state (one forward and backward pass: the
+    Each proposal is one kick-then-drift step (symplectic Euler, not a leapfrog) from the current state (one forward and backward pass: the
     pass at the proposal gives both its energy and its gradient). A rejected example stays, and its
     momentum is redrawn uniformly in [-eps, eps], since the deterministic dynamics would otherwise
     propose the same point again. Returns the strongest state visited per example (misclassified
@@ -80,7 +82,7 @@ def hmc_attack(model, x, y, eps, *, proposals, alpha=None, eta=None, tau=1.0, ka
     u, grad, score = energy_and_grad(delta)
     best, best_score, sequence = x + delta, score, []
     for _ in range(proposals):
-        new_delta, new_v = leapfrog(x, delta, v, grad, eps=eps, alpha=alpha, eta=eta)
+        new_delta, new_v = kick_drift(x, delta, v, grad, eps=eps, alpha=alpha, eta=eta)
         new_u, new_grad, new_score = energy_and_grad(new_delta)
         accept = mh_accept(u + kinetic(v, eps, kappa), new_u + kinetic(new_v, eps, kappa), tau)
         delta, u, grad = select_examples(accept, new_delta, delta), torch.where(accept, new_u, u), select_examples(accept, new_grad, grad)

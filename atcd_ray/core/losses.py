@@ -26,7 +26,7 @@ def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return others.amax(dim=1) - true_logit
 
 
-def cd_potential(
+def cd_objective(
     logits: torch.Tensor, y: torch.Tensor, p_prev: torch.Tensor | None, *, lam: float, rho: float
 ) -> torch.Tensor:
     """The contrastive-divergence objective J_cd of the paper's Eq. 13-14, per example.

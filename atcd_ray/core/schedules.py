@@ -1,5 +1,5 @@
 """Learning-rate schedules as pure functions of training progress, measured in epochs
-(passes over the data, fractional within an epoch), so that Free-m and ATCD, which replay each
+(sweeps over the data, fractional within one), so that Free-m and ATCD, which replay each
 minibatch, follow the same curve as a method that does not."""
 from __future__ import annotations
 

@@ -23,12 +23,6 @@ def uniform_start(x: torch.Tensor, eps: float) -> torch.Tensor:
     return project(torch.empty_like(x).uniform_(-eps, eps), x, eps)
 
 
-def check_eps(eps: float) -> float:
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    return float(eps)
-
-
 def default_step(eps: float, step: float | None = None) -> float:
     """An attack's step: ``step`` where given, else eps / 4 (the paper's 2/255 at eps = 8/255,
     PGD-10's usual step), the one default of every attack and method here."""

@@ -37,7 +37,7 @@ from torch.func import functional_call
 
 from ..batchnorm import BatchStatistics
 from ..hmc import drift, kick, kinetic, mh_accept, select_examples
-from ..losses import cd_potential
+from ..losses import cd_objective
 from ..threat import project, uniform_start
 from .base import Method, accuracy
 
@@ -154,7 +154,9 @@ class ATCD(Method):
     def step(self, x, y):
         """One minibatch: lines 4-13 of Algorithm 1. Returns device tensors (no host sync)."""
         chain = self._start(x)  # line 4, or the chain carried from the last minibatch
-        p_prev = None  # f_w~(theta^K) of line 1; none before the first update: p_prev = y
+        # f_w~(theta^K) of line 1. None stands for p_prev = y (before the minibatch's first update),
+        # where J_cd's rho term vanishes.
+        p_prev = None
         losses, decisions = [], []
         for _ in range(self.options.T):  # line 5
             if self.shared_masks and self.model.training:
@@ -198,7 +200,7 @@ class ATCD(Method):
                 if grad is None:  # a fresh chain has no gradient yet: the replay trains on its start
                     continue
             else:
-                grad, potential = self._potential_grad(x, chain.delta, y, p_prev)
+                grad, potential = self._cd_grad_and_potential(x, chain.delta, y, p_prev)
                 start = start._replace(potential=potential) if k == 0 else start
             if o.order == "drift_kick":  # as Algorithm 1 writes them: the drift moves along v_(t-1)
                 delta = drift(x, chain.delta, chain.v, eta=self.eta, eps=self.eps)
@@ -211,7 +213,8 @@ class ATCD(Method):
 
     def _forward(self, x, proposal):
         """The update's forward at the proposal (through DDP). Its logits give H_new; with
-        mh_rerun = rows, BatchNorm inputs are kept for re-running rejected rows."""
+        mh_rerun = rows it also records each BatchNorm layer's batch statistics, which ``_rerun``
+        uses to normalise the rejected rows it runs again."""
         x_adv = (x + proposal.delta).detach().requires_grad_(self.options.reuse_grad)
         recording = self.options.mh and self._rerun_mode(x) == "rows"
         with self.batch_stats.record() if recording else contextlib.nullcontext():
@@ -228,7 +231,7 @@ class ATCD(Method):
             if o.mh_start == "reuse":  # the minibatch's first replay: its start was never evaluated
                 return proposal, logits, None
             start = start._replace(potential=self._potential(x, start.delta, y, p_prev))
-        potential = -cd_potential(logits.detach(), y, self._p_prev(x_adv.detach(), p_prev), lam=o.lam, rho=o.rho)
+        potential = -cd_objective(logits.detach(), y, self._p_prev(x_adv.detach(), p_prev), lam=o.lam, rho=o.rho)
         accept = mh_accept(start.potential + kinetic(start.v, self.eps, o.kappa),
                            potential + kinetic(proposal.v, self.eps, o.kappa), o.tau)
         chain = Chain(select_examples(accept, proposal.delta, start.delta), select_examples(accept, proposal.v, start.v))
@@ -240,7 +243,7 @@ class ATCD(Method):
         function of x_adv, so the input gradient reaches it (reuse_grad). mh_rerun = batch: the
         whole minibatch again, exact. rows: only rejected rows, spliced in; with BatchNorm they are
         normalised by the proposal forward's batch statistics (core/batchnorm.py; the deviation
-        from the exact re-run is bounded in tests/test_methods.py). Returns (logits, overflow):
+        from the exact re-run is bounded in tests/test_atcd_batchnorm.py). Returns (logits, overflow):
         rejected rows left at their proposal for want of capacity, or None when there is none."""
         if self._rerun_mode(x_adv) == "batch":
             return self._net(self.loss_model, x_adv + shift), None
@@ -272,7 +275,7 @@ class ATCD(Method):
             # At w~ and this theta, p = p_prev, so grad J_cd = (lam - rho) * grad CE (decision 3).
             self.pending_grad = (o.lam - o.rho) * x_adv.grad
         if o.mh_start == "reuse":  # U at the next replay's start, by the weights before this step
-            self.pending_potential = -cd_potential(logits.detach(), y, p_prev, lam=o.lam, rho=o.rho)
+            self.pending_potential = -cd_objective(logits.detach(), y, p_prev, lam=o.lam, rho=o.rho)
         return loss.detach(), p_prev
 
     def _p_prev(self, x_adv, p_prev):
@@ -282,11 +285,12 @@ class ATCD(Method):
             previous = lambda inputs: functional_call(self.model, self.previous_weights, (inputs,))  # noqa: E731
             return F.softmax(self._net(previous, x_adv).float(), dim=1)
 
-    def _potential_grad(self, x, delta, y, p_prev):
-        """One pass: grad_theta J_cd at theta = x + delta, and U = -J_cd there, per example."""
+    def _cd_grad_and_potential(self, x, delta, y, p_prev):
+        """One pass: grad_theta J_cd at theta = x + delta (= -grad U, what the kick climbs), and
+        U = -J_cd there, per example."""
         x_adv = (x + delta).detach().requires_grad_(True)
         logits = self._net(self.model, x_adv)
-        j = cd_potential(logits, y, self._p_prev(x_adv.detach(), p_prev), lam=self.options.lam, rho=self.options.rho)
+        j = cd_objective(logits, y, self._p_prev(x_adv.detach(), p_prev), lam=self.options.lam, rho=self.options.rho)
         (grad,) = torch.autograd.grad(j.sum(), x_adv)
         return grad, -j.detach()
 
@@ -295,7 +299,7 @@ class ATCD(Method):
         with torch.no_grad():
             x_adv = x + delta
             logits = self._net(self.model, x_adv)
-            return -cd_potential(logits, y, self._p_prev(x_adv, p_prev), lam=self.options.lam, rho=self.options.rho)
+            return -cd_objective(logits, y, self._p_prev(x_adv, p_prev), lam=self.options.lam, rho=self.options.rho)
 
     def _net(self, net, x_adv):
         """``net(x_adv)``; in a replay of a dropout network, with the replay's dropout masks (the

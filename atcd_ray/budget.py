@@ -23,8 +23,8 @@ from .config import ConfigError, load_config
 from .core.checkpoint import save_weights_only, write_text_atomic
 from .core.methods import METHODS
 from .core.models import MODELS
-from .sweep import (OBJECTIVE, SEARCHERS, Sizing, Study, check_keys, check_study, read_spec,
-                   results_table, run_sweep, validation_resources)
+from .search_space import SEARCHERS, SearchSpace, check_keys, check_search_space, read_spec
+from .sweep import OBJECTIVE, Sizing, results_table, run_sweep, validation_resources
 
 log = logging.getLogger("atcd_ray.study")
 
@@ -74,14 +74,15 @@ class BudgetStudy:
         if reject_collapsed:
             self.reject_collapsed = reject_collapsed
 
-    def sweep(self, model: str, budget: float, method: str) -> Study:
-        """The Tune study of one cell: this method's trials at this budget on this network."""
-        return Study(study=f"{self.study}-{model}-budget{budget:g}-{method}", dataset=self.dataset,
-                     recipe=self.recipe, params={**self.common, **(self.methods[method] or {})},
-                     fixed={"model": model, "train.method": method, "train.budget": budget, **self.search},
-                     metric={"val_robust_acc": 1.0}, mode="max", scheduler={"name": "fifo"}, searcher=self.searcher,
-                     points_to_evaluate=list((self.points_to_evaluate or {}).get(method) or []),
-                     num_samples=self.trials, search_seed=self.search_seed)
+    def search_space(self, model: str, budget: float, method: str) -> SearchSpace:
+        """The search space of one cell: this method's trials at this budget on this network."""
+        return SearchSpace(study=f"{self.study}-{model}-budget{budget:g}-{method}", dataset=self.dataset,
+                           recipe=self.recipe, params={**self.common, **(self.methods[method] or {})},
+                           fixed={"model": model, "train.method": method, "train.budget": budget, **self.search},
+                           metric={"val_robust_acc": 1.0}, mode="max", scheduler={"name": "fifo"},
+                           searcher=self.searcher,
+                           points_to_evaluate=list((self.points_to_evaluate or {}).get(method) or []),
+                           num_samples=self.trials, search_seed=self.search_seed)
 
     def cells(self):
         """(model, budget, index of the budget) in the order the study runs them: cheap first."""
@@ -136,7 +137,7 @@ def load_budget_study(path: str | Path) -> BudgetStudy:
     for model, budget, _ in spec.cells():
         for method in spec.methods:
             try:
-                check_study(spec.sweep(model, budget, method), [])
+                check_search_space(spec.search_space(model, budget, method), [])
             except ConfigError as err:
                 raise ConfigError(f"methods.{method} ({model}, budget {budget:g}): {err}") from None
         reference = load_config(spec.dataset, spec.recipe, final_overrides(spec, model, budget, spec.reference,
@@ -171,21 +172,21 @@ def run_search(spec: BudgetStudy, out: Path, record: Path | None = None) -> None
             sweep_dir = cell_dir(out, "search", model=model, budget=budget, method=method)
             if search_done(spec, sweep_dir):
                 continue
-            study = spec.sweep(model, budget, method)
+            space = spec.search_space(model, budget, method)
             sizing = Sizing(overrides=[], workers=1, cpus_per_worker=1.0,
-                            validation=validation_resources(study.config()))
+                            validation=validation_resources(space.config()))
             sweep_dir.parent.mkdir(parents=True, exist_ok=True)
-            grid = run_sweep(study, sizing, sweep_dir, resume=True)
-            rows = results_table(grid, study, sweep_dir.resolve())
-            if len(rows) < study.num_samples:  # Tune returns normally on Ctrl-C, with the trials made so far
-                raise RuntimeError(f"{sweep_dir}: {len(rows)} of {study.num_samples} trials ran (interrupted?); "
+            grid = run_sweep(space, sizing, sweep_dir, resume=True)
+            rows = results_table(grid, space, sweep_dir.resolve())
+            if len(rows) < space.num_samples:  # Tune returns normally on Ctrl-C, with the trials made so far
+                raise RuntimeError(f"{sweep_dir}: {len(rows)} of {space.num_samples} trials ran (interrupted?); "
                                    "rerun to resume")
             failed = [r["trial_id"] for r in rows if r["status"] not in ("completed", "diverged")]
             if failed:
                 raise RuntimeError(f"{sweep_dir}: trials {', '.join(failed)} did not complete; rerun to retry them")
             write_text_atomic(sweep_dir / "done.json", json.dumps({"trials": len(rows)}) + "\n")
             save_record(out, record)
-            log.info("%s: best %s = %.4f", study.study, OBJECTIVE, rows[0][OBJECTIVE])
+            log.info("%s: best %s = %.4f", space.study, OBJECTIVE, rows[0][OBJECTIVE])
 
 
 def winner(spec: BudgetStudy, out: Path, *, model: str, budget: float, method: str,
@@ -211,10 +212,10 @@ def ranked_trials(spec: BudgetStudy, out: Path, *, model: str, budget: float, me
     completed = [r for r in pq.read_table(sweep_dir / "results.parquet").to_pylist() if r["status"] == "completed"]
     if not completed:
         raise ConfigError(f"{sweep_dir}: no trial completed (all diverged?); widen or move the search space")
-    study, ranked = spec.sweep(model, budget, method), []
+    space, ranked = spec.search_space(model, budget, method), []
     for trial in sorted(completed, key=lambda r: r[OBJECTIVE], reverse=True):  # stable: the first best first
-        params = {name: trial[name] for name in study.params}
-        overrides = study.trial_overrides(params)[len(study.fixed):]  # the trial's own, after the fixed ones
+        params = {name: trial[name] for name in space.params}
+        overrides = space.trial_overrides(params)[len(space.fixed):]  # the trial's own, after the fixed ones
         ranked.append({"trial_id": trial["trial_id"], "params": params, "overrides": overrides,
                        OBJECTIVE: trial[OBJECTIVE]})
     return ranked
@@ -297,7 +298,7 @@ def set_aside_collapsed(spec: BudgetStudy, out: Path, record: Path | None, *, mo
         fell = [run.name for run in seeds if collapsed(run, classes)]
         if not fell:
             continue
-        trial = winners[f"{model}/budget{budget:g}/{method}"]["trial_id"]
+        trial = winners[winner_key(model, budget, method)]["trial_id"]
         log.warning("%s: trial %s collapsed on %s of %d seeds (diverged, or validation clean accuracy <= %.2f): "
                     "set aside, the next-best trial trains instead", runs, trial, ", ".join(fell), len(seeds),
                     2 / classes)
@@ -333,42 +334,71 @@ def run_final(spec: BudgetStudy, out: Path, record: Path | None = None, *, jobs:
     a time (each on its share of the cores: every run's wall seconds are measured alike), then the
     AutoAttack images of every run: all the training first, so that no evaluation runs while
     wall seconds are being measured."""
-    winners = {}
+    winners = {}  # winner_key -> the chosen trial ({trial_id, params, overrides, objective}; + ema)
     for model, budget, i in spec.cells():
-        methods = [spec.reference, *spec.methods]
-        while methods:  # under the stability rule, until no winner's runs collapse
-            runs = []
-            for method in methods:
-                reference = method == spec.reference
-                chosen = {"overrides": [], "params": {}} if reference else winner(
-                    spec, out, model=model, budget=budget, method=method,
-                    passed_over=passed_over(out, model=model, budget=budget, method=method))
-                if spec.reject_collapsed and not reference:
-                    check_final_runs_are_the_winners(spec, out, record, model=model, budget=budget, method=method,
-                                                     chosen=chosen)
-                winners[f"{model}/budget{budget:g}/{method}"] = chosen
-                runs += [(cell_dir(out, "final", model=model, budget=budget, method=method) / f"seed{seed_index}",
-                          final_overrides(spec, model, budget, method, knobs=chosen["overrides"],
-                                          seed_index=seed_index))
-                         for seed_index in range(spec.final_seeds[i])]
-            train_finals(spec, runs, out=out, record=record, jobs=jobs)
-            methods = set_aside_collapsed(spec, out, record, model=model, budget=budget,
-                                          winners=winners) if spec.reject_collapsed else []
+        cell = {"model": model, "budget": budget, "seeds": spec.final_seeds[i]}
+        _train_cell_finals(spec, out, record, **cell, winners=winners, jobs=jobs)
         write_text_atomic(out / "winners.json", json.dumps(winners, indent=2) + "\n")  # the report reads it
-        if spec.ema and budget in spec.ema["budgets"]:  # the best methods again, their weights averaged
-            runs = []
-            for method in ema_choice(spec, out, model=model, budget=budget):
-                chosen = {**winners[f"{model}/budget{budget:g}/{method}"], "ema": spec.ema["decay"]}
-                winners[f"{model}/budget{budget:g}/{method}{EMA_SUFFIX}"] = chosen
-                runs += [(cell_dir(out, "final", model=model, budget=budget, method=method + EMA_SUFFIX) /
-                          f"seed{seed_index}",
-                          [*final_overrides(spec, model, budget, method, knobs=chosen["overrides"],
-                                            seed_index=seed_index), ("train.ema", spec.ema["decay"])])
-                         for seed_index in range(spec.final_seeds[i])]
-            train_finals(spec, runs, out=out, record=record, jobs=jobs)
+        if spec.ema and budget in spec.ema["budgets"]:
+            _train_ema_finals(spec, out, record, **cell, winners=winners, jobs=jobs)
     write_text_atomic(out / "winners.json", json.dumps(winners, indent=2) + "\n")
     save_record(out, record)
     run_autoattack(spec, out, record=record)
+
+
+def winner_key(model: str, budget: float, method: str) -> str:
+    """A cell's method in winners.json."""
+    return f"{model}/budget{budget:g}/{method}"
+
+
+def _train_cell_finals(spec: BudgetStudy, out: Path, record: Path | None, *, model: str, budget: float, seeds: int,
+                       winners: dict, jobs: int) -> None:
+    """The reference and every method's winner at one cell, into ``winners``; under the stability
+    rule again, with the next-best trial, for each method whose winner's runs collapsed."""
+    methods = [spec.reference, *spec.methods]
+    while methods:
+        runs = []
+        for method in methods:
+            chosen = _chosen_trial(spec, out, record, model=model, budget=budget, method=method)
+            winners[winner_key(model, budget, method)] = chosen
+            runs += _seed_runs(spec, out, model=model, budget=budget, method=method, knobs=chosen["overrides"],
+                               seeds=seeds)
+        train_finals(spec, runs, out=out, record=record, jobs=jobs)
+        methods = set_aside_collapsed(spec, out, record, model=model, budget=budget,
+                                      winners=winners) if spec.reject_collapsed else []
+
+
+def _chosen_trial(spec: BudgetStudy, out: Path, record: Path | None, *, model: str, budget: float,
+                  method: str) -> dict:
+    """The trial a method's finals train: the best not set aside (the reference: the recipe's)."""
+    if method == spec.reference:
+        return {"overrides": [], "params": {}}
+    chosen = winner(spec, out, model=model, budget=budget, method=method,
+                    passed_over=passed_over(out, model=model, budget=budget, method=method))
+    if spec.reject_collapsed:
+        check_final_runs_are_the_winners(spec, out, record, model=model, budget=budget, method=method, chosen=chosen)
+    return chosen
+
+
+def _train_ema_finals(spec: BudgetStudy, out: Path, record: Path | None, *, model: str, budget: float, seeds: int,
+                      winners: dict, jobs: int) -> None:
+    """The best methods of a cell again, their weights averaged (``<method>+ema``), into ``winners``."""
+    runs = []
+    for method in ema_choice(spec, out, model=model, budget=budget):
+        chosen = {**winners[winner_key(model, budget, method)], "ema": spec.ema["decay"]}
+        winners[winner_key(model, budget, method + EMA_SUFFIX)] = chosen
+        runs += _seed_runs(spec, out, model=model, budget=budget, method=method, knobs=chosen["overrides"],
+                           seeds=seeds, variant=EMA_SUFFIX, extra=[("train.ema", spec.ema["decay"])])
+    train_finals(spec, runs, out=out, record=record, jobs=jobs)
+
+
+def _seed_runs(spec: BudgetStudy, out: Path, *, model: str, budget: float, method: str, knobs: list, seeds: int,
+               variant: str = "", extra: list = ()) -> list[tuple[Path, list]]:
+    """One method's final runs at one cell, one a seed: (run directory, config overrides)."""
+    runs_dir = cell_dir(out, "final", model=model, budget=budget, method=method + variant)
+    return [(runs_dir / f"seed{seed_index}",
+             [*final_overrides(spec, model, budget, method, knobs=knobs, seed_index=seed_index), *extra])
+            for seed_index in range(seeds)]
 
 
 def train_finals(spec: BudgetStudy, runs: list[tuple[Path, list]], *, out: Path, record: Path | None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +149,7 @@ class Config:
 
     @property
     def epochs_to_train(self) -> float:
-        """Passes over the training data, fractional under a budget that the method's passes per
+        """Epochs (sweeps over the training data), fractional under a budget that the method's passes per
         minibatch do not divide: the last epoch then stops part-way (its first steps), and the
         learning-rate schedule, laid over these epochs, ends there. Without a budget, train.epochs."""
         if self.train.budget is None:
@@ -185,13 +186,13 @@ def _choice(obj, name, allowed):
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against the type hint (int -> float allowed), recursing into dataclasses."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
+        return _build_dataclass(hint, value, key)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -212,7 +213,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def _build(cls, data: Any, prefix: str):
+def _build_dataclass(cls, data: Any, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -224,7 +225,7 @@ def _build(cls, data: Any, prefix: str):
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _methods(value, key) if cls is Config and name == "methods" else _coerce(value, hints[name], key)
+        kwargs[name] = _build_method_options(value, key) if cls is Config and name == "methods" else _coerce(value, hints[name], key)
     obj = cls(**kwargs)
     if cls is Config and "methods" in kwargs:  # methods a recipe leaves out keep their defaults
         obj.methods = {**Config().methods, **obj.methods}
@@ -238,16 +239,16 @@ def _build(cls, data: Any, prefix: str):
     return obj
 
 
-def _methods(data: Any, prefix: str) -> dict[str, Any]:
+def _build_method_options(data: Any, prefix: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix}: expected a mapping of method name to options")
     for name in data:
         if name not in METHODS:
             raise ConfigError(f"{prefix}.{name}: unknown method; allowed: {', '.join(METHODS)}")
-    return {name: _build(METHODS[name].Options, opts or {}, f"{prefix}.{name}") for name, opts in data.items()}
+    return {name: _build_dataclass(METHODS[name].Options, opts or {}, f"{prefix}.{name}") for name, opts in data.items()}
 
 
-def _set(tree: dict, key: str, value: Any) -> None:
+def _set_dotted_key(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree
     for part in parts[:-1]:
@@ -295,12 +296,12 @@ def load_config(dataset: str | None = None, recipe: str | Path | None = None,
     if not isinstance(per_method, dict) or any(m not in METHODS for m in per_method):
         raise ConfigError(f"per_method: keys must be methods ({', '.join(METHODS)})")
     for key, value in [*(per_method.get(method) or {}).items(), *overrides]:
-        _set(tree, key, value)
+        _set_dotted_key(tree, key, value)
         if key == "train.epochs":
-            _set(tree, "train.budget", None)
-    return _build(Config, tree, "")
+            _set_dotted_key(tree, "train.budget", None)
+    return _build_dataclass(Config, tree, "")
 
 
 def config_from_dict(tree: dict) -> Config:
     """A Config from its ``to_dict`` form (a checkpoint's metadata), validated like a recipe."""
-    return _build(Config, tree, "")
+    return _build_dataclass(Config, tree, "")

@@ -1,6 +1,7 @@
 """Ray Train: the in-process training loop (``trainer.fit``) in N workers of a TorchTrainer.
 
-With ``tune.py`` (the sweep driver), the only module that imports Ray. Each worker runs ``fit`` with a ``RayGroup``: DDP through
+Ray is imported here, lazily in ``sweep.py`` (Tune) and in ``evaluate.py`` (its actor pool), and
+nowhere else. Each worker runs ``fit`` with a ``RayGroup``: DDP through
 ``ray.train.torch.prepare_model`` (with 2+ workers), its own shard of every split, and a
 checkpoint reported to Ray after every epoch. Rank 0 writes the run directory's files
 (summary.json, metrics.jsonl, last/best.safetensors, tb/); every rank's checkpoint file (its
@@ -175,6 +176,9 @@ def _worker(config: dict) -> None:
             shutil.rmtree(out, ignore_errors=True)
 
 
+_own_dashboard = ""  # the RAY_API_SERVER_ADDRESS this process set for the local Ray it started
+
+
 def init_ray() -> None:
     """Join RAY_ADDRESS (``ray job submit`` sets it) or start a local Ray of this process's own,
     dashboard on 127.0.0.1. ``address="local"``: without it ``ray.init()`` joins the cluster Ray's
@@ -200,9 +204,6 @@ def init_ray() -> None:
         ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
     else:  # the caller's choice
         ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True)
-
-
-_own_dashboard = ""  # the RAY_API_SERVER_ADDRESS this process set for the local Ray it started
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from .budget import (COLLAPSED, EMA_SUFFIX, OBJECTIVE, BudgetStudy, cell_dir, collapsed, passed_over, search_done,
-                     winner)
+                     winner, winner_key)
 from .cli import ArgumentParser, markdown_table, run_main
 from .config import ConfigError
 from .core.checkpoint import write_text_atomic
@@ -390,7 +390,7 @@ def collect_study(spec, directory: Path) -> tuple[list[dict], list[dict]]:
                 summaries = [json.loads(p.read_text()) for p in runs]
                 evaluations = {s["seed"]: json.loads((p.parent / "autoattack.json").read_text())  # by the run's seed
                                for s, p in zip(summaries, runs) if (p.parent / "autoattack.json").exists()}
-                chosen = winners.get(f"{model}/budget{budget:g}/{method}")
+                chosen = winners.get(winner_key(model, budget, method))
                 if chosen is None and searched:  # winners.json comes once all are trained
                     chosen = winner(spec, directory, model=model, budget=budget, method=method,
                                     passed_over=passed_over(directory, model=model, budget=budget, method=method))

@@ -1,13 +1,9 @@
 """A whole training run in this process: data, model, method, epochs, checkpoints, final evaluation.
 
-Writes into ``out_dir``: ``last.safetensors`` every epoch (the one it replaces kept as
-``last.previous.safetensors``), ``metrics.jsonl`` (one line per epoch), ``best.safetensors`` when
-``select_best = robust_val``, and ``summary.json`` at the end. Rerunning with the same ``out_dir``
-and config resumes from ``last.safetensors``. When the group validates apart from training
-(``train.val_async`` under Ray), ``validate_checkpoint`` validates each epoch's checkpoint in a
-task of its own, records it in ``validation.jsonl`` and writes ``best.safetensors``;
-metrics.jsonl takes in the validations done by each epoch's end (``read_history`` merges them on
-reading), and the run waits for the last one before its test.
+Writes the run directory's files (``run_dir.py`` lists them); rerunning with the same
+``out_dir`` and config resumes from ``last.safetensors``. When the group validates apart from
+training (``train.val_async`` under Ray), ``validate_checkpoint`` validates each epoch's
+checkpoint in a task of its own; the run waits for the last one before its test.
 
 Crash consistency: every file is written whole or not at all (``write_atomic``: temporary file,
 fsync, rename, directory fsync). The epoch's metrics record is committed inside its checkpoint
@@ -116,9 +112,9 @@ class Run:
         segments = meta.get("provenance", [])
         self.segments = segments if segments and segments[-1] == self.code else [*segments, self.code]
         self.stopped_early = meta.get("stopped_early", False)
-        self.done = EpochProgress(**meta["epoch_progress"]) if "epoch_progress" in meta else None  # mid-epoch
-        if self.done is not None:  # this rank's images so far (every training batch is whole), on any number of ranks
-            self.done.images = self.done.steps * self.splits.train.local_batch_size
+        self.resumed_part = EpochProgress(**meta["epoch_progress"]) if "epoch_progress" in meta else None  # mid-epoch
+        if self.resumed_part is not None:  # this rank's images so far (every training batch is whole), on any number of ranks
+            self.resumed_part.images = self.resumed_part.steps * self.splits.train.local_batch_size
         self.notices = meta.get("preemption_notices", 0)  # checkpoints written on a preemption notice, over the run
         self.board = None
         if self.lead:
@@ -147,22 +143,22 @@ class Run:
 
     def train_one_epoch(self, epoch: int) -> dict:
         """One epoch's training (its first steps only where the budget ends inside it); its record."""
-        t, group, done = self.cfg.train, self.group, self.done
+        t, group, resumed = self.cfg.train, self.group, self.resumed_part
         # Which steps of this epoch ran on how many workers: [first step, workers] per stretch.
-        self.stretches = list(done.stretches) if done else []
+        self.stretches = list(resumed.stretches) if resumed else []
         if not self.stretches or self.stretches[-1][1] != group.world_size:
-            self.stretches.append([done.steps if done else 0, group.world_size])
+            self.stretches.append([resumed.steps if resumed else 0, group.world_size])
         partial = epoch + 1 > self.total_epochs + 1e-9  # the budget's last, part-way epoch: its first steps
-        steps = max(1, round((self.total_epochs - epoch) * len(self.splits.train))) if partial else None
+        max_steps = max(1, round((self.total_epochs - epoch) * len(self.splits.train))) if partial else None
         try:
             stats = train_epoch(self.method, self.splits.train, epoch=epoch, total_epochs=self.total_epochs,
                                 set_lr=self.set_lr, device=self.device, amp=t.amp, progress=self.progress,
                                 channels_last=t.channels_last, pin_memory=self.cfg.data.pin_memory,
-                                world_size=group.world_size, progress_interval=t.progress_seconds, done=done,
+                                world_size=group.world_size, progress_interval=t.progress_seconds, resumed=resumed,
                                 checkpoint_steps=t.checkpoint_steps,
                                 checkpoint=lambda progress: self.checkpoint_inside(epoch, progress),
-                                checkpoint_now=self.checkpoint_now, steps=steps)
-            self.done = None
+                                checkpoint_now=self.checkpoint_now, max_steps=max_steps)
+            self.resumed_part = None
             check_finite_weights(self.model, epoch)
         except NonFiniteError as err:  # no checkpoint of this epoch: the last good one stays
             if self.lead:
@@ -217,8 +213,8 @@ class Run:
             self.best_val = val["robust"]
         self.history.append(record)
         if self.lead and improved:
-            save_checkpoint(self.best_path, self.model if self.ema is None else self.ema.module, self.cfg.to_dict(),
-                            {"epoch": epoch + 1, "val": val, **ema_meta(self.cfg)})
+            save_checkpoint(self.best_path, self.model if self.ema is None else self.ema.module, config=self.cfg.to_dict(),
+                            meta={"epoch": epoch + 1, "val": val, **ema_meta(self.cfg)})
         own = self.save_state(epoch + 1)  # the epoch's record is committed with it
         if self.lead:
             write_history(self.out, self.history)
@@ -249,11 +245,11 @@ class Run:
                     "best_val": self.best_val, "preemption_notices": self.notices,
                     "stopped_early": self.stopped_early, "history": self.history, "provenance": self.segments,
                     **({"epoch_progress": dataclasses.asdict(progress)} if progress else {})}
-            save_checkpoint(own, self.model, self.cfg.to_dict(), meta, optimizer=self.optimizer,
+            save_checkpoint(own, self.model, config=self.cfg.to_dict(), meta=meta, optimizer=self.optimizer,
                             method_state=self.method.state_dict(), rng_state=torch.get_rng_state(),
                             keep_previous=True, ema=self.ema)
         else:
-            save_checkpoint(own, None, {}, {"epoch": epochs_done}, method_state=self.method.state_dict(),
+            save_checkpoint(own, None, config={}, meta={"epoch": epochs_done}, method_state=self.method.state_dict(),
                             rng_state=torch.get_rng_state())
         return own
 
@@ -278,7 +274,7 @@ class Run:
         if self.ema is not None:  # the average's weights, for the test here and any evaluation later
             final = self.out / "ema.safetensors"
             if self.lead:
-                save_checkpoint(final, self.ema.module, self.cfg.to_dict(), {
+                save_checkpoint(final, self.ema.module, config=self.cfg.to_dict(), meta={
                     "epoch": len(self.history), **ema_meta(self.cfg), "n_averaged": int(self.ema.n_averaged)})
                 self.publish()
         robust_val = self.cfg.train.select_best == "robust_val" and self.best_path.exists()

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from .cli import ArgumentParser, check_launch, markdown_table, run_main, setup_logging, worker_range
 from .config import ConfigError, parse_override
-from .sweep import (OBJECTIVE, SEARCHER_JSON, Sizing, check_not_uri, load_study, read_searcher, results_table,
+from .search_space import load_search_space
+from .sweep import (OBJECTIVE, SEARCHER_JSON, Sizing, check_not_uri, read_searcher, results_table,
                     run_sweep, validation_resources)
 
 
@@ -59,19 +60,19 @@ def main(argv: list[str] | None = None) -> int:
                           "--max-failures >= 0")
     flags = {"train.epochs": args.epochs, "data.subset": args.subset, "eval.n": args.eval_n}
     overrides = [(k, v) for k, v in flags.items() if v is not None] + [parse_override(s) for s in args.set]
-    study = load_study(args.space, overrides)
-    check_launch(study.config(overrides), args.workers[1])  # before any trial starts
+    space = load_search_space(args.space, overrides)
+    check_launch(space.config(overrides), args.workers[1])  # before any trial starts
     check_not_uri(args.out)
-    out = Path(args.out or f"runs/sweeps/{study.study}")
+    out = Path(args.out or f"runs/sweeps/{space.study}")
     setup_logging()
     sizing = Sizing(overrides, workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-                    max_failures=args.max_failures, validation=validation_resources(study.config(overrides)))
-    grid = run_sweep(study, sizing, out, num_samples=args.num_samples, resume=args.resume,
+                    max_failures=args.max_failures, validation=validation_resources(space.config(overrides)))
+    grid = run_sweep(space, sizing, out, num_samples=args.num_samples, resume=args.resume,
                      max_concurrent=args.max_concurrent)
-    rows = results_table(grid, study, out.resolve())
-    shown = ["trial_id", *study.params, "status", "epochs", OBJECTIVE, "val_clean_acc", "val_robust_acc",
+    rows = results_table(grid, space, out.resolve())
+    shown = ["trial_id", *space.params, "status", "epochs", OBJECTIVE, "val_clean_acc", "val_robust_acc",
              *[c for c in rows[0] if c.startswith("test_")]] if rows else []
-    print(markdown_table([{**r, **{p: str(r[p]) for p in study.params}} for r in rows], shown))
+    print(markdown_table([{**r, **{p: str(r[p]) for p in space.params}} for r in rows], shown))
     searcher = read_searcher(out) or {}
     print(f"searcher: {searcher.get('searcher')}, seed {searcher.get('search_seed')} ({out / SEARCHER_JSON})")
     print(f"results: {out / 'results.csv'} and results.parquet; tensorboard --logdir {out}")

@@ -57,8 +57,8 @@ def validate_checkpoint(cfg: Config, checkpoint_file: Path, out: Path, device: t
     repeated = epoch in validated
     best = max((r["val_robust_acc"] for e, r in validated.items() if e < epoch), default=-1.0)
     if cfg.train.select_best == "robust_val" and record["val_robust_acc"] > best:
-        save_checkpoint(out / "best.safetensors", model, cfg.to_dict(), {"epoch": epoch, "val": val,
-                                                                       **ema_meta(cfg)})
+        save_checkpoint(out / "best.safetensors", model, config=cfg.to_dict(),
+                        meta={"epoch": epoch, "val": val, **ema_meta(cfg)})
     if not repeated:  # before the record: a kill in between may repeat a point, never lose one
         from torch.utils.tensorboard import SummaryWriter
 

@@ -54,7 +54,8 @@ def main(argv=None):
         path = Path(tmp) / "last.safetensors"
         for _ in range(args.rounds):
             t0 = time.perf_counter()
-            save_checkpoint(path, model, cfg.to_dict(), {"epoch": 0, "epoch_progress": progress}, optimizer=optimizer,
+            save_checkpoint(path, model, config=cfg.to_dict(), meta={"epoch": 0, "epoch_progress": progress},
+                            optimizer=optimizer,
                             method_state=method.state_dict(), rng_state=torch.get_rng_state(), keep_previous=True)
             writes.append(time.perf_counter() - t0)
             t0 = time.perf_counter()

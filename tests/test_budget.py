@@ -183,7 +183,7 @@ def test_the_repository_study_spec_is_valid():
     assert spec.trials >= 6 and len(spec.budgets) >= 2 and spec.models == ["compactcnn", "smallcnn"]
     for model, budget, _ in spec.cells():  # every method's every trial spends the budget exactly
         for method in spec.methods:
-            study = spec.sweep(model, budget, method)
+            study = spec.search_space(model, budget, method)
             for name, choice in study.params.items():
                 if "choice" in choice and isinstance(choice["choice"][0], dict) or name.endswith(("steps", "replays")):
                     values = choice["choice"]
@@ -204,7 +204,7 @@ def test_the_fair_study_searches_every_method_alike_with_its_published_setting_f
         "fashion-mnist", ROOT / spec.recipe).eps and paper["methods.atcd.tau"] == paper["methods.atcd.kappa"] == 1.0
     assert spec.methods["atcd"]["methods.atcd.lam"]["loguniform"][0] >= 1.0  # lam / rho >= 1 (rho stays 1)
     for model, budget, _ in spec.cells():
-        study = spec.sweep(model, budget, "atcd")
+        study = spec.search_space(model, budget, "atcd")
         cfg = study.config(study.trial_overrides(study.tune_points()[0])[len(study.fixed):])
         assert (cfg.methods["atcd"].T, cfg.methods["atcd"].K, cfg.methods["atcd"].rho) == (4, 2, 1.0)
         assert cfg.train.val_n >= 2000 and cfg.data.subset == 10000
@@ -367,7 +367,7 @@ def test_weights_only_copy_holds_the_model_and_config_and_loads(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.rand(2, 1, 28, 28)).sum().backward()
     optimizer.step()  # momentum buffers: optimizer state as large as the model
-    full = save_checkpoint(tmp_path / "last.safetensors", model, cfg.to_dict(), meta={"epoch": 3},
+    full = save_checkpoint(tmp_path / "last.safetensors", model, config=cfg.to_dict(), meta={"epoch": 3},
                            optimizer=optimizer, rng_state=torch.get_rng_state())
     slim = save_weights_only(full, tmp_path / "weights.safetensors")
     original, copy = Checkpoint(full), Checkpoint(slim)
@@ -402,7 +402,7 @@ def test_gpu_autoattack_stages_runs_evaluates_them_alone_and_collects(tmp_path, 
         run.mkdir(parents=True)
         torch.manual_seed(len(method))
         save_checkpoint(run / "last.safetensors", build_model("compactcnn", in_channels=1, num_classes=10),
-                        cfg.to_dict())
+                        config=cfg.to_dict())
         (run / "summary.json").write_text(json.dumps({"checkpoint": "last.safetensors", "method": method}))
     (out / "final" / "compactcnn" / "budget2" / "natural" / "seed0" / "autoattack.json").write_text("{}")
     staged = tmp_path / "stage"
@@ -438,7 +438,7 @@ def test_gpu_autoattack_stages_runs_evaluates_them_alone_and_collects(tmp_path, 
         gpu_autoattack.main(["collect", str(staged), str(out)])
     (out / "final/compactcnn/budget2/fast/seed0/autoattack.json").unlink()
     torch.manual_seed(99)  # the run trained again since it was staged: its result is not this one
-    save_checkpoint(source, build_model("compactcnn", in_channels=1, num_classes=10), cfg.to_dict())
+    save_checkpoint(source, build_model("compactcnn", in_channels=1, num_classes=10), config=cfg.to_dict())
     with pytest.raises(SystemExit, match="is not the checkpoint that was staged"):
         gpu_autoattack.main(["collect", str(staged), str(out)])
     assert not (out / "final/compactcnn/budget2/fast/seed0/autoattack.json").exists()

@@ -22,7 +22,7 @@ def test_round_trip_without_pickle(tmp_path, monkeypatch):
     method = ATCD(model, opt, 0.1, ATCDOptions(T=2, K=1))
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     method.step(x, y)
-    path = save_checkpoint(tmp_path / "c.safetensors", model, {"a": 1}, {"epoch": 3}, optimizer=opt,
+    path = save_checkpoint(tmp_path / "c.safetensors", model, config={"a": 1}, meta={"epoch": 3}, optimizer=opt,
                            method_state=method.state_dict(),
                            rng_state=torch.get_rng_state())
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]  # no temporary file left behind
@@ -48,7 +48,7 @@ def test_round_trip_without_pickle(tmp_path, monkeypatch):
 
 def test_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     model = build_model("smallcnn", 10, 1)
-    path = save_checkpoint(tmp_path / "c.safetensors", model, {"v": 1})
+    path = save_checkpoint(tmp_path / "c.safetensors", model, config={"v": 1})
     import atcd_ray.core.checkpoint as module
 
     def crash(*args, **kwargs):
@@ -56,7 +56,7 @@ def test_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(module, "save_file", crash)
     with pytest.raises(OSError):
-        save_checkpoint(path, model, {"v": 2})
+        save_checkpoint(path, model, config={"v": 2})
     assert Checkpoint(path).config == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
 

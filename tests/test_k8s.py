@@ -193,9 +193,9 @@ def test_job_entrypoints_run_modules_and_flags_that_exist(name, doc):
         cfg = load_config(parsed.dataset, None, overrides)
         assert cfg.data.batch_size % parsed.workers[1] == 0 and parsed.gpu
     else:
-        from atcd_ray.sweep import load_study
+        from atcd_ray.search_space import load_search_space
 
-        study = load_study(parsed.space, overrides)  # the space file exists and is valid
+        study = load_search_space(parsed.space, overrides)  # the space file exists and is valid
         assert study.dataset == "imagenet" and parsed.gpu and parsed.resume
     spec = _cluster_specs(doc)[0]
     low, high = parsed.workers

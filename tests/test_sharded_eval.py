@@ -25,7 +25,7 @@ AA_N = 24  # three batches of 8 over two actors: one killed mid-batch still leav
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, trained_digits_model):
     path = tmp_path_factory.mktemp("sharded") / "model.safetensors"
-    return save_checkpoint(path, trained_digits_model, load_config("digits").to_dict())
+    return save_checkpoint(path, trained_digits_model, config=load_config("digits").to_dict())
 
 
 def evaluated(checkpoint, out, *extra, n=64):

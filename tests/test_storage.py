@@ -32,7 +32,7 @@ def upload(local, uri):
 
 def test_load_model_and_evaluate_read_a_checkpoint_from_s3(s3_env, trained_digits_model, tmp_path, capsys,
                                                            shared_ray):
-    local = save_checkpoint(tmp_path / "model.safetensors", trained_digits_model, load_config("digits").to_dict())
+    local = save_checkpoint(tmp_path / "model.safetensors", trained_digits_model, config=load_config("digits").to_dict())
     uri = "s3://runs/models/digits/model.safetensors"
     upload(local, uri)
 
@@ -63,7 +63,7 @@ def test_load_model_and_evaluate_read_a_checkpoint_from_s3(s3_env, trained_digit
     # The object replaced by another model: its stored batches are not reused
     torch.manual_seed(1)
     other = save_checkpoint(tmp_path / "other.safetensors", build_model("compactcnn", 10, 1),
-                            load_config("digits").to_dict())
+                            config=load_config("digits").to_dict())
     upload(other, uri)
     assert run_main(evaluate.main, [uri, *args, "--json", str(tmp_path / "remote.json")]) == 2
     assert "(its checkpoint_sha256 differ)" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from atcd_ray.core.methods import METHODS
-from atcd_ray.core.methods.yopo import YOPOOptions, costate
+from atcd_ray.core.methods.yopo import YOPOOptions, forward_keeping_z1
 from atcd_ray.core.models import build_model, first_layer, first_layer_output
 
 EPS = 0.1
@@ -52,7 +52,7 @@ def test_yopo_costate_matches_autograd(name, shape):
     for param in model.parameters():  # SmallCNN's zero last layer would make every gradient zero
         torch.nn.init.normal_(param, std=0.1)
     x, y = torch.rand(shape, dtype=torch.double), torch.randint(0, 10, (shape[0],))
-    loss, _, z1 = costate(model, x, lambda out: F.cross_entropy(out, y, reduction="sum"))
+    loss, _, z1 = forward_keeping_z1(model, x, lambda out: F.cross_entropy(out, y, reduction="sum"))
     (grad_z1,) = torch.autograd.grad(loss, z1)
     x_full = x.clone().requires_grad_(True)
     (g_full,) = torch.autograd.grad(F.cross_entropy(model(x_full), y, reduction="sum"), x_full)

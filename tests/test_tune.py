@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from atcd_ray.config import ConfigError
-from atcd_ray.sweep import Sizing, bundle_label, load_study, make_scheduler, make_searcher, param_space
+from atcd_ray.search_space import SearchSpace, bundle_label, load_search_space
+from atcd_ray.sweep import Sizing, make_scheduler, make_searcher, param_space
 
 from .test_distributed import _env
 
@@ -32,7 +33,7 @@ def _space(tmp_path, **tree):
 
 def test_every_shipped_space_loads_and_covers_the_papers_studies():
     assert len(SPACES) >= 5
-    studies = {load_study(p).study: load_study(p) for p in SPACES}
+    studies = {load_search_space(p).study: load_search_space(p) for p in SPACES}
     lam = studies["lambda-rho"].params["methods.atcd.lam"]["grid"]
     assert min(lam) == 1 / 32 and max(lam) == 32 and studies["lambda-rho"].fixed["methods.atcd.rho"] == 1
     txk = studies["txk"]
@@ -68,7 +69,7 @@ def test_every_shipped_space_loads_and_covers_the_papers_studies():
 ])
 def test_a_bad_space_is_one_clear_error(tmp_path, tree, message):
     with pytest.raises(ConfigError, match=message):
-        load_study(_space(tmp_path, **tree))
+        load_search_space(_space(tmp_path, **tree))
 
 
 SAMPLED = {"methods.atcd.lam": {"loguniform": [0.5, 8]}, "methods.atcd.T": {"randint": [1, 4]},
@@ -88,22 +89,22 @@ POINT = {"methods.atcd.lam": 2.0, "methods.atcd.T": 2, "T, K": {"methods.atcd.K"
 ])
 def test_a_bad_fixed_trial_is_one_clear_error_with_its_key(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
-        load_study(_space(tmp_path, searcher="tpe", params=SAMPLED, points_to_evaluate=[{**POINT, **change}]))
+        load_search_space(_space(tmp_path, searcher="tpe", params=SAMPLED, points_to_evaluate=[{**POINT, **change}]))
 
 
 def test_a_fixed_trial_must_give_every_searched_key_and_be_a_mapping(tmp_path):
     missing = {k: v for k, v in POINT.items() if k != "optim.schedule"}
     with pytest.raises(ConfigError, match=r"points_to_evaluate\[1\].optim.schedule: missing"):
-        load_study(_space(tmp_path, params=SAMPLED, points_to_evaluate=[POINT, missing], num_samples=4))
+        load_search_space(_space(tmp_path, params=SAMPLED, points_to_evaluate=[POINT, missing], num_samples=4))
     with pytest.raises(ConfigError, match="points_to_evaluate: expected a list of mappings"):
-        load_study(_space(tmp_path, params=SAMPLED, points_to_evaluate=POINT))
+        load_search_space(_space(tmp_path, params=SAMPLED, points_to_evaluate=POINT))
 
 
 def test_fixed_trials_are_the_searchers_first_suggestions(tmp_path):
     """The positive control: a bundle by its mapping (as the space writes it) or by its label;
     each searcher, seeded, suggests the fixed points first, then draws."""
     by_label = {**POINT, "T, K": "K=2, reuse_grad=True"}
-    study = load_study(_space(tmp_path, searcher="tpe", params=SAMPLED, points_to_evaluate=[POINT, by_label],
+    study = load_search_space(_space(tmp_path, searcher="tpe", params=SAMPLED, points_to_evaluate=[POINT, by_label],
                               num_samples=4, search_seed=3))
     expected = [{**POINT, "T, K": "K=1"}, by_label]
     assert study.tune_points() == expected
@@ -123,7 +124,7 @@ def test_fixed_trials_are_the_searchers_first_suggestions(tmp_path):
     assert drawn[:2] == expected and drawn[2] not in expected
     assert suggestions(make_searcher(study, 3, 1))[2] == drawn[2]  # the seed decides the draws
     if importlib.util.find_spec("hpbandster") and importlib.util.find_spec("ConfigSpace"):
-        bohb = load_study(_space(tmp_path, searcher="bohb", params=SAMPLED, points_to_evaluate=[POINT], num_samples=2))
+        bohb = load_search_space(_space(tmp_path, searcher="bohb", params=SAMPLED, points_to_evaluate=[POINT], num_samples=2))
         assert bohb.scheduler == {"name": "hyperband"}
         first = suggestions(make_searcher(bohb, 3, 1), 2)
         assert first[0] == expected[0] and set(first[1]) == set(SAMPLED)
@@ -138,7 +139,7 @@ def test_a_bad_space_fails_on_the_command_line_before_ray_starts(tmp_path):
 
 
 def test_bundles_move_several_keys_together_and_override_fixed_ones(tmp_path):
-    study = load_study(_space(tmp_path, fixed={"train.method": "atcd"}, params={"T, K": {"grid": [
+    study = load_search_space(_space(tmp_path, fixed={"train.method": "atcd"}, params={"T, K": {"grid": [
         {"methods.atcd.T": 2, "methods.atcd.K": 4}, {"train.method": "free", "methods.free.replays": 8}]}}))
     assert param_space(study) == {"T, K": {"grid_search": ["T=2, K=4", "method=free, replays=8"]}}
     assert study.trial_overrides({"T, K": "method=free, replays=8"}) == [
@@ -147,33 +148,33 @@ def test_bundles_move_several_keys_together_and_override_fixed_ones(tmp_path):
 
 
 def test_repeats_of_a_grid_are_a_grid_axis_and_sampled_spaces_are_not_repeated_by_it(tmp_path):
-    grid = load_study(_space(tmp_path))
+    grid = load_search_space(_space(tmp_path))
     assert param_space(grid, repeats=3) == {"repeat": {"grid_search": [0, 1, 2]},
                                             "methods.atcd.lam": {"grid_search": [1, 2]}}
     assert grid.trial_overrides({"repeat": 2, "methods.atcd.lam": 1}) == [("methods.atcd.lam", 1)]
-    sampled = load_study(_space(tmp_path, params={"methods.atcd.lam": {"uniform": [0.5, 4]}}))
+    sampled = load_search_space(_space(tmp_path, params={"methods.atcd.lam": {"uniform": [0.5, 4]}}))
     assert "repeat" not in param_space(sampled, repeats=3)
     with pytest.raises(ConfigError, match="params.repeat: reserved"):
-        load_study(_space(tmp_path, params={"repeat": {"grid": [1]}}))
+        load_search_space(_space(tmp_path, params={"repeat": {"grid": [1]}}))
 
 
 def test_schedulers_and_search_follow_the_space(tmp_path, monkeypatch):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    asha = make_scheduler(load_study(_space(tmp_path, scheduler={"name": "asha", "grace_period": 1})), epochs=8)
+    asha = make_scheduler(load_search_space(_space(tmp_path, scheduler={"name": "asha", "grace_period": 1})), epochs=8)
     # Decisions at epochs 1, 2, 4, never at the last: a trial that gets there is tested.
     assert isinstance(asha, ASHAScheduler) and [m for m, _ in asha._brackets[0]._rungs] == [4, 2, 1]
     assert not asha._stop_last_trials
-    short = make_scheduler(load_study(_space(tmp_path, scheduler={"name": "asha", "grace_period": 4})), epochs=3)
+    short = make_scheduler(load_search_space(_space(tmp_path, scheduler={"name": "asha", "grace_period": 4})), epochs=3)
     assert [m for m, _ in short._brackets[0]._rungs] == [2]  # grace period cut to the epochs before the last
-    assert isinstance(make_scheduler(load_study(_space(tmp_path)), epochs=1), FIFOScheduler)
-    assert isinstance(make_scheduler(load_study(_space(tmp_path, scheduler={"name": "fifo"})), 3), FIFOScheduler)
+    assert isinstance(make_scheduler(load_search_space(_space(tmp_path)), epochs=1), FIFOScheduler)
+    assert isinstance(make_scheduler(load_search_space(_space(tmp_path, scheduler={"name": "fifo"})), 3), FIFOScheduler)
     from ray.tune.schedulers import HyperBandForBOHB
     from ray.tune.search import BasicVariantGenerator
 
     sampled = {"methods.atcd.lam": {"loguniform": [0.5, 4]}}
-    assert isinstance(make_searcher(load_study(_space(tmp_path)), 0, 2), BasicVariantGenerator)  # the default
-    bohb = load_study(_space(tmp_path, searcher="bohb", params=sampled,
+    assert isinstance(make_searcher(load_search_space(_space(tmp_path)), 0, 2), BasicVariantGenerator)  # the default
+    bohb = load_search_space(_space(tmp_path, searcher="bohb", params=sampled,
                              scheduler={"name": "hyperband", "reduction_factor": 2}))
     hyperband = make_scheduler(bohb, epochs=5)
     assert isinstance(hyperband, HyperBandForBOHB) and hyperband._max_t_attr == 4 and hyperband._eta == 2
@@ -342,7 +343,7 @@ def test_a_budget_study_passes_its_searcher_and_fixed_trials_to_each_sweep(tmp_p
         return load_budget_study(path)
 
     point = {"optim.lr": 0.05, "methods.fast.alpha_factor": 1.25}  # the common knob and the method's own
-    study = spec(searcher="tpe", points_to_evaluate={"fast": [point]}).sweep("compactcnn", 2, "fast")
+    study = spec(searcher="tpe", points_to_evaluate={"fast": [point]}).search_space("compactcnn", 2, "fast")
     assert (study.searcher, study.points_to_evaluate, study.num_samples) == ("tpe", [point], SPEC["trials"])
     # budget_study.json (vars) keeps the searcher's keys only where set: a study recorded before them still matches
     assert not {"searcher", "points_to_evaluate"} & set(vars(spec(searcher="random")))
@@ -373,12 +374,12 @@ def test_the_fixed_trials_are_numbered_first_even_where_tune_lists_them_later():
     fixed trials (points_to_evaluate) are found by their values and numbered first."""
     from types import SimpleNamespace
 
-    from atcd_ray.sweep import Study, _searcher_order
+    from atcd_ray.sweep import _searcher_order
 
-    study = Study(study="s", dataset="digits", params={"optim.lr": {"loguniform": [0.01, 0.3]}},
+    study = SearchSpace(study="s", dataset="digits", params={"optim.lr": {"loguniform": [0.01, 0.3]}},
                   points_to_evaluate=[{"optim.lr": 0.05}], searcher="tpe", num_samples=3)
     grid = [SimpleNamespace(config={"optim.lr": lr}, name=name)
             for name, lr in (("drawn", 0.2), ("other", 0.0501), ("fixed", 0.05))]
     assert [r.name for r in _searcher_order(grid, study)] == ["fixed", "drawn", "other"]
-    assert [r.name for r in _searcher_order(grid, Study(**{**vars(study), "points_to_evaluate": []}))] == [
+    assert [r.name for r in _searcher_order(grid, SearchSpace(**{**vars(study), "points_to_evaluate": []}))] == [
         "drawn", "other", "fixed"]  # no fixed trial: Tune's order

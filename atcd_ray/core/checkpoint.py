@@ -89,7 +89,7 @@ def _flatten(prefix: str, tree: Any, tensors: dict, plain: dict) -> None:
         plain[prefix] = tree
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module | None, config: dict, meta: dict | None = None, *,
+def save_checkpoint(path: str | Path, model: torch.nn.Module | None, *, config: dict, meta: dict | None = None,
                     optimizer: torch.optim.Optimizer | None = None, method_state: dict | None = None,
                     rng_state: torch.Tensor | None = None, keep_previous: bool = False,
                     ema: torch.nn.Module | None = None) -> Path:

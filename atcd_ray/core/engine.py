@@ -171,28 +171,28 @@ class EMA(AveragedModel):
 def train_epoch(method: Method, batches, *, epoch: int, total_epochs: int, set_lr: Callable[[float], float],
                 device: torch.device, amp: bool = False, progress: bool = True, channels_last: bool = False,
                 pin_memory: bool = True, world_size: int = 1, progress_interval: float = 5.0,
-                done: EpochProgress | None = None, checkpoint_steps: int | None = None,
+                resumed: EpochProgress | None = None, checkpoint_steps: int | None = None,
                 checkpoint: Callable[[EpochProgress], None] | None = None,
-                checkpoint_now: Callable[[int], bool] | None = None, steps: int | None = None) -> dict[str, float]:
-    """One pass over ``batches`` (its first ``steps`` batches, if given: the part of a last epoch a
+                checkpoint_now: Callable[[int], bool] | None = None, max_steps: int | None = None) -> dict[str, float]:
+    """One pass over ``batches`` (its first ``max_steps`` batches, if given: the part of a last epoch a
     budget pays for); the learning rate follows fractional epochs. Returns means of
     the method's per-step statistics plus throughput. The statistics stay on the device until
     read (by the progress line, and at the end of the epoch). A non-finite loss raises
-    ``NonFiniteError`` (``FiniteLossGuard``). ``done``: the part of this epoch a mid-epoch
+    ``NonFiniteError`` (``FiniteLossGuard``). ``resumed``: the part of this epoch a mid-epoch
     checkpoint holds (the epoch continues after it); ``checkpoint(progress)`` is called every
     ``checkpoint_steps`` steps before the epoch's last."""
     method.model.train()
-    done = done or EpochProgress()
-    batches.set_epoch(epoch, start_batch=done.steps)
+    resumed = resumed or EpochProgress()
+    batches.set_epoch(epoch, start_batch=resumed.steps)
     per_epoch = len(batches)  # the schedule's unit, even in an epoch that stops part-way
-    n = per_epoch if steps is None else min(per_epoch, steps)
+    n = per_epoch if max_steps is None else min(per_epoch, max_steps)
     report = Progress(n, f"epoch {epoch + 1}/{math.ceil(total_epochs)}", enabled=progress, interval=progress_interval,
                       world_size=world_size)
     guard = FiniteLossGuard(epoch, device, progress_interval)
-    totals = {key: torch.tensor(value, device=device) for key, value in done.totals.items()}
-    steps, images, lr_sum, wait = done.steps, done.images, done.lr_sum, done.wait
-    start, t_fetch = time.perf_counter() - done.seconds, time.perf_counter()
-    for i, (x, y) in enumerate(batches, done.steps):
+    totals = {key: torch.tensor(value, device=device) for key, value in resumed.totals.items()}
+    steps, images, lr_sum, wait = resumed.steps, resumed.images, resumed.lr_sum, resumed.wait
+    start, t_fetch = time.perf_counter() - resumed.seconds, time.perf_counter()
+    for i, (x, y) in enumerate(batches, resumed.steps):
         if i >= n:
             break
         x, y = to_device(x, y, device, channels_last=channels_last, pin_memory=pin_memory)

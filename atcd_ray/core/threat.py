@@ -1,7 +1,9 @@
 """The L-inf threat model: inputs live in [0, 1], perturbations in an eps-ball around them.
 
-Every attack and every training method goes through these three functions, so the
-eps-ball and the image box are enforced in exactly one place.
+The gradient attacks and the training methods project through ``project``, so the eps-ball and
+the image box are enforced in one place. Two exceptions, on purpose: N-FGSM's training inputs
+leave the ball unless ``clip`` (its paper's point), and RayS, which searches along a direction's
+radius, clips to the image box and the ball itself (``rays.py``).
 """
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..attacks import input_grad, pgd
 from ..threat import default_step, project, uniform_start
@@ -45,10 +44,7 @@ class FastFGSM(Method):
         delta = uniform_start(x, self.eps)
         grad, _ = input_grad(self.model, x + delta, y)
         delta = project(delta + self.options.alpha_factor * self.eps * grad.sign(), x, self.eps)
-        logits = self.loss_model(x + delta)
-        loss = F.cross_entropy(logits, y)
-        self.update(loss)
-        return {"loss": loss.detach(), "train_acc": accuracy(logits, y)}
+        return self.train_on(x + delta, y)
 
     def end_epoch(self, first_batch):
         if not self.options.early_stop:

@@ -1,14 +1,9 @@
 """Natural (standard) training: cross-entropy on clean inputs."""
 from __future__ import annotations
 
-import torch.nn.functional as F
-
-from .base import Method, accuracy
+from .base import Method
 
 
 class Natural(Method):
     def step(self, x, y):
-        logits = self.loss_model(x)
-        loss = F.cross_entropy(logits, y)
-        self.update(loss)
-        return {"loss": loss.detach(), "train_acc": accuracy(logits, y)}
+        return self.train_on(x, y)

@@ -12,11 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..attacks import input_grad
 from ..threat import project
-from .base import Method, accuracy
+from .base import Method
 
 
 @dataclass
@@ -46,7 +45,4 @@ class NFGSM(Method):
         grad, _ = input_grad(self.model, x_noisy, y)
         delta = x_noisy - x + o.alpha_factor * self.eps * grad.sign()
         x_adv = x + project(delta, x, self.eps) if o.clip else (x + delta).clamp(0.0, 1.0)
-        logits = self.loss_model(x_adv)
-        loss = F.cross_entropy(logits, y)
-        self.update(loss)
-        return {"loss": loss.detach(), "train_acc": accuracy(logits, y)}
+        return self.train_on(x_adv, y)

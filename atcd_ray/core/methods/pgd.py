@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 
 from ..attacks import pgd
 from ..threat import default_step
-from .base import Method, accuracy
+from .base import Method
 
 
 @dataclass
@@ -30,7 +29,4 @@ class PGDAT(Method):
     def step(self, x, y):
         alpha = default_step(self.eps, self.options.alpha)
         x_adv = pgd(self.model, x, y, self.eps, alpha=alpha, steps=self.options.steps)
-        logits = self.loss_model(x_adv)
-        loss = F.cross_entropy(logits, y)
-        self.update(loss)
-        return {"loss": loss.detach(), "train_acc": accuracy(logits, y)}
+        return self.train_on(x_adv, y)

@@ -36,8 +36,9 @@ class YOPOOptions:
             raise ValueError("need m >= 1, n >= 1, beta >= 0")
 
 
-def costate(model, x_adv, loss_fn):
-    """(loss, logits, p) with p = -d loss / d z1, the first layer's output, from one full backward."""
+def forward_keeping_z1(model, x_adv, loss_fn):
+    """(loss, logits, z1): z1, the first layer's output, kept with ``retain_grad``, so that the
+    caller's backward of ``loss`` fills ``z1.grad`` = -p, YOPO's co-state."""
     captured = {}
 
     def keep(module, inputs, output):
@@ -75,7 +76,7 @@ class YOPO(Method):
         delta = uniform_start(x, self.eps)
         self.optimizer.zero_grad(set_to_none=True)
         for _ in range(o.m):
-            loss, logits, z1 = costate(self.model, x + delta, lambda out: F.cross_entropy(out, y))
+            loss, logits, z1 = forward_keeping_z1(self.model, x + delta, lambda out: F.cross_entropy(out, y))
             loss.backward()  # weight gradients of every layer accumulate over the m passes
             p = -z1.grad.detach()
             delta = layer_one_ascent(self.model, x, delta, p, eps=self.eps, sigma=sigma, steps=o.n)
@@ -100,7 +101,7 @@ class TRADESYOPO(Method):
             p_clean = F.softmax(self.model(x), dim=1)
         delta = project(0.001 * torch.randn_like(x), x, self.eps)
         for _ in range(o.m):
-            kl, _, z1 = costate(self.model, x + delta, lambda out: kl_to(out, p_clean).sum())
+            kl, _, z1 = forward_keeping_z1(self.model, x + delta, lambda out: kl_to(out, p_clean).sum())
             (grad_z1,) = torch.autograd.grad(kl, z1)  # only the co-state: no weight gradients
             delta = layer_one_ascent(self.model, x, delta, -grad_z1, eps=self.eps, sigma=sigma, steps=o.n)
         self.model.train()

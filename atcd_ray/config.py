@@ -149,8 +149,8 @@ class Config:
 
     @property
     def epochs_to_train(self) -> float:
-        """Epochs (sweeps over the training data), fractional under a budget that the method's passes per
-        minibatch do not divide: the last epoch then stops part-way (its first steps), and the
+        """Epochs (sweeps over the training data), fractional under a budget that the method's
+        passes per minibatch do not divide: the last epoch then stops part-way (its first steps), and the
         learning-rate schedule, laid over these epochs, ends there. Without a budget, train.epochs."""
         if self.train.budget is None:
             return float(self.train.epochs)
@@ -225,7 +225,8 @@ def _build_dataclass(cls, data: Any, prefix: str):
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _build_method_options(value, key) if cls is Config and name == "methods" else _coerce(value, hints[name], key)
+        methods = cls is Config and name == "methods"
+        kwargs[name] = _build_method_options(value, key) if methods else _coerce(value, hints[name], key)
     obj = cls(**kwargs)
     if cls is Config and "methods" in kwargs:  # methods a recipe leaves out keep their defaults
         obj.methods = {**Config().methods, **obj.methods}
@@ -245,7 +246,8 @@ def _build_method_options(data: Any, prefix: str) -> dict[str, Any]:
     for name in data:
         if name not in METHODS:
             raise ConfigError(f"{prefix}.{name}: unknown method; allowed: {', '.join(METHODS)}")
-    return {name: _build_dataclass(METHODS[name].Options, opts or {}, f"{prefix}.{name}") for name, opts in data.items()}
+    return {name: _build_dataclass(METHODS[name].Options, opts or {}, f"{prefix}.{name}")
+            for name, opts in data.items()}
 
 
 def _set_dotted_key(tree: dict, key: str, value: Any) -> None:

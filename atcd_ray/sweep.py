@@ -192,8 +192,8 @@ def param_space(space: SearchSpace, repeats: int = 1) -> dict:
         (kind, values), = spec.items()
         bundles = space.bundles(name)
         values = list(bundles) if bundles else values
-        tune_space[name] = {"grid": tune.grid_search, "choice": tune.choice}[kind](values) if kind in ("grid", "choice") \
-            else {"uniform": tune.uniform, "loguniform": tune.loguniform,
+        tune_space[name] = {"grid": tune.grid_search, "choice": tune.choice}[kind](values) \
+            if kind in ("grid", "choice") else {"uniform": tune.uniform, "loguniform": tune.loguniform,
                   "randint": lambda lo, hi: tune.randint(lo, hi + 1)}[kind](*values)  # randint: both ends
     return tune_space
 

@@ -33,10 +33,11 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--method", help=f"one of: {', '.join(METHODS)} (default: the recipe's)")
-    p.add_argument("--recipe", help="YAML recipe (default: the dataset's, e.g. pipelines/fashion-mnist_compactcnn.yaml; "
-                                    "docs/TRAINING.md, Recipes)")
+    p.add_argument("--recipe", help="YAML recipe (default: the dataset's, e.g. "
+                                    "pipelines/fashion-mnist_compactcnn.yaml; docs/TRAINING.md, Recipes)")
     p.add_argument("--eps", type=float, help="L-inf radius for inputs in [0, 1]")
-    p.add_argument("--epochs", type=int, help="epochs, sweeps over the training data (replaces the recipe's train.budget)")
+    p.add_argument("--epochs", type=int,
+                   help="epochs, sweeps over the training data (replaces the recipe's train.budget)")
     p.add_argument("--budget", type=float, help="compute in natural-epoch equivalents (forward+backward passes over "
                                                 "the training set): budget / the method's passes a minibatch epochs, "
                                                 "the last one a fraction where they do not divide it")

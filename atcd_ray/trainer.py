@@ -113,7 +113,7 @@ class Run:
         self.segments = segments if segments and segments[-1] == self.code else [*segments, self.code]
         self.stopped_early = meta.get("stopped_early", False)
         self.resumed_part = EpochProgress(**meta["epoch_progress"]) if "epoch_progress" in meta else None  # mid-epoch
-        if self.resumed_part is not None:  # this rank's images so far (every training batch is whole), on any number of ranks
+        if self.resumed_part is not None:  # this rank's images so far (every batch is whole), on any number of ranks
             self.resumed_part.images = self.resumed_part.steps * self.splits.train.local_batch_size
         self.notices = meta.get("preemption_notices", 0)  # checkpoints written on a preemption notice, over the run
         self.board = None
@@ -213,7 +213,8 @@ class Run:
             self.best_val = val["robust"]
         self.history.append(record)
         if self.lead and improved:
-            save_checkpoint(self.best_path, self.model if self.ema is None else self.ema.module, config=self.cfg.to_dict(),
+            best_weights = self.model if self.ema is None else self.ema.module
+            save_checkpoint(self.best_path, best_weights, config=self.cfg.to_dict(),
                             meta={"epoch": epoch + 1, "val": val, **ema_meta(self.cfg)})
         own = self.save_state(epoch + 1)  # the epoch's record is committed with it
         if self.lead:

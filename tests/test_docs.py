@@ -58,7 +58,8 @@ def test_every_relative_link_in_the_docs_resolves():
 
 
 def test_the_link_check_fires_on_a_missing_file_and_a_missing_heading(tmp_path):
-    (tmp_path / "OTHER.md").write_text("# The README's first command, measured\n## Sweeps (Ray Tune)\n## Sweeps (Ray Tune)\n")
+    headings = "# The README's first command, measured\n## Sweeps (Ray Tune)\n## Sweeps (Ray Tune)\n"
+    (tmp_path / "OTHER.md").write_text(headings)
     doc = tmp_path / "DOC.md"
     doc.write_text("[a](OTHER.md#the-readmes-first-command-measured) [b](OTHER.md#sweeps-ray-tune-1) "
                    "[c](https://example.com/x#y) [d](#local)\n# Local\n"

@@ -137,8 +137,8 @@ LAYERS = [
     ("run", lambda m: m in ("atcd_ray", *(f"atcd_ray.{n}" for n in RUN_LAYER))),
     ("entry", lambda m: m in (f"atcd_ray.{n}" for n in ENTRY_MODULES)),
 ]
-RUN_LAYER = ("board", "factories", "group", "run_dir", "resume", "validation", "trainer", "distributed", "search_space", "sweep",
-             "budget", "figures")
+RUN_LAYER = ("board", "factories", "group", "run_dir", "resume", "validation", "trainer", "distributed", "search_space",
+             "sweep", "budget", "figures")
 ENTRY_MODULES = ("train", "tune", "study", "report", "evaluate", "trajectory_shift", "write_ffcv")
 
 

@@ -32,7 +32,8 @@ def upload(local, uri):
 
 def test_load_model_and_evaluate_read_a_checkpoint_from_s3(s3_env, trained_digits_model, tmp_path, capsys,
                                                            shared_ray):
-    local = save_checkpoint(tmp_path / "model.safetensors", trained_digits_model, config=load_config("digits").to_dict())
+    local = save_checkpoint(tmp_path / "model.safetensors", trained_digits_model,
+                            config=load_config("digits").to_dict())
     uri = "s3://runs/models/digits/model.safetensors"
     upload(local, uri)
 

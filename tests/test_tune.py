@@ -124,7 +124,8 @@ def test_fixed_trials_are_the_searchers_first_suggestions(tmp_path):
     assert drawn[:2] == expected and drawn[2] not in expected
     assert suggestions(make_searcher(study, 3, 1))[2] == drawn[2]  # the seed decides the draws
     if importlib.util.find_spec("hpbandster") and importlib.util.find_spec("ConfigSpace"):
-        bohb = load_search_space(_space(tmp_path, searcher="bohb", params=SAMPLED, points_to_evaluate=[POINT], num_samples=2))
+        bohb = load_search_space(_space(tmp_path, searcher="bohb", params=SAMPLED, points_to_evaluate=[POINT],
+                                        num_samples=2))
         assert bohb.scheduler == {"name": "hyperband"}
         first = suggestions(make_searcher(bohb, 3, 1), 2)
         assert first[0] == expected[0] and set(first[1]) == set(SAMPLED)

@@ -174,8 +174,8 @@ def train_epoch(method: Method, batches, *, epoch: int, total_epochs: int, set_l
                 resumed: EpochProgress | None = None, checkpoint_steps: int | None = None,
                 checkpoint: Callable[[EpochProgress], None] | None = None,
                 checkpoint_now: Callable[[int], bool] | None = None, max_steps: int | None = None) -> dict[str, float]:
-    """One pass over ``batches`` (its first ``max_steps`` batches, if given: the part of a last epoch a
-    budget pays for); the learning rate follows fractional epochs. Returns means of
+    """One epoch over ``batches`` (its first ``max_steps`` batches, if given: the part of a last
+    epoch a budget pays for); the learning rate follows fractional epochs. Returns means of
     the method's per-step statistics plus throughput. The statistics stay on the device until
     read (by the progress line, and at the end of the epoch). A non-finite loss raises
     ``NonFiniteError`` (``FiniteLossGuard``). ``resumed``: the part of this epoch a mid-epoch

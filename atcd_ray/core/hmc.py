@@ -35,10 +35,10 @@ def drift(x, delta, v, *, eta, eps):
     return project(delta + eta * v.sign(), x, eps)
 
 
-def kick_drift(x, delta, v, grad, *, eps, alpha, eta):
+def kick_drift(x, delta, v, grad, *, eps, alpha, eta, momentum=True, direction="sign"):
     """One kick, then a drift along the new momentum (symplectic Euler: no half-kicks, so not a
     leapfrog; the HMC attack's proposal, and ATCD's step under ``order = kick_drift``)."""
-    v = kick(v, grad, alpha=alpha, eps=eps)
+    v = kick(v, grad, alpha=alpha, eps=eps, momentum=momentum, direction=direction)
     return drift(x, delta, v, eta=eta, eps=eps), v
 
 
@@ -61,8 +61,8 @@ def select_examples(mask, new, old):
 def hmc_attack(model, x, y, eps, *, proposals, alpha=None, eta=None, tau=1.0, kappa=1.0, return_sequence=False):
     """The HMC attack of the paper's appendix A.6: a chain on U = -CE with M-H correction.
 
-    Each proposal is one kick-then-drift step (symplectic Euler, not a leapfrog) from the current state (one forward and backward pass: the
-    pass at the proposal gives both its energy and its gradient). A rejected example stays, and its
+    Each proposal is one ``kick_drift`` step from the current state (one forward and backward
+    pass: the pass at the proposal gives both its energy and its gradient). A rejected example stays, and its
     momentum is redrawn uniformly in [-eps, eps], since the deterministic dynamics would otherwise
     propose the same point again. Returns the strongest state visited per example (misclassified
     first, then highest loss), and with ``return_sequence`` also the sequence of chain states.

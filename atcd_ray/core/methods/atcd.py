@@ -36,7 +36,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..batchnorm import BatchStatistics
-from ..hmc import drift, kick, kinetic, mh_accept, select_examples
+from ..hmc import drift, kick, kick_drift, kinetic, mh_accept, select_examples
 from ..losses import cd_objective
 from ..threat import project, uniform_start
 from .base import Method, accuracy
@@ -206,8 +206,8 @@ class ATCD(Method):
                 delta = drift(x, chain.delta, chain.v, eta=self.eta, eps=self.eps)
                 v = kick(chain.v, grad, alpha=self.alpha, eps=self.eps, momentum=o.momentum, direction=o.kick)
             else:  # the drift moves along the momentum this step's kick made
-                v = kick(chain.v, grad, alpha=self.alpha, eps=self.eps, momentum=o.momentum, direction=o.kick)
-                delta = drift(x, chain.delta, v, eta=self.eta, eps=self.eps)
+                delta, v = kick_drift(x, chain.delta, chain.v, grad, eps=self.eps, alpha=self.alpha, eta=self.eta,
+                                      momentum=o.momentum, direction=o.kick)
             chain = Chain(delta, v)
         return start, chain
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from ..attacks import pgd
 from ..threat import default_step
 from .base import Method

@@ -14,13 +14,13 @@ import statistics
 import subprocess
 import sys
 import threading
-from dataclasses import InitVar, dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .cli import check_launch
 from .config import ConfigError, load_config
-from .core.checkpoint import save_weights_only, write_text_atomic
+from .core.checkpoint import save_weights_only, write_json_atomic
 from .core.methods import METHODS
 from .core.models import MODELS
 from .search_space import SEARCHERS, SearchSpace, check_keys, check_search_space, read_spec
@@ -31,6 +31,8 @@ log = logging.getLogger("atcd_ray.study")
 SPEC_KEYS = ("study", "dataset", "recipe", "reference", "models", "budgets", "trials", "search_seed", "searcher",
              "points_to_evaluate", "search", "common", "methods", "final", "final_seeds", "autoattack_n", "ema",
              "reject_collapsed")
+# Spec keys later than the first recorded studies, with their defaults (see BudgetStudy.recorded)
+LATER_KEYS = {"searcher": "random", "points_to_evaluate": None, "ema": None, "reject_collapsed": False}
 
 
 @dataclass
@@ -48,31 +50,23 @@ class BudgetStudy:
     reference: str = "natural"  # one run per budget at the recipe's settings
     trials: int = 6
     search_seed: int = 0
-    # The searcher's keys are init-only: an instance holds them (and vars(spec), budget_study.json,
-    # records them) only where a spec sets them apart from their defaults, the class's attributes;
-    # a study recorded before they existed reads the same.
-    searcher: InitVar[str] = "random"  # random | tpe (bohb stops trials early; a budget study's spend their budget)
-    points_to_evaluate: InitVar[dict | None] = None  # searched method -> its fixed first trials
-    # Weight-averaged finals: {decay, budgets, top}: at each of those budgets, the `top` searched
-    # methods by mean final PGD-20 trained again with train.ema = decay, as method "<name>+ema".
-    ema: InitVar[dict | None] = None
-    # The stability rule: a winner whose final runs collapse (``collapsed``) on any seed is set
-    # aside with its runs, and the next-best trial of its search trains in its place.
-    reject_collapsed: InitVar[bool] = False
     search: dict[str, Any] = field(default_factory=dict)  # overrides of every search trial
     common: dict[str, Any] = field(default_factory=dict)  # params every searched method searches
     final: dict[str, Any] = field(default_factory=dict)  # overrides of every final run
+    searcher: str = "random"  # random | tpe (bohb stops trials early; a budget study's spend their budget)
+    points_to_evaluate: dict | None = None  # searched method -> its fixed first trials
+    # Weight-averaged finals: {decay, budgets, top}: at each of those budgets, the `top` searched
+    # methods by mean final PGD-20 trained again with train.ema = decay, as method "<name>+ema".
+    ema: dict | None = None
+    # The stability rule: a winner whose final runs collapse (``run_collapsed``) on any seed is set
+    # aside with its runs, and the next-best trial of its search trains in its place.
+    reject_collapsed: bool = False
 
-    def __post_init__(self, searcher: str, points_to_evaluate: dict | None, ema: dict | None,
-                      reject_collapsed: bool):
-        if searcher != "random":
-            self.searcher = searcher
-        if points_to_evaluate is not None:
-            self.points_to_evaluate = points_to_evaluate
-        if ema is not None:
-            self.ema = ema
-        if reject_collapsed:
-            self.reject_collapsed = reject_collapsed
+    def recorded(self) -> dict[str, Any]:
+        """The spec as budget_study.json records it. Keys added after the first studies were recorded
+        appear only where set apart from their defaults, so an older record still reads as the same study."""
+        tree = asdict(self)
+        return {k: v for k, v in tree.items() if k not in LATER_KEYS or v != LATER_KEYS[k]}
 
     def search_space(self, model: str, budget: float, method: str) -> SearchSpace:
         """The search space of one cell: this method's trials at this budget on this network."""
@@ -184,7 +178,7 @@ def run_search(spec: BudgetStudy, out: Path, record: Path | None = None) -> None
             failed = [r["trial_id"] for r in rows if r["status"] not in ("completed", "diverged")]
             if failed:
                 raise RuntimeError(f"{sweep_dir}: trials {', '.join(failed)} did not complete; rerun to retry them")
-            write_text_atomic(sweep_dir / "done.json", json.dumps({"trials": len(rows)}) + "\n")
+            write_json_atomic(sweep_dir / "done.json", {"trials": len(rows)}, indent=None)
             save_record(out, record)
             log.info("%s: best %s = %.4f", space.study, OBJECTIVE, rows[0][OBJECTIVE])
 
@@ -227,7 +221,7 @@ EMA_SUFFIX = "+ema"  # a final run of a method with its weights averaged (the sp
 COLLAPSED = "collapsed"
 
 
-def collapsed(run: Path, classes: int) -> bool:
+def run_collapsed(run: Path, classes: int) -> bool:
     """Whether a final run diverged (a non-finite loss: its diverged.json) or ended predicting
     about one class: its last validation (held-out training images; the rule never reads the test
     set) at most twice chance."""
@@ -236,7 +230,7 @@ def collapsed(run: Path, classes: int) -> bool:
     return json.loads((run / "summary.json").read_text())["final_epoch"].get("val_clean_acc", 1.0) <= 2 / classes
 
 
-def passed_over(out: Path, *, model: str, budget: float, method: str) -> tuple[str, ...]:
+def set_aside_trials(out: Path, *, model: str, budget: float, method: str) -> tuple[str, ...]:
     """The trials of a cell whose finals collapsed (set aside by ``set_aside_collapsed``)."""
     aside = cell_dir(out, "final", model=model, budget=budget, method=COLLAPSED) / method
     return tuple(sorted(p.name for p in aside.iterdir())) if aside.is_dir() else ()
@@ -272,7 +266,7 @@ def check_final_runs_are_the_winners(spec: BudgetStudy, out: Path, record: Path 
     (here or in the record: a set-aside interrupted half way, or restored from an older record)
     go aside too; a finished run that trained other knobs than the winner's is refused."""
     others = {t["trial_id"]: t["overrides"] for t in ranked_trials(spec, out, model=model, budget=budget, method=method)
-              if t["trial_id"] in passed_over(out, model=model, budget=budget, method=method)}
+              if t["trial_id"] in set_aside_trials(out, model=model, budget=budget, method=method)}
     for root in [out, *([record] if record else [])]:
         runs = [p.parent for p in sorted(cell_dir(root, "final", model=model, budget=budget,
                                                   method=method).glob("seed*/summary.json"))]
@@ -295,7 +289,7 @@ def set_aside_collapsed(spec: BudgetStudy, out: Path, record: Path | None, *, mo
     for method in spec.methods:
         runs = cell_dir(out, "final", model=model, budget=budget, method=method)
         seeds = sorted(runs.glob("seed*"))
-        fell = [run.name for run in seeds if collapsed(run, classes)]
+        fell = [run.name for run in seeds if run_collapsed(run, classes)]
         if not fell:
             continue
         trial = winners[winner_key(model, budget, method)]["trial_id"]
@@ -338,10 +332,10 @@ def run_final(spec: BudgetStudy, out: Path, record: Path | None = None, *, jobs:
     for model, budget, i in spec.cells():
         cell = {"model": model, "budget": budget, "seeds": spec.final_seeds[i]}
         _train_cell_finals(spec, out, record, **cell, winners=winners, jobs=jobs)
-        write_text_atomic(out / "winners.json", json.dumps(winners, indent=2) + "\n")  # the report reads it
+        write_json_atomic(out / "winners.json", winners)  # the report reads it
         if spec.ema and budget in spec.ema["budgets"]:
             _train_ema_finals(spec, out, record, **cell, winners=winners, jobs=jobs)
-    write_text_atomic(out / "winners.json", json.dumps(winners, indent=2) + "\n")
+    write_json_atomic(out / "winners.json", winners)
     save_record(out, record)
     run_autoattack(spec, out, record=record)
 
@@ -374,7 +368,7 @@ def _chosen_trial(spec: BudgetStudy, out: Path, record: Path | None, *, model: s
     if method == spec.reference:
         return {"overrides": [], "params": {}}
     chosen = winner(spec, out, model=model, budget=budget, method=method,
-                    passed_over=passed_over(out, model=model, budget=budget, method=method))
+                    passed_over=set_aside_trials(out, model=model, budget=budget, method=method))
     if spec.reject_collapsed:
         check_final_runs_are_the_winners(spec, out, record, model=model, budget=budget, method=method, chosen=chosen)
     return chosen
@@ -508,8 +502,8 @@ def save_record(out: Path, record: Path | None) -> None:
             continue
         kept.parent.mkdir(parents=True, exist_ok=True)
         save_weights_only(summary_path.parent / summary["checkpoint"], kept.parent / "weights.safetensors")
-        write_text_atomic(kept, json.dumps({**summary, "checkpoint": "weights.safetensors",
-                                            "recorded_from": summary["checkpoint"]}, indent=2) + "\n")
+        write_json_atomic(kept, {**summary, "checkpoint": "weights.safetensors",
+                                 "recorded_from": summary["checkpoint"]})
     for pattern in (*STUDY_FILES, "final/*/*/*/seed*/autoattack.json"):
         for path in sorted(out.glob(pattern)):
             kept = record / path.relative_to(out)

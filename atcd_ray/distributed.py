@@ -220,6 +220,12 @@ def even_share_of_cpus(workers: int, reserved: float = 0.0) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) - reserved) // workers)
 
 
+def group_needs(workers: int, *, cpus_per_worker: float, gpu: bool,
+                validation: tuple[float, float]) -> tuple[float, float]:
+    """(CPUs, GPUs) that a group of ``workers`` takes with its validation task of (CPUs, GPUs)."""
+    return workers * cpus_per_worker + validation[0], (workers if gpu else 0) + validation[1]
+
+
 def check_room_for_validation(cfg: Config, workers: int, cpus_per_worker: float, gpu: bool) -> None:
     """Under ``train.val_async`` the validation task needs resources beside the workers': at the
     end the workers wait for it, and a task that could only start once they are gone would never
@@ -228,7 +234,8 @@ def check_room_for_validation(cfg: Config, workers: int, cpus_per_worker: float,
     if gpu and not t.val_gpus:
         log.warning("train.val_async: the workers have GPUs and the validation task none (train.val_gpus=0): "
                     "it validates on %g CPUs, and the run waits for it at the end", t.val_cpus)
-    need_cpus, need_gpus = workers * cpus_per_worker + t.val_cpus, (workers if gpu else 0) + t.val_gpus
+    need_cpus, need_gpus = group_needs(workers, cpus_per_worker=cpus_per_worker, gpu=gpu,
+                                       validation=(t.val_cpus, t.val_gpus))
     if have.get("CPU", 0) + 1e-9 < need_cpus or have.get("GPU", 0) + 1e-9 < need_gpus:
         gpus = " and a GPU" if gpu else ""
         raise ConfigError(f"train.val_async: {workers} worker(s) x {cpus_per_worker:g} CPUs{gpus} "

@@ -37,7 +37,7 @@ from . import __version__, model_of
 from .cli import ArgumentParser, markdown_table, run_main
 from .config import Config, ConfigError, config_from_dict
 from .core.attacks import autoattack_flags, build_attack
-from .core.checkpoint import CheckpointError, write_text_atomic
+from .core.checkpoint import CheckpointError, write_json_atomic
 from .data import DATASETS, DataError, build_test_split
 from .storage import is_uri, local_copy, read_checkpoint
 
@@ -151,7 +151,7 @@ class Parts:
                 print(f"warning: {directory}'s batches so far were computed by other code ({found.get('code')}); "
                       f"this run is {code}", file=sys.stderr)
         else:
-            write_text_atomic(manifest, json.dumps({**identity, "code": code}, indent=2) + "\n")
+            write_json_atomic(manifest, {**identity, "code": code})
 
     @staticmethod
     def _read(path: Path) -> dict:
@@ -167,7 +167,7 @@ class Parts:
         return [b for b in range(self.num_batches) if not self.path(b).exists()]
 
     def save(self, result: dict) -> None:
-        write_text_atomic(self.path(result["batch"]), json.dumps(result) + "\n")
+        write_json_atomic(self.path(result["batch"]), result, indent=None)
 
     def merged(self) -> dict[str, str]:
         """Per column, every example's '1'/'0' in the split's order; each batch checked whole."""
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         parts_dir=args.parts_dir or (f"{args.json}.parts" if args.json else None))
     print_result(result)
     if args.json:
-        write_text_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
+        write_json_atomic(Path(args.json), result)
     return 0
 
 

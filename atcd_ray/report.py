@@ -22,11 +22,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from .budget import (COLLAPSED, EMA_SUFFIX, OBJECTIVE, BudgetStudy, cell_dir, collapsed, passed_over, search_done,
-                     winner, winner_key)
+from .budget import (COLLAPSED, EMA_SUFFIX, OBJECTIVE, BudgetStudy, cell_dir, run_collapsed, search_done,
+                     set_aside_trials, winner, winner_key)
 from .cli import ArgumentParser, markdown_table, run_main
 from .config import ConfigError
-from .core.checkpoint import write_text_atomic
+from .core.checkpoint import write_json_atomic, write_text_atomic
 from .figures import pyplot, save_figure
 from .storage import is_uri
 
@@ -107,7 +107,7 @@ def run_report(run: Path, out: Path, *, eval_n: int, steps: list[int], eps_scale
     if evaluation:
         entry = robustbench_entry(evaluation, summary)
         files.append(out / "robustbench.json")
-        write_text_atomic(out / "robustbench.json", json.dumps(entry, indent=2) + "\n")
+        write_json_atomic(out / "robustbench.json", entry)
         lines += ["## RobustBench-style entry", "",
                   f"From {evaluation['_file']} (commit {entry['commit']}): written to robustbench.json.", "",
                   markdown_table([{k: entry[k] for k in ENTRY_COLUMNS}], list(ENTRY_COLUMNS)), ""]
@@ -228,7 +228,7 @@ def attack_curves(checkpoint: Path, cache: Path, *, eval_n: int, steps: list[int
     result = {"key": key, "eps": cfg.eps, "n": test.num_examples, "clean": acc["clean"],
               "steps": [{"x": k, "acc": acc[f"steps={k}"]} for k in steps],
               "eps_scale": [{"x": s, "acc": acc[f"eps_scale={s}"]} for s in eps_scales]}
-    write_text_atomic(cache, json.dumps(result, indent=2))
+    write_json_atomic(cache, result)
     return result
 
 
@@ -285,7 +285,7 @@ def set_aside_section(spec: BudgetStudy, directory: Path) -> list[str]:
     rows, classes = [], DATASETS[spec.dataset].num_classes
     for aside in sorted(directory.glob(f"final/*/*/{COLLAPSED}/*/*")):
         seeds = sorted(aside.glob("seed*"))
-        fell = [run.name for run in seeds if collapsed(run, classes)]
+        fell = [run.name for run in seeds if run_collapsed(run, classes)]
         rows.append({"network": aside.parts[-5], "budget": aside.parts[-4].removeprefix("budget"),
                      "method": aside.parts[-2], "trial": aside.name, "collapsed seeds": ", ".join(fell),
                      "seeds run": len(seeds)})
@@ -302,19 +302,8 @@ def budget_study_report(directory: Path, out: Path, *, allow_mixed: bool = False
     spec = BudgetStudy(**json.loads((directory / "budget_study.json").read_text()))
     search_rows, finals = collect_study(spec, directory)
     records = [r for row in finals for r in row["_records"]]  # summaries and AutoAttack evaluations
-    labels = check_one_commit(records, allow_mixed)
-    summaries = [s for row in finals for s in row["_summaries"]]
-    # Seconds measured on two CPU generations do not compare
-    mixed_machines = check_one([machine_label(s) for s in summaries], allow_mixed_machines,
-                               "these runs were timed on different machines: {}; their seconds do not compare: "
-                               "rerun them on one, or pass --allow-mixed-machines to name each row's")
-    machines = "; ".join(dict.fromkeys(machine_label(s) for s in summaries))
-    for row in finals:
-        if labels:  # mixed, and allowed: each row names the commits of its runs
-            row["commit"] = ", ".join(sorted({commit_label(r) for r in row["_records"]}))
-        if mixed_machines:
-            row["machine"] = "; ".join(sorted({machine_label(s) for s in row["_summaries"]}))
-        del row["_records"], row["_summaries"]  # _half and _by_seed stay: the tables and plots read them
+    labels, mixed_machines, machines = _label_provenance(finals, allow_mixed=allow_mixed,
+                                                         allow_mixed_machines=allow_mixed_machines)
     lines = [f"# Budget study {spec.study} ({spec.dataset})", "",
              f"Budgets {', '.join(f'{b:g}' for b in spec.budgets)} natural-epoch equivalents (forward+backward passes "
              f"over the training set); {spec.trials} trials per searched method, network and budget, selected by "
@@ -325,28 +314,15 @@ def budget_study_report(directory: Path, out: Path, *, allow_mixed: bool = False
         commits = ", ".join(dict.fromkeys(commit_label(r) for r in records))
         torch_version = first["provenance"].get("versions", {}).get("torch")
         lines += [f"Finals: commit {commits}, timed on {machines} (torch {torch_version}); "
-                  f"{first['train_examples']} training images, {first['eval_n']} test images.", "",
-                  f"## Time to {target_robust:.0%} PGD-20 and {target_clean:.0%} clean accuracy (whole test set)", ""]
-        reached = [r for r in finals if r["clean"] >= target_clean and r["pgd20"] >= target_robust]
-        fastest = {}
-        for row in sorted(reached, key=lambda r: r["train s"]):
-            fastest.setdefault(row["method"], row)
-        lines += [markdown_table(list(fastest.values()), ["method", "network", "budget", "train s", "clean", "pgd20"])
-                  if fastest else "No recipe reached both.", ""]
+                  f"{first['train_examples']} training images, {first['eval_n']} test images.", ""]
+        lines += _time_to_target(finals, target_clean=target_clean, target_robust=target_robust)
         columns = ["network", "budget", "method", "knobs", "passes", "epochs", "seeds", "train s", "clean", "pgd20",
                    "tapgd20", "autoattack", "pgd20 (AA images)", "AA n", "AA seeds", *(["commit"] if labels else []),
                    *(["machine"] if mixed_machines else [])]
         shown = [{**row, **{k: _with_interval(row, k) for k in INTERVALS}} for row in finals]
         lines += ["## Winners on the whole training set (mean and 95% t interval over seeds, %)", "",
                   markdown_table(shown, columns), ""]
-        contest = paired_differences(finals, challenger="atcd", reference=spec.reference)
-        if contest:
-            lines += ["## ATCD against the best other method, paired by seed (ATCD minus it, points, 95% t "
-                      "interval)", "", markdown_table(contest, list(dict.fromkeys(k for r in contest for k in r))), ""]
-            every = paired_differences(finals, challenger="atcd", reference=spec.reference, every=True)
-            lines += ["## ATCD against each other method, paired by seed (ATCD minus it, points, 95% t interval; "
-                      "best first)", "",
-                      markdown_table(every, list(dict.fromkeys(k for r in every for k in r))), ""]
+        lines += _atcd_against_the_others(finals, reference=spec.reference)
         lines += set_aside_section(spec, directory)
         for model in spec.models:
             files.append(plot_study([r for r in finals if r["network"] == model], out / f"budget_{model}.png",
@@ -359,6 +335,50 @@ def budget_study_report(directory: Path, out: Path, *, allow_mixed: bool = False
     files.append(out / "report.md")
     write_text_atomic(out / "report.md", "\n".join(lines))
     return files
+
+
+def _label_provenance(finals: list[dict], *, allow_mixed: bool,
+                      allow_mixed_machines: bool) -> tuple[bool, bool, str]:
+    """Refuses finals of several commits or machines unless allowed; where allowed, each row names
+    its own (``commit``, ``machine``). Returns whether the commits and the machines are mixed, and
+    the machines the finals were timed on."""
+    records = [r for row in finals for r in row["_records"]]
+    labels = check_one_commit(records, allow_mixed)
+    summaries = [s for row in finals for s in row["_summaries"]]
+    # Seconds measured on two CPU generations do not compare
+    mixed_machines = check_one([machine_label(s) for s in summaries], allow_mixed_machines,
+                               "these runs were timed on different machines: {}; their seconds do not compare: "
+                               "rerun them on one, or pass --allow-mixed-machines to name each row's")
+    for row in finals:
+        if labels:
+            row["commit"] = ", ".join(sorted({commit_label(r) for r in row["_records"]}))
+        if mixed_machines:
+            row["machine"] = "; ".join(sorted({machine_label(s) for s in row["_summaries"]}))
+        del row["_records"], row["_summaries"]  # _half and _by_seed stay: the tables and plots read them
+    return bool(labels), bool(mixed_machines), "; ".join(dict.fromkeys(machine_label(s) for s in summaries))
+
+
+def _time_to_target(finals: list[dict], *, target_clean: float, target_robust: float) -> list[str]:
+    """The section of the fastest final (train seconds) of each method that reached both targets."""
+    reached = [r for r in finals if r["clean"] >= target_clean and r["pgd20"] >= target_robust]
+    fastest = {}
+    for row in sorted(reached, key=lambda r: r["train s"]):
+        fastest.setdefault(row["method"], row)
+    return [f"## Time to {target_robust:.0%} PGD-20 and {target_clean:.0%} clean accuracy (whole test set)", "",
+            markdown_table(list(fastest.values()), ["method", "network", "budget", "train s", "clean", "pgd20"])
+            if fastest else "No recipe reached both.", ""]
+
+
+def _atcd_against_the_others(finals: list[dict], *, reference: str) -> list[str]:
+    """The sections of ATCD's paired differences: to the best other method, then to each one."""
+    contest = paired_differences(finals, challenger="atcd", reference=reference)
+    if not contest:
+        return []
+    every = paired_differences(finals, challenger="atcd", reference=reference, every=True)
+    return ["## ATCD against the best other method, paired by seed (ATCD minus it, points, 95% t "
+            "interval)", "", markdown_table(contest, list(dict.fromkeys(k for r in contest for k in r))), "",
+            "## ATCD against each other method, paired by seed (ATCD minus it, points, 95% t interval; "
+            "best first)", "", markdown_table(every, list(dict.fromkeys(k for r in every for k in r))), ""]
 
 
 def collect_study(spec, directory: Path) -> tuple[list[dict], list[dict]]:
@@ -393,7 +413,7 @@ def collect_study(spec, directory: Path) -> tuple[list[dict], list[dict]]:
                 chosen = winners.get(winner_key(model, budget, method))
                 if chosen is None and searched:  # winners.json comes once all are trained
                     chosen = winner(spec, directory, model=model, budget=budget, method=method,
-                                    passed_over=passed_over(directory, model=model, budget=budget, method=method))
+                                    passed_over=set_aside_trials(directory, model=model, budget=budget, method=method))
                 finals.append(_final_row(model, budget, method, chosen=chosen or {}, summaries=summaries,
                                          evaluations=evaluations))
     return search_rows, finals

@@ -19,14 +19,11 @@ import logging
 from pathlib import Path
 
 from .config import Config, ConfigError
-from .core.checkpoint import CheckpointError, checkpoint_config, previous_path, write_text_atomic
+from .core.checkpoint import (CheckpointError, checkpoint_config, previous_path, write_json_atomic,
+                              write_text_atomic)
 from .core.engine import NonFiniteError
 
 log = logging.getLogger("atcd_ray")
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_history(out: Path) -> list[dict]:

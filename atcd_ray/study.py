@@ -35,7 +35,7 @@ from pathlib import Path
 from .budget import load_budget_study, restore_record, run_autoattack, run_final, run_search, save_record
 from .cli import ArgumentParser, run_main, setup_logging
 from .config import ConfigError
-from .core.checkpoint import write_text_atomic
+from .core.checkpoint import write_json_atomic
 from .sweep import check_not_uri
 
 log = logging.getLogger("atcd_ray.study")
@@ -65,7 +65,7 @@ def check_same_study(recorded: Path, spec, refusal: str) -> None:
     """A study's directory (or record) goes on only under its own spec, final-stage keys aside."""
     if not recorded.exists():
         return
-    old, new = json.loads(recorded.read_text()), vars(spec)
+    old, new = json.loads(recorded.read_text()), spec.recorded()
     begun = lambda tree: {k: v for k, v in tree.items() if k not in FINAL_STAGE_KEYS}  # noqa: E731
     if begun(old) != begun(new):
         raise ConfigError(refusal)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if record:
         check_same_study(record / "budget_study.json", spec,
                          f"{record} records a study with another spec; give another --record")
-    write_text_atomic(recorded, json.dumps(vars(spec), indent=2) + "\n")
+    write_json_atomic(recorded, spec.recorded())
     if record:
         log.info("%d files restored from %s", restore_record(record, out), record)
         save_record(out, record)

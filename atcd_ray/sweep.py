@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, load_config
-from .core.checkpoint import write_text_atomic
+from .core.checkpoint import write_json_atomic
 from .search_space import REPEAT, SearchSpace, has_grid
 from .storage import is_uri
 
@@ -75,12 +75,14 @@ class Sizing:
         """As many trials as the cluster holds worker groups of the most workers (and their
         validation tasks), so no trial waits on resources; at least one, which an elastic trial
         may start with its fewest."""
+        from .distributed import group_needs
         val_cpus, val_gpus = self.validation
 
         def groups(workers: int) -> int:
-            fit = math.floor(cpus / (workers * self.cpus_per_worker + val_cpus) + 1e-9)
-            return min(fit, math.floor(gpus / ((workers if self.gpu else 0) + val_gpus) + 1e-9)) \
-                if self.gpu or val_gpus else fit
+            need_cpus, need_gpus = group_needs(workers, cpus_per_worker=self.cpus_per_worker, gpu=self.gpu,
+                                               validation=self.validation)
+            fit = math.floor(cpus / need_cpus + 1e-9)
+            return min(fit, math.floor(gpus / need_gpus + 1e-9)) if need_gpus else fit
 
         low, high = self.workers
         if groups(low) < 1:
@@ -260,7 +262,7 @@ def run_sweep(space: SearchSpace, sizing: Sizing, out: Path, *, num_samples: int
         search_alg = make_searcher(space, seed, concurrent)
         out.mkdir(parents=True, exist_ok=True)
         record = {"searcher": space.searcher, "search_seed": seed, "points_to_evaluate": space.tune_points()}
-        write_text_atomic(out / SEARCHER_JSON, json.dumps(record, indent=2) + "\n")
+        write_json_atomic(out / SEARCHER_JSON, record)
         tuner = tune.Tuner(
             trainable, param_space=param_space(space, repeats),
             tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=space.mode, scheduler=scheduler, search_alg=search_alg,
@@ -328,7 +330,7 @@ def results_table(grid, space: SearchSpace, out: Path) -> list[dict]:
     table = pa.table({c: [_cell(row.get(c)) for row in rows] for c in columns})
     pyarrow.parquet.write_table(table, out / "results.parquet")
     pyarrow.csv.write_csv(table, out / "results.csv")
-    write_text_atomic(out / "study.json", json.dumps({**vars(space), "search_seed": recorded["search_seed"]}, indent=2))
+    write_json_atomic(out / "study.json", {**vars(space), "search_seed": recorded["search_seed"]})
     return rows
 
 

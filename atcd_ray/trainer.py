@@ -31,7 +31,7 @@ import torch
 from .board import TensorBoard
 from .config import Config
 from .core.attacks import build_attack
-from .core.checkpoint import Checkpoint, save_checkpoint
+from .core.checkpoint import Checkpoint, save_checkpoint, write_json_atomic
 from .core.engine import EMA, EpochProgress, NonFiniteError, evaluate, train_epoch
 from .core.methods import METHODS
 from .core.schedules import learning_rate
@@ -40,7 +40,7 @@ from .group import Group
 from .provenance import hardware, provenance
 from .resume import resume_from
 from .run_dir import (VALIDATIONS, check_not_diverged, rank_file, remove_torn_writes, with_validations,
-                      write_history, write_json_atomic)
+                      write_history)
 from .validation import ema_meta, validation_accuracy, validation_seed
 
 log = logging.getLogger("atcd_ray")
@@ -93,6 +93,14 @@ class Run:
             torch.manual_seed(cfg.seed + 7919 * group.rank)  # own random starts and chains per rank
         self.total_epochs = cfg.epochs_to_train  # fractional where a budget ends part-way through the last epoch
         self.best_path = out / "best.safetensors"
+        # The run's progress, as from scratch; resume() reads it from a checkpoint where there is one.
+        self.start_epoch, self.train_seconds, self.best_val, self.history = 0, 0.0, -1.0, []
+        self.segments = [self.code]  # the code of every stretch of the run (a resume may run other code)
+        self.stopped_early = False
+        self.resumed_part: EpochProgress | None = None  # how far the epoch resumed into had got
+        self.notices = 0  # checkpoints written on a preemption notice, over the run
+        self.stretches: list[list[int]] = []  # this epoch's [first step, workers] per stretch
+        self.board: TensorBoard | None = None  # rank 0's, from resume()
 
     def resume(self) -> None:
         """This config's checkpoint (the run directory's, or the one Ray hands a restarted group):
@@ -105,18 +113,15 @@ class Run:
         if self.lead and not meta:  # from scratch: validations found here are of other weights (a directory reused)
             (out / VALIDATIONS).unlink(missing_ok=True)
         check_not_diverged(out)
-        self.start_epoch = meta.get("epoch", 0)
-        self.train_seconds, self.best_val = meta.get("train_seconds", 0.0), meta.get("best_val", -1.0)
-        self.history = meta.get("history", [])
-        # The code of every stretch of this run (a resume may run other code): summary.json says so.
-        segments = meta.get("provenance", [])
-        self.segments = segments if segments and segments[-1] == self.code else [*segments, self.code]
-        self.stopped_early = meta.get("stopped_early", False)
-        self.resumed_part = EpochProgress(**meta["epoch_progress"]) if "epoch_progress" in meta else None  # mid-epoch
-        if self.resumed_part is not None:  # this rank's images so far (every batch is whole), on any number of ranks
+        if meta:
+            self.start_epoch, self.history, self.stopped_early = meta["epoch"], meta["history"], meta["stopped_early"]
+            self.train_seconds, self.best_val = meta["train_seconds"], meta["best_val"]
+            self.notices = meta.get("preemption_notices", 0)
+            segments = meta.get("provenance", [])
+            self.segments = segments if segments and segments[-1] == self.code else [*segments, self.code]
+        if "epoch_progress" in meta:  # mid-epoch: this rank's images so far (every batch is whole), on any ranks
+            self.resumed_part = EpochProgress(**meta["epoch_progress"])
             self.resumed_part.images = self.resumed_part.steps * self.splits.train.local_batch_size
-        self.notices = meta.get("preemption_notices", 0)  # checkpoints written on a preemption notice, over the run
-        self.board = None
         if self.lead:
             write_history(out, self.history)
             self.board = TensorBoard(out / "tb", self.cfg, self.start_epoch)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from copy import deepcopy
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 from .cli import ArgumentParser, run_main, setup_logging
 from .config import ConfigError, load_config, parse_override
-from .core.checkpoint import write_text_atomic
+from .core.checkpoint import write_json_atomic, write_text_atomic
 from .core.methods import ATCD
 from .data import build_splits
 from .factories import build_optimizer, model_for, seed_everything
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                      same_weights=args.same_weights)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "trajectory_shift.json", json.dumps(result) + "\n")
+    write_json_atomic(out / "trajectory_shift.json", result, indent=None)
     write_text_atomic(out / "trajectory_shift.md", markdown(result))
     plot(result, out / "trajectory_shift.png")
     print(markdown(result))

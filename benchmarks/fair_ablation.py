@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from atcd_ray.budget import (CPU_AUTOATTACK_BATCH, collapsed, final_overrides, load_budget_study,  # noqa: E402
+from atcd_ray.budget import (CPU_AUTOATTACK_BATCH, final_overrides, load_budget_study, run_collapsed,  # noqa: E402
                              train_finals)
 from atcd_ray.core.checkpoint import save_weights_only  # noqa: E402
 from atcd_ray.report import mean_interval  # noqa: E402
@@ -123,7 +123,7 @@ def by_seed(directory: Path) -> dict[int, dict]:
     """Seed -> accuracies of the runs that trained (clean, PGD-20, and AutoAttack where it ran); a
     diverged or collapsed run (the study's stability rule) stops the table, since its mean would
     not be one setting's accuracy."""
-    fell = [run.name for run in sorted(directory.glob("seed*")) if collapsed(run, CLASSES)]
+    fell = [run.name for run in sorted(directory.glob("seed*")) if run_collapsed(run, CLASSES)]
     if fell:
         raise SystemExit(f"{directory}: {', '.join(fell)} collapsed or diverged (the study's stability rule)")
     runs = {}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from atcd_ray.core.checkpoint import Checkpoint, save_weights_only, write_text_atomic
+from atcd_ray.core.checkpoint import Checkpoint, save_weights_only, write_json_atomic
 from atcd_ray.data.sources import FASHION_MNIST_DIR
 from atcd_ray.evaluate import file_sha256
 from atcd_ray.provenance import provenance
@@ -113,7 +113,7 @@ def collect(staged_study: Path, study: Path) -> int:
         result["device_provenance"], result["provenance"] = result.get("provenance"), code
         results.append((run / "autoattack.json", result))
     for target, result in results:  # every target checked first: all or nothing
-        write_text_atomic(target, json.dumps(result, indent=2) + "\n")
+        write_json_atomic(target, result)
     print(f"collect: {len(results)} AutoAttack results into {study}")
     return 0
 

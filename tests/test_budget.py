@@ -245,7 +245,7 @@ def test_study_report_tables_time_to_target_and_refuses_mixed_commits(tmp_path):
     directory = tmp_path / "study"
     directory.mkdir()
     spec = load_budget_study(_spec_file(tmp_path))
-    (directory / "budget_study.json").write_text(json.dumps(vars(spec)))
+    (directory / "budget_study.json").write_text(json.dumps(spec.recorded()))
     (directory / "winners.json").write_text(json.dumps({"compactcnn/budget4/fast": {"params": {"optim.lr": 0.05}}}))
     _write_final(directory, 2, "natural", 0, "c" * 40, 0.95, 0.01, 5.0)
     _write_final(directory, 4, "natural", 0, "c" * 40, 0.96, 0.02, 10.0, aa=0.0)
@@ -395,7 +395,7 @@ def test_gpu_autoattack_stages_runs_evaluates_them_alone_and_collects(tmp_path, 
     spec = load_budget_study(spec_file)
     out = tmp_path / "study"
     out.mkdir()
-    (out / "budget_study.json").write_text(json.dumps(vars(spec), indent=2) + "\n")
+    (out / "budget_study.json").write_text(json.dumps(spec.recorded(), indent=2) + "\n")
     cfg = load_config("fashion-mnist", overrides=[("model", "compactcnn")])
     for method in ("natural", "fast"):
         run = out / "final" / "compactcnn" / "budget2" / method / "seed0"
@@ -472,14 +472,14 @@ def test_the_fashion_mnist_recipes_hold_their_studys_winners(model, study, monke
     (results/<its name>, in the repository) has them: each method's config from the recipe equals
     the study's final run of that method (the same training, bit for bit). The study itself reads
     its pinned base (tune_spaces/), not these recipes."""
-    from atcd_ray.budget import final_overrides, passed_over, winner
+    from atcd_ray.budget import final_overrides, set_aside_trials, winner
 
     monkeypatch.chdir(ROOT)  # the study's paths, as its command's, are the repository root's
     spec = load_budget_study(Path(f"tune_spaces/{study}.yaml"))
     assert Path(spec.recipe).parent.name == "tune_spaces" and model in spec.models
     record = Path("results") / spec.study
     for method in spec.methods:
-        aside = passed_over(record, model=model, budget=12, method=method)
+        aside = set_aside_trials(record, model=model, budget=12, method=method)
         chosen = winner(spec, record, model=model, budget=12, method=method, passed_over=aside)
         overrides = final_overrides(spec, model, 12, method, knobs=chosen["overrides"], seed_index=0)
         final = load_config(spec.dataset, spec.recipe, overrides).to_dict()
@@ -516,7 +516,7 @@ def test_the_records_final_runs_trained_the_configs_the_study_builds(monkeypatch
     monkeypatch.chdir(ROOT)
     spec = load_budget_study(Path("tune_spaces/fashion-mnist_budget.yaml"))
     record = Path("results/fashion-mnist-budget")
-    assert json.loads((record / "budget_study.json").read_text()) == vars(spec)
+    assert json.loads((record / "budget_study.json").read_text()) == spec.recorded()
     runs = final_runs(spec, record)
     for run, _ in runs:
         model, budget, method, seed = run.parts[-4], float(run.parts[-3][6:]), run.parts[-2], int(run.parts[-1][4:])
@@ -610,7 +610,7 @@ def test_the_weight_averaged_finals_are_the_best_methods_and_get_rows_of_their_o
     assert ema_choice(spec, directory, model="compactcnn", budget=4) == ["free", "pgd"]
     for seed in (0, 1):
         _write_final(directory, 4, "free+ema", seed, "c" * 40, 0.86, 0.76, 10.0)
-    (directory / "budget_study.json").write_text(json.dumps(vars(spec)))
+    (directory / "budget_study.json").write_text(json.dumps(spec.recorded()))
     (directory / "report").mkdir()
     budget_study_report(directory, directory / "report")
     assert "| compactcnn | 4 | free+ema | recipe |" in (directory / "report" / "report.md").read_text()
@@ -620,7 +620,7 @@ def test_a_begun_study_may_change_its_final_stage_keys_only(tmp_path):
     from atcd_ray.study import check_same_study
 
     recorded = tmp_path / "budget_study.json"
-    recorded.write_text(json.dumps(vars(load_budget_study(_spec_file(tmp_path)))))
+    recorded.write_text(json.dumps(load_budget_study(_spec_file(tmp_path)).recorded()))
     more_seeds = load_budget_study(_spec_file(tmp_path, final_seeds=[3, 5], ema={"decay": 0.99, "budgets": [4],
                                                                                    "top": 1}))
     check_same_study(recorded, more_seeds, "refused")
@@ -742,7 +742,7 @@ def test_a_winner_whose_finals_collapse_is_set_aside_for_the_next_best_trial(tmp
         shutil.rmtree(fast)
         shutil.copytree(out / "final" / "compactcnn" / "budget4" / "collapsed" / "fast" / "t0", fast)
         budget.run_final(spec, out, record)
-        assert budget.passed_over(out, model="compactcnn", budget=4, method="fast") == ("t0",)
+        assert budget.set_aside_trials(out, model="compactcnn", budget=4, method="fast") == ("t0",)
         assert [json.loads((fast / s / "summary.json").read_text())["lr"] for s in ("seed0", "seed1")] == [0.2, 0.2]
         assert json.loads((record / "final/compactcnn/budget4/fast/seed1/summary.json").read_text())["lr"] == 0.2
         assert json.loads((out / "winners.json").read_text()) == winners

@@ -73,6 +73,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = 2) -> Path:
+    """``data`` as JSON, one line where ``indent`` is None (a JSON-lines record), ending in a newline."""
+    return write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
+
+
 def previous_path(path: str | Path) -> Path:
     path = Path(path)
     return path.with_name(path.name.removesuffix(".safetensors") + ".previous.safetensors")

@@ -296,7 +296,7 @@ class Run:
         summary = self.summary(test, chosen, eval_seconds=time.perf_counter() - start)
         if self.lead:
             self.board.close(summary)
-            write_json_atomic(self.out / "summary.json", summary)
+            write_json_atomic(self.out / "summary.json", summary, sort_keys=True)  # sorted: the reports' attack columns follow it
             self.publish()
         return summary
 

@@ -73,9 +73,9 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = 2) -> Path:
+def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = 2, sort_keys: bool = False) -> Path:
     """``data`` as JSON, one line where ``indent`` is None (a JSON-lines record), ending in a newline."""
-    return write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
+    return write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n")
 
 
 def previous_path(path: str | Path) -> Path:

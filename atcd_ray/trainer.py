@@ -296,7 +296,8 @@ class Run:
         summary = self.summary(test, chosen, eval_seconds=time.perf_counter() - start)
         if self.lead:
             self.board.close(summary)
-            write_json_atomic(self.out / "summary.json", summary, sort_keys=True)  # sorted: the reports' attack columns follow it
+            # sorted keys: the reports' attack columns follow robust_acc's order
+            write_json_atomic(self.out / "summary.json", summary, sort_keys=True)
             self.publish()
         return summary
 
